@@ -1,0 +1,209 @@
+"""Entities on the wire: validation of request bodies and the JSON docs stored in Redis.
+
+Docs are built here as JSON objects; the Lua scripts prefix the fields only Redis can
+assign (seq, version, created_at of a thread). Versions are integers that travel as strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from proxy.errors import Invalid
+from proxy.keys import ID_RE
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def iso(ms: int) -> str:
+    """UTC timestamp with milliseconds, e.g. 2026-11-27T06:50:00.123Z."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def new_id() -> str:
+    """A sortable unique id (ULID layout: 48-bit ms time + 80 random bits, Crockford base32)."""
+    n = (now_ms() << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def check_id(value: str, field: str) -> str:
+    if not ID_RE.match(value):
+        raise Invalid(f"{field} must match [A-Za-z0-9._:-]{{1,128}}", {"field": field})
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_content_chars: int
+    max_metadata_bytes: int
+
+
+@dataclass(frozen=True)
+class ThreadInput:
+    title: str
+    owner_id: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MessageInput:
+    message_id: str | None
+    role: str
+    content: str
+    metadata: dict[str, Any]
+
+    def fingerprint(self) -> str:
+        """Identifies the body of an append, to tell a retry from a different message."""
+        raw = orjson.dumps([self.role, self.content, self.metadata], option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha1(raw).hexdigest()
+
+
+@dataclass(frozen=True)
+class MessagePatch:
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StateInput:
+    value: Any
+    ttl_s: float | None
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise Invalid("the body must be a JSON object", {"field": "body"})
+    return body
+
+
+def _only(body: dict[str, Any], allowed: set[str], required: set[str] = frozenset()) -> None:
+    for name in body:
+        if name not in allowed:
+            raise Invalid(f"unknown field {name!r}", {"field": name})
+    for name in required:
+        if name not in body:
+            raise Invalid(f"missing field {name!r}", {"field": name})
+
+
+def _str(body: dict[str, Any], name: str, default: str = "", max_len: int = 1024) -> str:
+    value = body.get(name, default)
+    if not isinstance(value, str):
+        raise Invalid(f"{name} must be a string", {"field": name})
+    if len(value) > max_len:
+        raise Invalid(f"{name} is longer than {max_len} characters", {"field": name})
+    if "\x00" in value:
+        raise Invalid(f"{name} must not contain NUL characters", {"field": name})
+    return value
+
+
+def _metadata(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    value = body.get("metadata", {})
+    if not isinstance(value, dict):
+        raise Invalid("metadata must be a JSON object", {"field": "metadata"})
+    try:
+        size = len(orjson.dumps(value))
+    except TypeError as e:  # integers beyond 64 bits cannot be stored exactly
+        raise Invalid(f"metadata cannot be stored: {e}", {"field": "metadata"}) from e
+    if size > limits.max_metadata_bytes:
+        raise Invalid(f"metadata is larger than {limits.max_metadata_bytes} bytes",
+                      {"field": "metadata"})
+    if b"\\u0000" in orjson.dumps(value):
+        raise Invalid("metadata must not contain NUL characters", {"field": "metadata"})
+    return value
+
+
+def parse_thread(body: Any, limits: Limits) -> ThreadInput:
+    body = _object(body)
+    _only(body, {"title", "owner_id", "metadata"})
+    return ThreadInput(_str(body, "title"), _str(body, "owner_id", max_len=128),
+                       _metadata(body, limits))
+
+
+def parse_message(body: Any, limits: Limits) -> MessageInput:
+    body = _object(body)
+    _only(body, {"message_id", "role", "content", "metadata"}, {"role", "content"})
+    mid = body.get("message_id")
+    if mid is not None:
+        if not isinstance(mid, str):
+            raise Invalid("message_id must be a string", {"field": "message_id"})
+        check_id(mid, "message_id")
+    return MessageInput(mid, _role(body), _str(body, "content", max_len=limits.max_content_chars),
+                        _metadata(body, limits))
+
+
+def _role(body: dict[str, Any]) -> str:
+    role = _str(body, "role", max_len=64)
+    if not role:
+        raise Invalid("role must not be empty", {"field": "role"})
+    return role
+
+
+def parse_patch(body: Any, limits: Limits) -> MessagePatch:
+    body = _object(body)
+    _only(body, {"role", "content", "metadata"})
+    if not body:
+        raise Invalid("nothing to change: give role, content or metadata", {"field": "body"})
+    fields: dict[str, Any] = {}
+    if "role" in body:
+        fields["role"] = _role(body)
+    if "content" in body:
+        fields["content"] = _str(body, "content", max_len=limits.max_content_chars)
+    if "metadata" in body:
+        fields["metadata"] = _metadata(body, limits)
+    return MessagePatch(fields)
+
+
+def parse_state(body: Any, max_value_bytes: int) -> StateInput:
+    body = _object(body)
+    _only(body, {"value", "ttl"}, {"value"})
+    ttl = body.get("ttl")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)
+                            or not 0 < ttl <= 10 * 365 * 86400):
+        raise Invalid("ttl must be a number of seconds greater than 0", {"field": "ttl"})
+    try:
+        size = len(orjson.dumps(body["value"]))
+    except TypeError as e:
+        raise Invalid(f"value cannot be stored: {e}", {"field": "value"}) from e
+    if size > max_value_bytes:
+        raise Invalid(f"value is larger than {max_value_bytes} bytes", {"field": "value"})
+    return StateInput(body["value"], float(ttl) if ttl is not None else None)
+
+
+def thread_body(tid: str, t: ThreadInput, deleted: bool, ms: int) -> bytes:
+    """A thread doc without version and created_at (the script adds them)."""
+    return orjson.dumps({"thread_id": tid, "title": t.title, "owner_id": t.owner_id,
+                         "metadata": t.metadata, "updated_at": iso(ms), "deleted": deleted})
+
+
+def message_body(tid: str, mid: str, m: MessageInput, ms: int) -> bytes:
+    """A new message doc without seq (the script adds it)."""
+    stamp = iso(ms)
+    return orjson.dumps({"version": 1, "message_id": mid, "thread_id": tid, "role": m.role,
+                         "content": m.content, "metadata": m.metadata, "created_at": stamp,
+                         "updated_at": stamp, "deleted": False})
+
+
+def edited_message(doc: dict[str, Any], changes: dict[str, Any], ms: int) -> dict[str, Any]:
+    """The next version of a message doc (field order kept: seq first)."""
+    return {**doc, **changes, "version": int(doc["version"]) + 1, "updated_at": iso(ms)}
+
+
+def deleted_message(doc: dict[str, Any], ms: int) -> dict[str, Any]:
+    """A tombstone keeps the seq (no gaps) and drops the text."""
+    return edited_message(doc, {"content": "", "metadata": {}, "deleted": True}, ms)
+
+
+def state_body(key: str, value: Any, expires_at_ms: int | None, deleted: bool, ms: int) -> bytes:
+    """A state doc without version (the script adds it)."""
+    expires = iso(expires_at_ms) if expires_at_ms is not None else None
+    return orjson.dumps({"key": key, "value": None if deleted else value,
+                         "expires_at": expires, "updated_at": iso(ms), "deleted": deleted})

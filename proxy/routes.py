@@ -1,0 +1,311 @@
+"""URL table and thin handlers. Middlewares map errors to statuses, check the token, time
+and count requests. No Redis or SQL here: handlers call the HotTier."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy import metrics, model
+from proxy.errors import (
+    Malformed,
+    NotFound,
+    ProxyError,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from proxy.hot import HotTier, Page, Result
+from proxy.settings import Settings
+
+logger = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+HOT = web.AppKey("hot", HotTier)
+SETTINGS = web.AppKey("settings", Settings)
+
+STATUS = {
+    "malformed": 400, "invalid_field": 422, "too_large": 413, "unsupported_media_type": 415,
+    "unauthorized": 401, "not_found": 404, "conflict": 409, "precondition_failed": 412,
+    "unavailable": 503, "backpressure": 503, "internal": 500,
+}
+MAX_PAGE = 1000
+
+
+def error_response(status: int, code: str, message: str, detail: Any = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"code": code, "message": message, "detail": detail}}
+    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def json_response(body: bytes, status: int = 200, tier: str | None = None,
+                  etag: Any = None) -> web.Response:
+    resp = web.Response(body=body, status=status, content_type="application/json")
+    if tier:
+        resp.headers["X-Tier"] = tier
+    if etag is not None:
+        resp.headers["ETag"] = f'"{etag}"'
+    return resp
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as `{"error": {...}}` with the status its class maps to."""
+    try:
+        return await handler(request)
+    except ProxyError as e:
+        headers = {}
+        if isinstance(e, Unavailable):
+            headers["Retry-After"] = str(max(1, round(e.retry_after_s)))
+        return error_response(STATUS[e.code], e.code, e.message, e.detail, headers)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(e.status,
+                                                                                 "http_error")
+        return error_response(e.status, code, e.reason)
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error (logged)")
+
+
+def auth_middleware(token: str) -> Any:
+    """When a token is configured, every /v1 route needs `Authorization: Bearer <token>`."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token and request.path.startswith("/v1"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise Unauthorized("missing or wrong bearer token")
+        return await handler(request)
+
+    return check
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    start = time.perf_counter()
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    finally:
+        metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
+        metrics.HTTP_SECONDS.labels(route, request.method).observe(time.perf_counter() - start)
+
+
+def timeout_middleware(seconds: float) -> Any:
+    @web.middleware
+    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/v1/ws":  # a socket lives as long as the client wants
+            return await handler(request)
+        try:
+            async with asyncio.timeout(seconds):
+                return await handler(request)
+        except TimeoutError as e:
+            raise Unavailable(f"request not answered within {seconds} s") from e
+
+    return limit
+
+
+async def read_json(request: web.Request) -> Any:
+    """The JSON body: 415 unless JSON, 413 past the limit (never buffered), 400 if malformed."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("send the body as application/json",
+                                   {"content_type": request.content_type})
+    limit = request.app[SETTINGS].api.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"the body is larger than {limit} bytes", {"limit": limit})
+    chunks, size = [], 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the body is larger than {limit} bytes", {"limit": limit})
+        chunks.append(chunk)
+    try:
+        return orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as e:
+        raise Malformed(f"the body is not valid JSON: {e}") from e
+
+
+def _limits(request: web.Request) -> model.Limits:
+    api = request.app[SETTINGS].api
+    return model.Limits(api.max_content_chars, api.max_metadata_bytes)
+
+
+def _if_match(request: web.Request) -> str:
+    """The version the client expects ('' = any). A value that is no version never matches."""
+    value = request.headers.get("If-Match", "").strip().removeprefix("W/").strip('"')
+    return "" if value == "*" else value
+
+
+def _persisted(request: web.Request) -> bool:
+    value = request.headers.get("X-Durability", "").lower()
+    if value not in ("", "acknowledged", "persisted"):
+        raise Malformed("X-Durability must be 'acknowledged' or 'persisted'",
+                        {"header": "X-Durability"})
+    return value == "persisted"
+
+
+def _tid(request: web.Request) -> str:
+    return model.check_id(request.match_info["tid"], "thread_id")
+
+
+def _mid(request: web.Request) -> str:
+    return model.check_id(request.match_info["mid"], "message_id")
+
+
+def _key(request: web.Request) -> str:
+    return model.check_id(request.match_info["key"], "key")
+
+
+def _version(result: Result) -> Any:
+    return orjson.loads(result.doc)["version"]
+
+
+def _write_response(result: Result) -> web.Response:
+    return json_response(result.doc, 201 if result.created else 200, "redis", _version(result))
+
+
+# ---- threads
+
+
+async def put_thread(request: web.Request) -> web.Response:
+    tid = _tid(request)
+    body = model.parse_thread(await read_json(request), _limits(request))
+    result = await request.app[HOT].put_thread(tid, body, _if_match(request), _persisted(request))
+    return _write_response(result)
+
+
+async def get_thread(request: web.Request) -> web.Response:
+    result = await request.app[HOT].get_thread(_tid(request))
+    return json_response(result.doc, tier=result.tier, etag=_version(result))
+
+
+async def delete_thread(request: web.Request) -> web.Response:
+    tid = _tid(request)
+    result = await request.app[HOT].delete_thread(tid, _if_match(request), _persisted(request))
+    return json_response(result.doc, tier="redis", etag=_version(result))
+
+
+# ---- messages
+
+
+async def append_message(request: web.Request) -> web.Response:
+    tid = _tid(request)
+    body = model.parse_message(await read_json(request), _limits(request))
+    result = await request.app[HOT].append(tid, body, _persisted(request))
+    return _write_response(result)
+
+
+def _page_query(request: web.Request) -> tuple[str, int, int]:
+    q = request.query
+    unknown = set(q) - {"limit", "before", "after"}
+    if unknown:
+        raise Malformed(f"unknown query parameter {sorted(unknown)[0]!r}")
+    if "before" in q and "after" in q:
+        raise Malformed("give either before or after, not both")
+    limit = _int_param(q.get("limit", "50"), "limit", 1, MAX_PAGE)
+    if "after" in q:
+        return "after", _int_param(q["after"], "after", 0, 2**53), limit
+    if "before" in q:
+        return "before", _int_param(q["before"], "before", 1, 2**53), limit
+    return "latest", 0, limit
+
+
+def _int_param(raw: str, name: str, low: int, high: int) -> int:
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise Malformed(f"{name} must be a whole number from {low} to {high}", {"param": name})
+    return int(raw)
+
+
+def page_body(page: Page, mode: str) -> bytes:
+    """Items ordered by seq, and the cursor of the next page in the same direction."""
+    if mode == "after":
+        cursor = {"after": page.hi} if page.hi < page.last_seq else None
+    else:
+        cursor = {"before": page.lo} if page.lo > 1 else None
+    head = orjson.dumps({"thread_id": page.thread_id, "last_seq": page.last_seq,
+                         "next_cursor": cursor})
+    return head[:-1] + b',"items":[' + b",".join(page.items) + b"]}"
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    tid = _tid(request)
+    mode, cursor, limit = _page_query(request)
+    page = await request.app[HOT].page(tid, mode, cursor, limit)
+    return json_response(page_body(page, mode), tier=page.tier)
+
+
+async def get_message(request: web.Request) -> web.Response:
+    result = await request.app[HOT].get_message(_tid(request), _mid(request))
+    return json_response(result.doc, tier=result.tier, etag=_version(result))
+
+
+async def patch_message(request: web.Request) -> web.Response:
+    tid, mid = _tid(request), _mid(request)
+    patch = model.parse_patch(await read_json(request), _limits(request))
+    result = await request.app[HOT].edit_message(tid, mid, patch, _if_match(request),
+                                                 _persisted(request))
+    return json_response(result.doc, tier="redis", etag=_version(result))
+
+
+async def delete_message(request: web.Request) -> web.Response:
+    tid, mid = _tid(request), _mid(request)
+    result = await request.app[HOT].delete_message(tid, mid, _if_match(request),
+                                                   _persisted(request))
+    return json_response(result.doc, tier="redis", etag=_version(result))
+
+
+# ---- state
+
+
+async def put_state(request: web.Request) -> web.Response:
+    key = _key(request)
+    body = model.parse_state(await read_json(request), request.app[SETTINGS].api.max_body_bytes)
+    result = await request.app[HOT].put_state(key, body, _if_match(request), _persisted(request))
+    return _write_response(result)
+
+
+async def get_state(request: web.Request) -> web.Response:
+    result = await request.app[HOT].get_state(_key(request))
+    return json_response(result.doc, tier=result.tier, etag=_version(result))
+
+
+async def delete_state(request: web.Request) -> web.Response:
+    key = _key(request)
+    result = await request.app[HOT].delete_state(key, _if_match(request), _persisted(request))
+    return json_response(result.doc, tier="redis", etag=_version(result))
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise NotFound(f"no route {request.method} {request.path}")
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_put("/v1/threads/{tid}", put_thread)
+    r.add_get("/v1/threads/{tid}", get_thread, allow_head=False)
+    r.add_delete("/v1/threads/{tid}", delete_thread)
+    r.add_post("/v1/threads/{tid}/messages", append_message)
+    r.add_get("/v1/threads/{tid}/messages", list_messages, allow_head=False)
+    r.add_get("/v1/threads/{tid}/messages/{mid}", get_message, allow_head=False)
+    r.add_patch("/v1/threads/{tid}/messages/{mid}", patch_message)
+    r.add_delete("/v1/threads/{tid}/messages/{mid}", delete_message)
+    r.add_put("/v1/state/{key}", put_state)
+    r.add_get("/v1/state/{key}", get_state, allow_head=False)
+    r.add_delete("/v1/state/{key}", delete_state)

@@ -1,0 +1,248 @@
+"""WriteLog: the per-shard write-behind streams — groups, reads, acks, claims, safe trims.
+
+Consumers never see driver types: entries come out as `Entry` objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+
+from proxy import keys
+from proxy.hot import redis_call
+
+logger = logging.getLogger(__name__)
+SAFE_POLICIES = ("noeviction", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl")
+
+
+class UnsafeRedis(RuntimeError):
+    """Redis could evict keys that hold unflushed writes."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One change in the log: entity kind ('t' thread, 'm' message, 's' state), ids, the
+    complete doc after the change, and when the write was acknowledged (ms)."""
+
+    shard: int
+    entry_id: str
+    kind: str
+    entity_id: str
+    thread_id: str
+    version: int
+    event: str
+    ts_ms: int
+    doc: bytes
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        return (self.kind, self.entity_id)
+
+
+def decode(shard: int, entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
+    """Raises KeyError/ValueError on a malformed entry (the flusher dead-letters it)."""
+    return Entry(shard, entry_id.decode(), fields[b"k"].decode(), fields[b"id"].decode(),
+                 fields.get(b"tid", fields[b"id"]).decode(), int(fields[b"v"]),
+                 fields[b"e"].decode(), int(fields[b"ts"]), fields[b"d"])
+
+
+@dataclass(frozen=True)
+class Backlog:
+    entries: int
+    lag_s: float
+
+
+class WriteLog:
+    def __init__(self, client: aioredis.Redis, shards: int) -> None:
+        self._r = client
+        self.shards = shards
+
+    async def check_eviction_policy(self) -> None:
+        """Refuse a Redis that may evict keys without TTL (allkeys-*): they hold unflushed data."""
+        policy = (await self._r.config_get("maxmemory-policy")).get("maxmemory-policy", "")
+        if policy not in SAFE_POLICIES:
+            raise UnsafeRedis(
+                f"redis maxmemory-policy is {policy!r}, which can evict writes not yet flushed; "
+                f"use one of {', '.join(SAFE_POLICIES)} (tierproxy only sets TTLs on flushed keys)")
+
+    async def ensure_groups(self) -> None:
+        """Create every group at 0 with MKSTREAM; a group another sidecar made is fine."""
+        for shard in range(self.shards):
+            for group in keys.GROUPS:
+                try:
+                    await self._r.xgroup_create(keys.log(shard), group, id="0", mkstream=True)
+                except rexc.ResponseError as e:
+                    if "BUSYGROUP" not in str(e):
+                        raise
+
+    async def read(self, shard: int, group: str, consumer: str, count: int, block_ms: int,
+                   own_pending: bool = False) -> list[Entry | tuple[str, str]]:
+        """New entries for this consumer (or, with own_pending, those it already holds).
+        Malformed entries come back as (entry_id, error) so the caller can dead-letter them."""
+        stream = keys.log(shard)
+        start = "0" if own_pending else ">"
+        reply = await redis_call(lambda: self._r.xreadgroup(
+            group, consumer, {stream: start}, count=count,
+            block=None if own_pending else block_ms))
+        return self._decode_all(shard, reply[0][1] if reply else [])
+
+    def _decode_all(self, shard: int, raw: list[Any]) -> list[Entry | tuple[str, str]]:
+        out: list[Entry | tuple[str, str]] = []
+        for entry_id, fields in raw:
+            if fields is None:  # deleted while pending: nothing left to flush
+                out.append((entry_id.decode(), "entry vanished from the stream"))
+                continue
+            try:
+                out.append(decode(shard, entry_id, fields))
+            except (KeyError, ValueError) as e:
+                out.append((entry_id.decode(), f"malformed log entry: {e!r}"))
+        return out
+
+    async def claim_idle(self, shard: int, group: str, consumer: str, min_idle_ms: int,
+                         count: int) -> list[Entry | tuple[str, str]]:
+        """Take over entries idle longer than min_idle_ms (their consumer is presumed dead)."""
+        reply = await redis_call(lambda: self._r.xautoclaim(
+            keys.log(shard), group, consumer, min_idle_ms, start_id="0-0", count=count))
+        return self._decode_all(shard, reply[1])
+
+    async def delivery_counts(self, shard: int, group: str, ids: list[str]) -> dict[str, int]:
+        if not ids:
+            return {}
+        rows = await redis_call(lambda: self._r.xpending_range(
+            keys.log(shard), group, min=min(ids, key=_id_key), max=max(ids, key=_id_key),
+            count=len(ids) * 2 + 10))
+        wanted = set(ids)
+        return {r["message_id"].decode(): r["times_delivered"] for r in rows
+                if r["message_id"].decode() in wanted}
+
+    async def ack(self, shard: int, group: str, ids: list[str]) -> None:
+        if ids:
+            await redis_call(lambda: self._r.xack(keys.log(shard), group, *ids))
+
+    async def remove_dead_consumers(self, shard: int, group: str, me: str) -> None:
+        """Delete consumers with an empty pending list that idled past an hour (never one
+        with pending entries: that would orphan them)."""
+        for c in await redis_call(lambda: self._r.xinfo_consumers(keys.log(shard), group)):
+            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            if name != me and c["pending"] == 0 and c["idle"] > 3_600_000:
+                await redis_call(lambda n=name: self._r.xgroup_delconsumer(  # type: ignore[misc]
+                    keys.log(shard), group, n))
+
+    async def trim(self, shard: int) -> int:
+        """Drop entries every group has acknowledged: trim to the oldest id that some group
+        still holds pending or has not yet been delivered (XTRIM MINID; never MAXLEN)."""
+        stream = keys.log(shard)
+        floor = None
+        for g in await redis_call(lambda: self._r.xinfo_groups(stream)):
+            candidates = [_next_id(g["last-delivered-id"])]
+            if g["pending"]:
+                summary = await redis_call(lambda g=g: self._r.xpending(  # type: ignore[misc]
+                    stream, g["name"]))
+                candidates.append(_as_str(summary["min"]))
+            low = min(candidates, key=_id_key)
+            floor = low if floor is None else min(floor, low, key=_id_key)
+        if floor is None:
+            return 0
+        return int(await redis_call(lambda: self._r.xtrim(stream, minid=floor)))
+
+    async def backlog(self, shard: int, group: str) -> Backlog:
+        """Entries the group has not acknowledged (pending + undelivered), and the age of the
+        oldest one in seconds."""
+        stream = keys.log(shard)
+        groups = await redis_call(lambda: self._r.xinfo_groups(stream))
+        info = next((g for g in groups if _as_str(g["name"]) == group), None)
+        if info is None:
+            return Backlog(0, 0.0)
+        start = _next_id(info["last-delivered-id"])
+        undelivered = await redis_call(lambda: self._r.xrange(stream, min=start, count=1))
+        pending = info["pending"]
+        oldest = None
+        if pending:
+            summary = await redis_call(lambda: self._r.xpending(stream, group))
+            oldest = _as_str(summary["min"])
+        elif undelivered:
+            oldest = undelivered[0][0].decode()
+        entries = pending + await self._count_from(stream, start)
+        return Backlog(entries, _age_s(oldest, await self._now_ms()) if oldest else 0.0)
+
+    async def _count_from(self, stream: str, start: str) -> int:
+        """Entries at or after `start`. Redis 6.2 has no group lag field, so count them."""
+        length = int(await redis_call(lambda: self._r.xlen(stream)))
+        if length == 0:
+            return 0
+        first = await redis_call(lambda: self._r.xrange(stream, count=1))
+        if first and _id_key(first[0][0].decode()) >= _id_key(start):
+            return length
+        total, cursor = 0, start
+        while True:
+            batch = await redis_call(lambda c=cursor: self._r.xrange(  # type: ignore[misc]
+                stream, min=c, count=10_000))
+            total += len(batch)
+            if len(batch) < 10_000:
+                return total
+            cursor = _next_id(batch[-1][0])
+
+    async def _now_ms(self) -> int:
+        seconds, micros = await redis_call(lambda: self._r.time())
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def dead_letter(self, shard: int, group: str, entry: Any, entry_id: str,
+                          error: str) -> None:
+        """Copy the entry to the shard's dead-letter stream with its error, then ack it."""
+        fields = await redis_call(lambda: self._r.xrange(keys.log(shard), min=entry_id,
+                                                         max=entry_id))
+        payload = {k: v for k, v in fields[0][1].items()} if fields else {}
+        payload.update({b"error": error.encode(), b"group": group.encode(),
+                        b"source_id": entry_id.encode()})
+        pipe = self._r.pipeline(transaction=True)
+        pipe.xadd(keys.dead_letters(shard), payload)
+        pipe.xack(keys.log(shard), group, entry_id)
+        await redis_call(pipe.execute)
+
+    async def dead_letters(self, shard: int, count: int = 100) -> list[dict[str, str]]:
+        rows = await redis_call(lambda: self._r.xrange(keys.dead_letters(shard), count=count))
+        return [{"id": i.decode(), **{k.decode(): _text(v) for k, v in f.items()
+                                      if k != b"d"}} for i, f in rows]
+
+    async def dead_letter_count(self, shard: int) -> int:
+        return int(await redis_call(lambda: self._r.xlen(keys.dead_letters(shard))))
+
+    async def replay_dead_letters(self, shard: int) -> int:
+        """Re-queue every dead letter (after a fix) and remove it from the dead-letter stream."""
+        stream, dlq, moved = keys.log(shard), keys.dead_letters(shard), 0
+        for dl_id, fields in await redis_call(lambda: self._r.xrange(dlq, count=10_000)):
+            original = {k: v for k, v in fields.items()
+                        if k not in (b"error", b"group", b"source_id")}
+            pipe = self._r.pipeline(transaction=True)
+            if original:
+                pipe.xadd(stream, original)
+            pipe.xdel(dlq, dl_id)
+            await redis_call(pipe.execute)
+            moved += 1
+        return moved
+
+
+def _as_str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _text(value: bytes) -> str:
+    return value.decode(errors="replace")
+
+
+def _id_key(entry_id: str | bytes) -> tuple[int, int]:
+    ms, _, seq = _as_str(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(entry_id: Any) -> str:
+    ms, seq = _id_key(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+def _age_s(entry_id: str, now_ms: int) -> float:
+    return max(0.0, (now_ms - _id_key(entry_id)[0]) / 1000)
