@@ -5,18 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import orjson
+import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy import openapi, routes
-from proxy.hot import Backlog, HotTier, NoBacking, connect
+from proxy import keys, model, openapi, routes
+from proxy.circuit import Circuit
+from proxy.failpoints import Failpoints
+from proxy.fallback import PostgresBacking
+from proxy.flusher import FlushConfig, Flusher
+from proxy.hot import HotTier
+from proxy.monitor import Monitor
+from proxy.redisconn import connect
 from proxy.settings import Settings
-from proxy.writelog import WriteLog
+from proxy.sinks.postgres import PostgresSink, PostgresStore
+from proxy.writelog import Backlog, Entry, WriteLog
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +68,10 @@ class Workers:
             logger.exception("background worker %s crashed", name)
             self._health.failed.append(name)
 
-    async def stop(self) -> None:
+    async def stop(self, deadline_s: float) -> None:
+        """Give the workers deadline_s to finish what they hold, then cancel the rest."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=deadline_s)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -65,7 +80,15 @@ class Workers:
 HEALTH = web.AppKey("health", Health)
 WORKERS = web.AppKey("workers", Workers)
 LOG = web.AppKey("log", WriteLog)
-REDIS = web.AppKey("redis", Any)
+CONSUMER_LOG = web.AppKey("consumer_log", WriteLog)  # its own pool for blocking reads
+REDIS = web.AppKey("redis", aioredis.Redis)
+STORE = web.AppKey("store", PostgresStore)
+FLUSHERS = web.AppKey("flushers", list[Flusher])
+
+
+def consumer_name() -> str:
+    """Unique per process (host + pid + start time), so no two processes share a PEL."""
+    return f"{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000)}"
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -77,8 +100,13 @@ def create_app(settings: Settings) -> web.Application:
     app[routes.SETTINGS] = settings
     app[HEALTH] = Health()
     app[WORKERS] = Workers(app[HEALTH])
+    app[FLUSHERS] = []
+    failpoints = Failpoints(settings.debug.failpoint)
+    circuits = {keys.GROUP_PG: Circuit(settings.circuit.failure_threshold, settings.circuit.open_s)}
+    consumer = consumer_name()
     app.cleanup_ctx.append(_redis(settings))
-    app.cleanup_ctx.append(_workers)
+    app.cleanup_ctx.append(_postgres(settings, circuits[keys.GROUP_PG], failpoints))
+    app.cleanup_ctx.append(_background(settings, circuits, consumer, failpoints))
     app.on_shutdown.append(_drain)
     routes.add_routes(app)
     app.router.add_get("/healthz", healthz, allow_head=False)
@@ -88,32 +116,103 @@ def create_app(settings: Settings) -> web.Application:
 
 
 def _redis(settings: Settings) -> Callable[[web.Application], Any]:
+    """Redis for requests, a second pool for the log consumers' blocking reads."""
+
     @asynccontextmanager
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         client = connect(settings, settings.redis.url)
-        log = WriteLog(client, settings.redis.shards)
+        consumers = connect(settings, settings.redis.url, 2 * settings.redis.shards + 8)
         try:
+            log = WriteLog(client, settings.redis.shards)
             await log.check_eviction_policy()
             await log.ensure_groups()
             app[REDIS] = client
             app[LOG] = log
-            app[routes.HOT] = HotTier(client, settings, NoBacking(), Backlog())
+            app[CONSUMER_LOG] = WriteLog(consumers, settings.redis.shards)
             yield
         finally:
+            await consumers.aclose()
             await client.aclose()
 
     return lambda app: ctx(app)
 
 
-async def _workers(app: web.Application) -> AsyncIterator[None]:
-    app[HEALTH].started = True
-    yield
-    await app[WORKERS].stop()
+def _postgres(settings: Settings, circuit: Circuit,
+              failpoints: Failpoints) -> Callable[[web.Application], Any]:
+    """The pool is lazy (min 0 at start), so a sidecar starts while PostgreSQL is down."""
+
+    @asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        pg = settings.postgres
+        store = await PostgresStore.open(pg.url, 0, pg.pool_max, pg.command_timeout_s,
+                                         failpoints)
+        try:
+            app[STORE] = store
+            app[routes.HOT] = HotTier(app[REDIS], settings, PostgresBacking(store, circuit),
+                                      Backlog())
+            yield
+        finally:
+            await store.close()
+
+    return lambda app: ctx(app)
+
+
+def _background(settings: Settings, circuits: dict[str, Circuit], consumer: str,
+                failpoints: Failpoints) -> Callable[[web.Application], Any]:
+    """Flushers and the monitor; on exit they stop reading, finish the batch in hand within
+    the shutdown deadline, and are cancelled past it."""
+
+    @asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        f = settings.flush
+        cfg = FlushConfig(f.max_batch, f.max_delay_ms, f.max_attempts, f.claim_idle_ms,
+                          f.backoff_base_ms, f.backoff_max_ms)
+        inflight = asyncio.Semaphore(f.max_inflight)
+        log, consumer_log = app[LOG], app[CONSUMER_LOG]
+
+        async def release(shard: int, entries: list[Entry]) -> None:
+            await log.release(shard, keys.GROUP_PG, entries, settings.cache.ttl_s * 1000,
+                              settings.redis.window, model.now_ms())
+
+        pg = Flusher(consumer_log, PostgresSink(app[STORE]), circuits[keys.GROUP_PG], cfg,
+                     consumer, inflight, release, failpoints)
+        app[FLUSHERS].append(pg)
+        monitor = Monitor(log, circuits, app[routes.HOT].backlog, f.trim_interval_s, consumer,
+                          2 * f.claim_idle_ms)
+        app[routes.MONITOR] = monitor
+        workers = app[WORKERS]
+        workers.start("flusher-pg", lambda: _migrated(app[STORE], pg.run))
+        workers.start("monitor", monitor.run)
+        app[HEALTH].started = True
+        yield
+        for flusher in app[FLUSHERS]:
+            flusher.stop()
+        await workers.stop(settings.shutdown.deadline_s)
+
+    return lambda app: ctx(app)
+
+
+async def _migrated(store: PostgresStore, run: Callable[[], Awaitable[None]]) -> None:
+    """Apply the schema (retrying while PostgreSQL is down), then run."""
+    attempt = 0
+    while True:
+        try:
+            await store.migrate()
+            break
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
+            attempt += 1
+            if attempt in (1, 10) or attempt % 100 == 0:
+                logger.warning("postgres schema not applied yet (%s), retrying", e)
+            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(attempt, 6)))
+    await run()
 
 
 async def _drain(app: web.Application) -> None:
-    """SIGTERM: readiness goes false at once; aiohttp then lets in-flight requests finish."""
+    """SIGTERM: readiness goes false at once, flushers stop reading new entries; aiohttp then
+    lets in-flight requests finish."""
     app[HEALTH].draining = True
+    for flusher in app[FLUSHERS]:
+        flusher.stop()
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -7,14 +7,12 @@ through the `Backing` (PostgreSQL read-through, see fallback.py) and written bac
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
-from redis import exceptions as rexc
 
 from proxy import keys, model
 from proxy.errors import (
@@ -24,11 +22,11 @@ from proxy.errors import (
     PreconditionFailed,
     Unavailable,
 )
+from proxy.redisconn import Scripts, redis_call
 from proxy.settings import Settings
+from proxy.writelog import Backlog
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-SCRIPTS = Path(__file__).parent / "scripts"
 MAX_RETRIES = 5
 
 
@@ -111,48 +109,17 @@ class Page:
     tier: str
 
 
-class Backlog:
-    """The write-behind backlog as last measured (by the status monitor), for admission."""
-
-    def __init__(self) -> None:
-        self.entries = 0
-
-
-def connect(settings: Settings, url: str) -> aioredis.Redis:
-    """A bounded pool with socket timeouts and health checks (dead TCP must not hang us)."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=settings.redis.pool_size, timeout=settings.redis.socket_timeout_s,
-        socket_timeout=settings.redis.socket_timeout_s,
-        socket_connect_timeout=settings.redis.socket_timeout_s,
-        health_check_interval=settings.redis.health_check_interval_s)
-    return aioredis.Redis(connection_pool=pool)
-
-
-async def redis_call(make: Callable[[], Awaitable[T]]) -> T:
-    """Run one Redis call; driver errors become `Unavailable` (503 + Retry-After)."""
-    try:
-        return await make()
-    except (rexc.ConnectionError, rexc.TimeoutError, OSError) as e:
-        raise Unavailable(f"redis: {e or type(e).__name__}") from e
-    except rexc.ResponseError as e:
-        if str(e).startswith(("MISCONF", "OOM", "READONLY", "LOADING", "MASTERDOWN")):
-            raise Unavailable(f"redis: {e}") from e
-        raise
-
-
 class HotTier:
     def __init__(self, client: aioredis.Redis, settings: Settings, backing: Backing,
                  backlog: Backlog) -> None:
         self._r = client
         self._s = settings
         self._backing = backing
-        self._backlog = backlog
-        self._scripts = {p.stem: client.register_script(p.read_text())
-                         for p in SCRIPTS.glob("*.lua")}
+        self.backlog = backlog
+        self._scripts = Scripts(client)
 
     async def _run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
-        script = self._scripts[name]
-        return await redis_call(lambda: script(keys=keys_, args=args))
+        return await self._scripts.run(name, keys_, args)
 
     def _shard(self, entity_id: str) -> int:
         return keys.shard_of(entity_id, self._s.redis.shards)
@@ -162,8 +129,8 @@ class HotTier:
         return [keys.thread(s, tid), keys.messages(s, tid), keys.window(s, tid), keys.log(s)]
 
     def _admit(self) -> None:
-        if self._backlog.entries >= self._s.flush.max_backlog:
-            raise Backpressure(f"write-behind backlog is full ({self._backlog.entries} entries)",
+        if self.backlog.entries >= self._s.flush.max_backlog:
+            raise Backpressure(f"write-behind backlog is full ({self.backlog.entries} entries)",
                                retry_after_s=1.0)
 
     # ---- threads

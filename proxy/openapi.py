@@ -1,4 +1,382 @@
-"""The OpenAPI 3.1 document of the API (a test fails if a registered route is missing)."""
+"""The OpenAPI 3.1 document of the API, served at /openapi.json.
 
-DOCUMENT: dict[str, object] = {"openapi": "3.1.0", "info": {"title": "tierproxy", "version": "1"},
-                               "paths": {}}
+Built by small helpers so that each operation reads as a few facts: its success responses,
+its error statuses, its parameters and body. tests/test_openapi.py fails when a registered
+route is missing here and checks the request-body schemas against model.py. The size limits
+shown are the defaults (config/default.toml, `settings.Api`); a deployment may change them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.keys import ID_PATTERN
+from proxy.settings import Api
+
+Schema = dict[str, Any]
+
+LIMITS = Api()
+MAX_PAGE = 1000  # routes.MAX_PAGE (not imported: nothing imports the api)
+MAX_CURSOR = 2**53  # routes._page_query
+TTL_MAX_S = 10 * 365 * 86400  # model.parse_state
+NO_NUL = "^[^\\u0000]*$"
+JSON = "application/json"
+STR: Schema = {"type": "string"}
+BOOL: Schema = {"type": "boolean"}
+
+# ---- helpers
+
+
+def ref(name: str, kind: str = "schemas") -> Schema:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def obj(props: Schema, required: str = "*", closed: bool = False, **extra: Any) -> Schema:
+    """An object schema; `required` names the required properties ("*": all of them)."""
+    names = list(props) if required == "*" else required.split()
+    schema: Schema = {"type": "object", "properties": props, **extra}
+    if names:
+        schema["required"] = names
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def text(max_len: int, min_len: int = 0) -> Schema:
+    """A string as model._str accepts it: at most `max_len` characters, no NUL."""
+    schema: Schema = {"type": "string", "maxLength": max_len, "pattern": NO_NUL}
+    return {**schema, "minLength": min_len} if min_len else schema
+
+
+def integer(minimum: int = 0, maximum: int | None = None) -> Schema:
+    schema: Schema = {"type": "integer", "minimum": minimum}
+    return schema if maximum is None else {**schema, "maximum": maximum}
+
+
+def stamp(nullable: bool = False) -> Schema:
+    """UTC with milliseconds, e.g. 2026-11-27T06:50:00.123Z."""
+    return {"type": ["string", "null"] if nullable else "string", "format": "date-time"}
+
+
+def const(value: str) -> Schema:
+    return {"type": "string", "const": value}
+
+
+def response(description: str, schema: Schema | None = None,
+             headers: list[str] | None = None) -> Schema:
+    out: Schema = {"description": description}
+    if schema is not None:
+        out["content"] = {JSON: {"schema": schema}}
+    if headers:
+        out["headers"] = {h: ref(h, "headers") for h in headers}
+    return out
+
+
+def operation(op_id: str, summary: str, ok: dict[str, Schema], errors: str = "", *,
+              params: list[str] | None = None, body: str | None = None,
+              description: str = "", public: bool = False) -> Schema:
+    """`ok` maps success statuses to responses; `errors` lists the error statuses."""
+    op: Schema = {"operationId": op_id, "summary": summary}
+    if description:
+        op["description"] = description
+    if params:
+        op["parameters"] = [ref(p, "parameters") for p in params]
+    if body:
+        op["requestBody"] = {"required": True, "content": {JSON: {"schema": ref(body)}}}
+    op["responses"] = {**ok, **{code: ref(ERRORS[code][0], "responses")
+                                for code in errors.split()}}
+    op["security"] = [] if public else [{"bearer": []}]
+    return op
+
+
+# ---- components
+
+ERRORS = {
+    "400": ("Malformed", "`malformed`: bad JSON, query parameter or X-Durability."),
+    "401": ("Unauthorized", "`unauthorized`: api.token is set; bearer token missing/wrong."),
+    "404": ("NotFound", "`not_found`: unknown or deleted."),
+    "409": ("Conflict", "`conflict`: thread deleted, or message id exists with another body."),
+    "412": ("PreconditionFailed", "`precondition_failed`: If-Match names another version "
+                                  "(`detail.version` is the current one)."),
+    "413": ("TooLarge", f"`too_large`: the body is over {LIMITS.max_body_bytes} bytes."),
+    "415": ("UnsupportedMediaType", "`unsupported_media_type`: send application/json."),
+    "422": ("Invalid", "`invalid_field`: a field or path id is missing, unknown or bad "
+                       "(`detail.field` names it)."),
+    "500": ("Internal", "`internal`: a bug (logged)."),
+    "503": ("Unavailable", "`unavailable` (a store is down, or no answer within "
+                           "api.request_timeout_s) or `backpressure` (write-behind backlog "
+                           "full). Retry after Retry-After seconds."),
+}
+
+
+def error_responses() -> Schema:
+    return {name: response(desc, ref("Error"), ["Retry-After"] if code == "503" else None)
+            for code, (name, desc) in ERRORS.items()}
+
+
+def param(name: str, where: str, schema: Schema, description: str) -> Schema:
+    return {"name": name, "in": where, "required": where == "path", "schema": schema,
+            "description": description}
+
+
+def parameters() -> Schema:
+    ident = {"type": "string", "pattern": ID_PATTERN}
+    invalid = "(422 if it does not match the pattern)."
+    one = "Give at most one of before and after; no other query parameter is accepted."
+    return {
+        "tid": param("tid", "path", ident, f"Thread id {invalid}"),
+        "mid": param("mid", "path", ident, f"Message id {invalid}"),
+        "key": param("key", "path", ident, f"State key {invalid}"),
+        "limit": param("limit", "query", {**integer(1, MAX_PAGE), "default": 50}, "Page size."),
+        "before": param("before", "query", integer(1, MAX_CURSOR),
+                        f"The page of messages just below seq `before`. {one}"),
+        "after": param("after", "query", integer(0, MAX_CURSOR),
+                       f"The page of messages just above seq `after` (resume). {one}"),
+        "If-Match": param("If-Match", "header", STR,
+                          "Expected current version (`\"3\"`, `3` or `W/\"3\"`); `*` or "
+                          "absent: any. Another version: 412."),
+        "X-Durability": param("X-Durability", "header",
+                              {"type": "string", "enum": ["acknowledged", "persisted"],
+                               "default": "acknowledged"},
+                              "`persisted`: answer once committed in PostgreSQL, not only "
+                              "in Redis."),
+    }
+
+
+def headers() -> Schema:
+    tiers = ["redis", "postgres", "clickhouse", "none"]
+    return {
+        "ETag": {"description": "The entity's version, quoted (`\"3\"`).", "schema": STR},
+        "X-Tier": {"description": "The store that served it (`none`: no backing store).",
+                   "schema": {"type": "string", "enum": tiers}},
+        "Retry-After": {"description": "Seconds to wait before retrying.",
+                        "schema": integer(1)},
+    }
+
+
+def input_schemas() -> Schema:
+    """Request bodies: exactly what model.parse_* accepts (size limits aside)."""
+    no_nul = {"propertyNames": {"pattern": NO_NUL}, "additionalProperties": ref("JsonValue")}
+    role, content, meta = text(64, 1), text(LIMITS.max_content_chars), ref("Metadata")
+    return {
+        "JsonValue": {"description": "Any JSON value without NUL characters.",
+                      "pattern": NO_NUL, "items": ref("JsonValue"), **no_nul},
+        "Metadata": {"type": "object", **no_nul,
+                     "description": f"A JSON object of at most {LIMITS.max_metadata_bytes} "
+                                    "bytes, without NUL characters."},
+        "ThreadInput": obj({"title": text(1024), "owner_id": text(128), "metadata": meta},
+                           "", closed=True,
+                           description="Replaces the thread's fields (absent: empty)."),
+        "MessageInput": obj({"message_id": {"type": ["string", "null"], "pattern": ID_PATTERN,
+                                            "description": "Idempotency key (absent: a "
+                                                           "sortable id is generated)."},
+                             "role": role, "content": content, "metadata": meta},
+                            "role content", closed=True),
+        "MessagePatch": obj({"role": role, "content": content, "metadata": meta}, "",
+                            closed=True, minProperties=1),
+        "StateInput": obj({"value": {"description": "Any JSON value, at most "
+                                                    f"{LIMITS.max_body_bytes} bytes."},
+                           "ttl": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                                   "maximum": TTL_MAX_S, "description": "Seconds to live."}},
+                          "value", closed=True),
+    }
+
+
+def entity_schemas() -> Schema:
+    meta = ref("Metadata")
+    common = {"version": integer(1), "created_at": stamp(), "updated_at": stamp(),
+              "deleted": BOOL}
+    cursor = {"oneOf": [obj({"before": integer(1)}, closed=True),
+                        obj({"after": integer(0)}, closed=True), {"type": "null"}],
+              "description": "The query of the next page in the same direction; null: none."}
+    return {
+        "Thread": obj({"thread_id": STR, "title": STR, "owner_id": STR, "metadata": meta,
+                       "last_seq": integer(0), **common}),
+        "Message": obj({"seq": integer(1), "message_id": STR, "thread_id": STR, "role": STR,
+                        "content": STR, "metadata": meta, **common},
+                       description="A tombstone (deleted) keeps its seq; its content is empty."),
+        "MessagePage": obj({"thread_id": STR, "last_seq": integer(0), "next_cursor": cursor,
+                            "items": {"type": "array", "items": ref("Message"),
+                                      "description": "Ordered by seq; tombstones included."}}),
+        "StateEntry": obj({"key": STR, "value": {"description": "null once deleted"},
+                           "version": integer(1), "expires_at": stamp(nullable=True),
+                           "updated_at": stamp(), "deleted": BOOL}),
+        "Error": obj({"error": obj({"code": STR, "message": STR,
+                                    "detail": {"description": "e.g. {\"field\": ...}, or null"}})}),
+    }
+
+
+def ops_schemas() -> Schema:
+    sink = obj({"circuit": {"type": "string", "enum": ["closed", "open", "half_open"]},
+                "backlog": integer(0), "lag_s": {"type": "number", "minimum": 0},
+                "dead_letters": integer(0)})
+    tier = obj({"state": STR})
+    return {
+        "Health": obj({"status": const("ok")}),
+        "Readiness": obj({"ready": BOOL, "problems": {"type": "array", "items": STR}}),
+        "Status": obj({"tiers": obj({t: tier for t in ("redis", "postgres", "clickhouse")}),
+                       "sinks": obj({"pg": sink, "ch": sink})}),
+        "ReplayResult": obj({"replayed": integer(0)}),
+        "ThreadStats": obj({"thread_id": STR, "messages": integer(0),
+                            "by_role": {"type": "object", "additionalProperties": integer(0)},
+                            "content_bytes": integer(0), "first_at": stamp(nullable=True),
+                            "last_at": stamp(nullable=True)}),
+    }
+
+
+def ws_schemas() -> Schema:
+    tid = {"type": "string", "pattern": ID_PATTERN}
+    events = {"type": "string", "enum": ["message.created", "message.updated",
+                                          "message.deleted"]}
+    return {
+        "WsClientMessage": {"oneOf": [
+            obj({"op": const("subscribe"), "thread_id": tid, "after_seq": integer(0)},
+                "op thread_id", closed=True),
+            obj({"op": const("unsubscribe"), "thread_id": tid}, closed=True),
+            obj({"op": const("ping")}, closed=True)]},
+        "WsServerMessage": {"oneOf": [
+            obj({"type": events, "thread_id": STR, "seq": integer(1), "message": ref("Message")}),
+            obj({"type": const("thread.updated"), "thread_id": STR, "thread": ref("Thread")},
+                "type thread_id"),
+            obj({"type": const("subscribed"), "thread_id": STR, "last_seq": integer(0)}),
+            obj({"type": const("error"), "code": STR, "message": STR}),
+            obj({"type": const("pong")})]},
+    }
+
+
+WS_PROTOCOL = """\
+Upgrade to a WebSocket; every frame is a text frame holding one JSON object.
+
+Client to server (`WsClientMessage`):
+- `{"op": "subscribe", "thread_id": ..., "after_seq": N}`: the thread's events from now on;
+  with `after_seq`, first every message with seq > N (resume with no gap).
+- `{"op": "unsubscribe", "thread_id": ...}`, `{"op": "ping"}`
+
+Server to client (`WsServerMessage`):
+- `{"type": "message.created"|"message.updated"|"message.deleted", "thread_id", "seq", "message"}`
+- `{"type": "thread.updated", "thread_id", ...}`
+- `{"type": "subscribed", "thread_id", "last_seq"}`, `{"type": "pong"}`
+- `{"type": "error", "code", "message"}` (the socket stays open)
+
+Close codes: 1001 when the sidecar shuts down; 4008 when the client reads too slowly.
+"""
+
+
+# ---- paths
+
+
+def v1_paths() -> Schema:
+    entity, write = ["ETag", "X-Tier"], ["If-Match", "X-Durability"]
+    thread, message, state = ref("Thread"), ref("Message"), ref("StateEntry")
+
+    def ok(description: str, schema: Schema, created: str = "") -> dict[str, Schema]:
+        out = {"200": response(description, schema, entity)}
+        return {"201": response(created, schema, entity), **out} if created else out
+
+    def at(*names: str) -> list[Schema]:
+        return [ref(n, "parameters") for n in names]
+
+    return {
+        "/v1/threads/{tid}": {
+            "parameters": at("tid"),
+            "put": operation("putThread", "Create or replace a thread",
+                             ok("Replaced.", thread, "Created."),
+                             "400 401 409 412 413 415 422 500 503", params=write,
+                             body="ThreadInput"),
+            "get": operation("getThread", "A thread, with last_seq", ok("The thread.", thread),
+                             "401 404 422 500 503"),
+            "delete": operation("deleteThread", "Tombstone a thread", ok("The tombstone.", thread),
+                                "400 401 404 412 422 500 503", params=write),
+        },
+        "/v1/threads/{tid}/messages": {
+            "parameters": at("tid"),
+            "post": operation("appendMessage", "Append a message",
+                              ok("Same message_id and body again: the original.", message,
+                                 "Appended with the thread's next seq."),
+                              "400 401 404 409 413 415 422 500 503", params=["X-Durability"],
+                              body="MessageInput"),
+            "get": operation("listMessages", "A page of messages, ordered by seq",
+                             {"200": response("The page.", ref("MessagePage"), ["X-Tier"])},
+                             "400 401 404 422 500 503", params=["limit", "before", "after"],
+                             description="Without a cursor: the latest page."),
+        },
+        "/v1/threads/{tid}/messages/{mid}": {
+            "parameters": at("tid", "mid"),
+            "get": operation("getMessage", "One message", ok("The message.", message),
+                             "401 404 422 500 503"),
+            "patch": operation("patchMessage", "Edit a message", ok("The new version.", message),
+                               "400 401 404 412 413 415 422 500 503", params=write,
+                               body="MessagePatch"),
+            "delete": operation("deleteMessage", "Tombstone a message (its seq stays)",
+                                ok("The tombstone.", message), "400 401 404 412 422 500 503",
+                                params=write),
+        },
+        "/v1/threads/{tid}/stats": {"parameters": at("tid"), "get": operation(
+            "getThreadStats", "Message counts and sizes of a thread",
+            {"200": response("The statistics.", ref("ThreadStats"))}, "401 404 422 500 503")},
+        "/v1/state/{key}": {
+            "parameters": at("key"),
+            "put": operation("putState", "Write a state entry", ok("Replaced.", state, "Created."),
+                             "400 401 412 413 415 422 500 503", params=write, body="StateInput"),
+            "get": operation("getState", "A state entry", ok("The entry.", state),
+                             "401 404 422 500 503"),
+            "delete": operation("deleteState", "Delete a state entry", ok("The tombstone.", state),
+                                "400 401 404 412 422 500 503", params=write),
+        },
+        "/v1/status": {"get": operation(
+            "getStatus", "Tiers, circuit states, backlog and lag per sink, dead letters",
+            {"200": response("The status.", ref("Status"))}, "401 500 503")},
+        "/v1/admin/dead-letters/replay": {"post": operation(
+            "replayDeadLetters", "Put dead-lettered entries back into their shard's log",
+            {"200": response("How many were replayed.", ref("ReplayResult"))}, "401 500 503")},
+        "/v1/ws": {"get": operation(
+            "webSocket", "Subscribe to threads' events",
+            {"101": response("Switching Protocols: the socket is open.")}, "400 401 500 503",
+            description=WS_PROTOCOL)},
+    }
+
+
+def probe_paths() -> Schema:
+    metrics_port = [{"url": "http://{host}:9750", "description": "the metrics port",
+                     "variables": {"host": {"default": "localhost"}}}]
+    exposition = {"description": "Text exposition format.",
+                  "content": {"text/plain": {"schema": STR}}}
+    return {
+        "/healthz": {"get": operation("healthz", "Liveness",
+                                      {"200": response("Alive.", ref("Health"))}, public=True)},
+        "/readyz": {"get": operation(
+            "readyz", "Readiness: started, not draining, workers alive, Redis answering",
+            {"200": response("Ready.", ref("Readiness")),
+             "503": response("Not ready; `problems` says why.", ref("Readiness"))},
+            public=True)},
+        "/openapi.json": {"get": operation(
+            "openapi", "This document", {"200": response("OpenAPI 3.1.", {"type": "object"})},
+            public=True)},
+        "/metrics": {"servers": metrics_port, "get": operation(
+            "metrics", "Prometheus metrics (on the metrics port only)", {"200": exposition},
+            public=True)},
+    }
+
+
+def document() -> Schema:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "tierproxy", "version": "1",
+                 "description": "Write-behind storage sidecar: writes acknowledged once in "
+                                "Redis, flushed to PostgreSQL and ClickHouse. Every error is "
+                                "`{\"error\": {\"code\", \"message\", \"detail\"}}`."},
+        "servers": [{"url": "http://127.0.0.1:8750", "description": "the API (loopback)"}],
+        "paths": {**v1_paths(), **probe_paths()},
+        "components": {
+            "schemas": {**input_schemas(), **entity_schemas(), **ops_schemas(),
+                        **ws_schemas()},
+            "parameters": parameters(),
+            "headers": headers(),
+            "responses": error_responses(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "Needed on /v1 when api.token is set."}},
+        },
+    }
+
+
+DOCUMENT: Schema = document()

@@ -16,7 +16,6 @@ from aiohttp import web
 from proxy import metrics, model
 from proxy.errors import (
     Malformed,
-    NotFound,
     ProxyError,
     TooLarge,
     Unauthorized,
@@ -24,6 +23,7 @@ from proxy.errors import (
     UnsupportedMediaType,
 )
 from proxy.hot import HotTier, Page, Result
+from proxy.monitor import Monitor
 from proxy.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 HOT = web.AppKey("hot", HotTier)
 SETTINGS = web.AppKey("settings", Settings)
+MONITOR = web.AppKey("monitor", Monitor)
 
 STATUS = {
     "malformed": 400, "invalid_field": 422, "too_large": 413, "unsupported_media_type": 415,
@@ -292,8 +293,18 @@ async def delete_state(request: web.Request) -> web.Response:
     return json_response(result.doc, tier="redis", etag=_version(result))
 
 
-async def not_found(request: web.Request) -> web.Response:
-    raise NotFound(f"no route {request.method} {request.path}")
+# ---- operations
+
+
+async def status(request: web.Request) -> web.Response:
+    monitor = request.app[MONITOR]
+    body = {**monitor.status(), "dead_letters": await monitor.dead_letters(20)}
+    return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
+
+
+async def replay_dead_letters(request: web.Request) -> web.Response:
+    replayed = await request.app[MONITOR].replay_dead_letters()
+    return web.json_response({"replayed": replayed})
 
 
 def add_routes(app: web.Application) -> None:
@@ -309,3 +320,5 @@ def add_routes(app: web.Application) -> None:
     r.add_put("/v1/state/{key}", put_state)
     r.add_get("/v1/state/{key}", get_state, allow_head=False)
     r.add_delete("/v1/state/{key}", delete_state)
+    r.add_get("/v1/status", status, allow_head=False)
+    r.add_post("/v1/admin/dead-letters/replay", replay_dead_letters)

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from proxy import keys
-from proxy.hot import redis_call
+from proxy.redisconn import Scripts, redis_call
 
 logger = logging.getLogger(__name__)
 SAFE_POLICIES = ("noeviction", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl")
@@ -37,6 +37,7 @@ class Entry:
     event: str
     ts_ms: int
     doc: bytes
+    only: str = ""  # a replayed dead letter is meant for this group alone
 
     @property
     def identity(self) -> tuple[str, str]:
@@ -47,18 +48,28 @@ def decode(shard: int, entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
     """Raises KeyError/ValueError on a malformed entry (the flusher dead-letters it)."""
     return Entry(shard, entry_id.decode(), fields[b"k"].decode(), fields[b"id"].decode(),
                  fields.get(b"tid", fields[b"id"]).decode(), int(fields[b"v"]),
-                 fields[b"e"].decode(), int(fields[b"ts"]), fields[b"d"])
+                 fields[b"e"].decode(), int(fields[b"ts"]), fields[b"d"],
+                 fields.get(b"g", b"").decode())
 
 
 @dataclass(frozen=True)
-class Backlog:
+class ShardBacklog:
     entries: int
     lag_s: float
+
+
+class Backlog:
+    """The PostgreSQL backlog (entries in all shards), as last measured by the monitor; the
+    hot tier refuses writes above the bound."""
+
+    def __init__(self) -> None:
+        self.entries = 0
 
 
 class WriteLog:
     def __init__(self, client: aioredis.Redis, shards: int) -> None:
         self._r = client
+        self._scripts = Scripts(client)
         self.shards = shards
 
     async def check_eviction_policy(self) -> None:
@@ -79,15 +90,13 @@ class WriteLog:
                     if "BUSYGROUP" not in str(e):
                         raise
 
-    async def read(self, shard: int, group: str, consumer: str, count: int, block_ms: int,
-                   own_pending: bool = False) -> list[Entry | tuple[str, str]]:
-        """New entries for this consumer (or, with own_pending, those it already holds).
-        Malformed entries come back as (entry_id, error) so the caller can dead-letter them."""
+    async def read(self, shard: int, group: str, consumer: str, count: int,
+                   block_ms: int) -> list[Entry | tuple[str, str]]:
+        """New entries for this consumer. Malformed entries come back as (entry_id, error) so
+        the caller can dead-letter them."""
         stream = keys.log(shard)
-        start = "0" if own_pending else ">"
         reply = await redis_call(lambda: self._r.xreadgroup(
-            group, consumer, {stream: start}, count=count,
-            block=None if own_pending else block_ms))
+            group, consumer, {stream: ">"}, count=count, block=block_ms))
         return self._decode_all(shard, reply[0][1] if reply else [])
 
     def _decode_all(self, shard: int, raw: list[Any]) -> list[Entry | tuple[str, str]]:
@@ -109,26 +118,34 @@ class WriteLog:
             keys.log(shard), group, consumer, min_idle_ms, start_id="0-0", count=count))
         return self._decode_all(shard, reply[1])
 
-    async def delivery_counts(self, shard: int, group: str, ids: list[str]) -> dict[str, int]:
-        if not ids:
-            return {}
-        rows = await redis_call(lambda: self._r.xpending_range(
-            keys.log(shard), group, min=min(ids, key=_id_key), max=max(ids, key=_id_key),
-            count=len(ids) * 2 + 10))
-        wanted = set(ids)
-        return {r["message_id"].decode(): r["times_delivered"] for r in rows
-                if r["message_id"].decode() in wanted}
-
     async def ack(self, shard: int, group: str, ids: list[str]) -> None:
         if ids:
             await redis_call(lambda: self._r.xack(keys.log(shard), group, *ids))
 
-    async def remove_dead_consumers(self, shard: int, group: str, me: str) -> None:
-        """Delete consumers with an empty pending list that idled past an hour (never one
-        with pending entries: that would orphan them)."""
+    async def release(self, shard: int, group: str, entries: list[Entry], ttl_ms: int,
+                      window: int, now_ms: int) -> None:
+        """Ack entries committed to PostgreSQL and let their cached keys expire once nothing
+        of theirs is left unflushed (release.lua)."""
+        if not entries:
+            return
+        key_list, index, args = [keys.log(shard)], {}, [group, ttl_ms, window, now_ms]
+        for e in entries:
+            entity = ("s", e.entity_id) if e.kind == "s" else ("t", e.thread_id)
+            if entity not in index:
+                index[entity] = len(key_list) + 1  # Lua indexes KEYS from 1
+                key_list += ([keys.state(shard, e.entity_id)] if e.kind == "s" else
+                             [keys.thread(shard, e.thread_id), keys.messages(shard, e.thread_id),
+                              keys.window(shard, e.thread_id)])
+            args += [e.entry_id, index[entity], entity[0], e.entity_id if e.kind == "m" else ""]
+        await self._scripts.run("release", key_list, args)
+
+    async def remove_dead_consumers(self, shard: int, group: str, me: str,
+                                    idle_ms: int) -> None:
+        """Delete consumers idle past idle_ms whose pending list is empty (never one with
+        pending entries: that would orphan them)."""
         for c in await redis_call(lambda: self._r.xinfo_consumers(keys.log(shard), group)):
-            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
-            if name != me and c["pending"] == 0 and c["idle"] > 3_600_000:
+            name = _as_str(c["name"])
+            if name != me and c["pending"] == 0 and c["idle"] > idle_ms:
                 await redis_call(lambda n=name: self._r.xgroup_delconsumer(  # type: ignore[misc]
                     keys.log(shard), group, n))
 
@@ -149,14 +166,14 @@ class WriteLog:
             return 0
         return int(await redis_call(lambda: self._r.xtrim(stream, minid=floor)))
 
-    async def backlog(self, shard: int, group: str) -> Backlog:
+    async def backlog(self, shard: int, group: str) -> ShardBacklog:
         """Entries the group has not acknowledged (pending + undelivered), and the age of the
         oldest one in seconds."""
         stream = keys.log(shard)
         groups = await redis_call(lambda: self._r.xinfo_groups(stream))
         info = next((g for g in groups if _as_str(g["name"]) == group), None)
         if info is None:
-            return Backlog(0, 0.0)
+            return ShardBacklog(0, 0.0)
         start = _next_id(info["last-delivered-id"])
         undelivered = await redis_call(lambda: self._r.xrange(stream, min=start, count=1))
         pending = info["pending"]
@@ -167,7 +184,7 @@ class WriteLog:
         elif undelivered:
             oldest = undelivered[0][0].decode()
         entries = pending + await self._count_from(stream, start)
-        return Backlog(entries, _age_s(oldest, await self._now_ms()) if oldest else 0.0)
+        return ShardBacklog(entries, _age_s(oldest, await self._now_ms()) if oldest else 0.0)
 
     async def _count_from(self, stream: str, start: str) -> int:
         """Entries at or after `start`. Redis 6.2 has no group lag field, so count them."""
@@ -208,18 +225,24 @@ class WriteLog:
         return [{"id": i.decode(), **{k.decode(): _text(v) for k, v in f.items()
                                       if k != b"d"}} for i, f in rows]
 
-    async def dead_letter_count(self, shard: int) -> int:
-        return int(await redis_call(lambda: self._r.xlen(keys.dead_letters(shard))))
+    async def dead_letter_counts(self, shard: int) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        if await redis_call(lambda: self._r.xlen(keys.dead_letters(shard))):
+            for _, f in await redis_call(lambda: self._r.xrange(keys.dead_letters(shard))):
+                group = _as_str(f.get(b"group", b"?"))
+                counts[group] = counts.get(group, 0) + 1
+        return counts
 
     async def replay_dead_letters(self, shard: int) -> int:
-        """Re-queue every dead letter (after a fix) and remove it from the dead-letter stream."""
+        """Re-queue every dead letter (after a fix) for the group that gave up on it, and
+        remove it from the dead-letter stream."""
         stream, dlq, moved = keys.log(shard), keys.dead_letters(shard), 0
         for dl_id, fields in await redis_call(lambda: self._r.xrange(dlq, count=10_000)):
             original = {k: v for k, v in fields.items()
                         if k not in (b"error", b"group", b"source_id")}
             pipe = self._r.pipeline(transaction=True)
             if original:
-                pipe.xadd(stream, original)
+                pipe.xadd(stream, {**original, b"g": fields.get(b"group", b"")})
             pipe.xdel(dlq, dl_id)
             await redis_call(pipe.execute)
             moved += 1

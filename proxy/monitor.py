@@ -1,0 +1,96 @@
+"""Monitor: every few seconds, trims the log safely, measures backlog and lag per sink
+(metrics, admission, /v1/status), counts dead letters and removes dead consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy import keys, metrics
+from proxy.circuit import Circuit
+from proxy.errors import Unavailable
+from proxy.writelog import Backlog, WriteLog
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SinkStatus:
+    circuit: str = "closed"
+    backlog: int = 0
+    lag_s: float = 0.0
+    dead_letters: int = 0
+
+
+@dataclass
+class Snapshot:
+    redis: str = "unknown"
+    sinks: dict[str, SinkStatus] = field(default_factory=dict)
+
+
+class Monitor:
+    def __init__(self, log: WriteLog, circuits: Mapping[str, Circuit], backlog: Backlog,
+                 interval_s: float, consumer: str, dead_consumer_idle_ms: int) -> None:
+        self._log = log
+        self._circuits = circuits
+        self._backlog = backlog
+        self._interval_s = interval_s
+        self._consumer = consumer
+        self._dead_idle_ms = dead_consumer_idle_ms
+        self.snapshot = Snapshot(sinks={name: SinkStatus() for name in circuits})
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+                self.snapshot.redis = "up"
+            except Unavailable as e:
+                if self.snapshot.redis != "down":
+                    logger.warning("monitor: redis unavailable: %s", e)
+                self.snapshot.redis = "down"
+            await asyncio.sleep(self._interval_s)
+
+    async def refresh(self) -> None:
+        sinks = {name: SinkStatus(circuit=c.state) for name, c in self._circuits.items()}
+        for shard in range(self._log.shards):
+            await self._log.trim(shard)
+            for name, st in sinks.items():
+                b = await self._log.backlog(shard, name)
+                st.backlog += b.entries
+                st.lag_s = max(st.lag_s, b.lag_s)
+                await self._log.remove_dead_consumers(shard, name, self._consumer,
+                                                      self._dead_idle_ms)
+            for group, count in (await self._log.dead_letter_counts(shard)).items():
+                if group in sinks:
+                    sinks[group].dead_letters += count
+        for name, st in sinks.items():
+            metrics.BACKLOG.labels(name).set(st.backlog)
+            metrics.LAG.labels(name).set(st.lag_s)
+        self._backlog.entries = sinks[keys.GROUP_PG].backlog if keys.GROUP_PG in sinks else 0
+        self.snapshot.sinks = sinks
+
+    def status(self) -> dict[str, Any]:
+        tiers = {"redis": {"state": self.snapshot.redis}}
+        tier_of = {"pg": "postgres", "ch": "clickhouse"}
+        for name, c in self._circuits.items():
+            tiers[tier_of.get(name, name)] = {"state": "up" if c.state == "closed" else "down"}
+        sinks = {name: {"circuit": self._circuits[name].state, "backlog": st.backlog,
+                        "lag_s": round(st.lag_s, 3), "dead_letters": st.dead_letters}
+                 for name, st in self.snapshot.sinks.items()}
+        return {"tiers": tiers, "sinks": sinks}
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, str]]:
+        out: list[dict[str, str]] = []
+        for shard in range(self._log.shards):
+            out += await self._log.dead_letters(shard, limit)
+        return out[:limit]
+
+    async def replay_dead_letters(self) -> int:
+        total = 0
+        for shard in range(self._log.shards):
+            total += await self._log.replay_dead_letters(shard)
+        logger.info("replayed %d dead letters", total)
+        return total

@@ -1,0 +1,258 @@
+"""PostgreSQL, the system of record: schema, set-based idempotent upserts, and the reads the
+read-through path needs. The only module (with fallback.py) that knows asyncpg."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from proxy.failpoints import Failpoints
+from proxy.sinks import PoisonError
+from proxy.writelog import Entry
+
+logger = logging.getLogger(__name__)
+LOCK_ID = 0x7469_6572  # advisory lock serialising migrations across sidecars ("tier")
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE IF NOT EXISTS threads (
+        thread_id text PRIMARY KEY,
+        title text NOT NULL DEFAULT '',
+        owner_id text NOT NULL DEFAULT '',
+        metadata jsonb NOT NULL DEFAULT '{}',
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        version bigint NOT NULL,
+        last_seq bigint NOT NULL DEFAULT 0,
+        deleted boolean NOT NULL DEFAULT false
+    );
+    CREATE TABLE IF NOT EXISTS messages (
+        message_id text PRIMARY KEY,
+        thread_id text NOT NULL,
+        seq bigint NOT NULL,
+        role text NOT NULL,
+        content text NOT NULL,
+        metadata jsonb NOT NULL DEFAULT '{}',
+        created_at timestamptz NOT NULL,
+        updated_at timestamptz NOT NULL,
+        version bigint NOT NULL,
+        deleted boolean NOT NULL DEFAULT false,
+        CONSTRAINT messages_thread_seq UNIQUE (thread_id, seq)
+    );
+    CREATE TABLE IF NOT EXISTS state_entries (
+        key text PRIMARY KEY,
+        value jsonb,
+        version bigint NOT NULL,
+        expires_at timestamptz,
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        deleted boolean NOT NULL DEFAULT false
+    );
+    """,
+]
+
+UPSERT_THREADS = """
+INSERT INTO threads AS t (thread_id, title, owner_id, metadata, created_at, updated_at,
+                          version, deleted)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]::jsonb[],
+                     $5::timestamptz[], $6::timestamptz[], $7::bigint[], $8::bool[])
+ON CONFLICT (thread_id) DO UPDATE SET
+    title = excluded.title, owner_id = excluded.owner_id, metadata = excluded.metadata,
+    created_at = excluded.created_at, updated_at = excluded.updated_at,
+    version = excluded.version, deleted = excluded.deleted
+WHERE excluded.version > t.version
+"""
+
+# A message's thread row may not be flushed yet: a version-0 placeholder holds last_seq and
+# loses to the thread's first real version.
+BUMP_LAST_SEQ = """
+INSERT INTO threads AS t (thread_id, version, last_seq)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])
+ON CONFLICT (thread_id) DO UPDATE SET last_seq = excluded.last_seq
+WHERE excluded.last_seq > t.last_seq
+"""
+
+# A message never moves to another thread: a colliding id from another thread is ignored.
+UPSERT_MESSAGES = """
+INSERT INTO messages AS m (message_id, thread_id, seq, role, content, metadata, created_at,
+                           updated_at, version, deleted)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                     $6::text[]::jsonb[], $7::timestamptz[], $8::timestamptz[], $9::bigint[],
+                     $10::bool[])
+ON CONFLICT (message_id) DO UPDATE SET
+    role = excluded.role, content = excluded.content, metadata = excluded.metadata,
+    updated_at = excluded.updated_at, version = excluded.version, deleted = excluded.deleted
+WHERE excluded.version > m.version AND excluded.thread_id = m.thread_id
+"""
+
+UPSERT_STATE = """
+INSERT INTO state_entries AS s (key, value, version, expires_at, updated_at, deleted)
+SELECT * FROM unnest($1::text[], $2::text[]::jsonb[], $3::bigint[], $4::timestamptz[],
+                     $5::timestamptz[], $6::bool[])
+ON CONFLICT (key) DO UPDATE SET
+    value = excluded.value, version = excluded.version, expires_at = excluded.expires_at,
+    updated_at = excluded.updated_at, deleted = excluded.deleted
+WHERE excluded.version > s.version
+"""
+
+_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
+                asyncpg.ProgramLimitExceededError, asyncpg.UntranslatableCharacterError,
+                asyncpg.CharacterNotInRepertoireError)
+
+
+async def apply_migrations(conn: asyncpg.Connection) -> None:
+    """Apply the schema idempotently, one sidecar at a time (advisory lock)."""
+    await conn.execute("SELECT pg_advisory_lock($1)", LOCK_ID)
+    try:
+        for statement in MIGRATIONS:
+            await conn.execute(statement)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_ID)
+    logger.info("postgres schema is up to date (%d migrations)", len(MIGRATIONS))
+
+
+async def migrate(url: str) -> None:
+    """`tierproxy migrate`."""
+    conn = await asyncpg.connect(url)
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+
+
+def _ts(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+@dataclass
+class Rows:
+    """A batch split by table, as column arrays (one parameter per column: no limit on rows)."""
+
+    threads: list[list[Any]]
+    messages: list[list[Any]]
+    last_seq: dict[str, int]
+    state: list[list[Any]]
+
+    @classmethod
+    def of(cls, entries: Sequence[Entry]) -> Rows:
+        rows = cls([[] for _ in range(8)], [[] for _ in range(10)], {}, [[] for _ in range(6)])
+        try:
+            for e in entries:
+                rows._add(e, orjson.loads(e.doc))
+        except (KeyError, ValueError, TypeError) as err:
+            raise PoisonError(f"undecodable log entry: {err!r}") from err
+        return rows
+
+    def _add(self, e: Entry, d: dict[str, Any]) -> None:
+        if e.kind == "t":
+            values = [d["thread_id"], d["title"], d["owner_id"],
+                      orjson.dumps(d["metadata"]).decode(), _ts(d["created_at"]),
+                      _ts(d["updated_at"]), e.version, d["deleted"]]
+            _append(self.threads, values)
+        elif e.kind == "m":
+            values = [d["message_id"], d["thread_id"], d["seq"], d["role"], d["content"],
+                      orjson.dumps(d["metadata"]).decode(), _ts(d["created_at"]),
+                      _ts(d["updated_at"]), e.version, d["deleted"]]
+            _append(self.messages, values)
+            self.last_seq[e.thread_id] = max(self.last_seq.get(e.thread_id, 0), d["seq"])
+        elif e.kind == "s":
+            value = None if d["deleted"] else orjson.dumps(d["value"]).decode()
+            _append(self.state, [d["key"], value, e.version, _ts(d["expires_at"]),
+                                 _ts(d["updated_at"]), d["deleted"]])
+        else:
+            raise ValueError(f"unknown entity kind {e.kind!r}")
+
+
+def _append(columns: list[list[Any]], values: list[Any]) -> None:
+    for column, value in zip(columns, values, strict=True):
+        column.append(value)
+
+
+class PostgresStore:
+    """The pool, the batch upserts and the point reads."""
+
+    def __init__(self, pool: asyncpg.Pool, failpoints: Failpoints) -> None:
+        self._pool = pool
+        self._failpoints = failpoints
+
+    @classmethod
+    async def open(cls, url: str, pool_min: int, pool_max: int, timeout_s: float,
+                   failpoints: Failpoints) -> PostgresStore:
+        pool = await asyncpg.create_pool(url, min_size=pool_min, max_size=pool_max,
+                                         command_timeout=timeout_s, timeout=timeout_s)
+        return cls(pool, failpoints)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def migrate(self) -> None:
+        async with self._pool.acquire() as conn:
+            await apply_migrations(conn)
+
+    async def upsert(self, entries: Sequence[Entry]) -> None:
+        """One transaction for the whole batch; entries must be unique per entity."""
+        rows = Rows.of(entries)
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._write(conn, rows)
+                await self._failpoints.hit("before-pg-commit")
+        except _DATA_ERRORS as e:
+            raise PoisonError(f"postgres rejected the data: {e}") from e
+
+    @staticmethod
+    async def _write(conn: asyncpg.Connection, rows: Rows) -> None:
+        if rows.threads[0]:
+            await conn.execute(UPSERT_THREADS, *rows.threads)
+        if rows.messages[0]:
+            await conn.execute(UPSERT_MESSAGES, *rows.messages)
+            tids = sorted(rows.last_seq)
+            await conn.execute(BUMP_LAST_SEQ, tids, [0] * len(tids),
+                               [rows.last_seq[t] for t in tids])
+        if rows.state[0]:
+            await conn.execute(UPSERT_STATE, *rows.state)
+
+    async def fetch_thread(self, tid: str) -> dict[str, Any] | None:
+        row = await self._pool.fetchrow(
+            "SELECT thread_id, title, owner_id, metadata::text AS metadata, created_at,"
+            " updated_at, version, last_seq, deleted FROM threads"
+            " WHERE thread_id = $1 AND version > 0", tid)
+        return dict(row) if row else None
+
+    async def fetch_messages(self, tid: str, lo: int, hi: int) -> list[dict[str, Any]]:
+        rows = await self._pool.fetch(
+            "SELECT message_id, thread_id, seq, role, content, metadata::text AS metadata,"
+            " created_at, updated_at, version, deleted FROM messages"
+            " WHERE thread_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq", tid, lo, hi)
+        return [dict(r) for r in rows]
+
+    async def fetch_message(self, mid: str) -> dict[str, Any] | None:
+        row = await self._pool.fetchrow(
+            "SELECT message_id, thread_id, seq, role, content, metadata::text AS metadata,"
+            " created_at, updated_at, version, deleted FROM messages WHERE message_id = $1", mid)
+        return dict(row) if row else None
+
+    async def fetch_state(self, key: str) -> dict[str, Any] | None:
+        row = await self._pool.fetchrow(
+            "SELECT key, value::text AS value, version, expires_at, updated_at, deleted"
+            " FROM state_entries WHERE key = $1", key)
+        return dict(row) if row else None
+
+
+class PostgresSink:
+    """The flusher's view of PostgreSQL."""
+
+    name = "pg"
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    async def write(self, entries: list[Entry]) -> None:
+        await self._store.upsert(entries)
+
+    async def close(self) -> None:
+        """The store is shared with the read path; the app closes it."""
