@@ -4,9 +4,8 @@ open circuit answers at once instead of waiting on a dead database."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -23,21 +22,6 @@ from proxy.writelog import Entry
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _KINDS = {"thread": "t", "message": "m", "state": "s"}
-
-
-class SingleFlight:
-    """One in-flight call per key; later callers await the same result."""
-
-    def __init__(self) -> None:
-        self._calls: dict[Hashable, asyncio.Task[Any]] = {}
-
-    async def do(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
-        task = self._calls.get(key)
-        if task is None:
-            task = asyncio.ensure_future(fn())
-            self._calls[key] = task
-            task.add_done_callback(lambda _: self._calls.pop(key, None))
-        return await asyncio.shield(task)  # type: ignore[no-any-return]
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -85,15 +69,12 @@ class PostgresBacking:
     def __init__(self, store: PostgresStore, circuit: Circuit) -> None:
         self._store = store
         self._circuit = circuit
-        self._flights = SingleFlight()
 
-    async def _query(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _query(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """One query, unless the circuit is open (then 503 at once, no waiting on timeouts)."""
         if not self._circuit.allows():
             raise Unavailable("postgres is unavailable (circuit open)",
                               retry_after_s=max(1.0, self._circuit.wait_s()))
-        return await self._flights.do(key, lambda: self._guarded(fn))
-
-    async def _guarded(self, fn: Callable[[], Awaitable[T]]) -> T:
         metrics.READ_THROUGH.labels(self.tier).inc()
         try:
             result = await fn()
@@ -105,20 +86,19 @@ class PostgresBacking:
         return result
 
     async def load_thread(self, tid: str) -> ThreadRow | None:
-        r = await self._query(("t", tid), lambda: self._store.fetch_thread(tid))
+        r = await self._query(lambda: self._store.fetch_thread(tid))
         return thread_row(r) if r else None
 
     async def load_messages(self, tid: str, lo: int, hi: int) -> list[MessageRow]:
-        rows = await self._query(("p", tid, lo, hi),
-                                 lambda: self._store.fetch_messages(tid, lo, hi))
+        rows = await self._query(lambda: self._store.fetch_messages(tid, lo, hi))
         return [message_row(r) for r in rows]
 
     async def load_message(self, tid: str, mid: str) -> MessageRow | None:
-        r = await self._query(("m", mid), lambda: self._store.fetch_message(mid))
+        r = await self._query(lambda: self._store.fetch_message(mid))
         return message_row(r) if r and r["thread_id"] == tid else None
 
     async def load_state(self, key: str) -> StateRow | None:
-        r = await self._query(("s", key), lambda: self._store.fetch_state(key))
+        r = await self._query(lambda: self._store.fetch_state(key))
         return state_row(r) if r else None
 
     async def persist(self, kind: str, doc: bytes) -> None:
@@ -128,4 +108,4 @@ class PostgresBacking:
                   "state": d.get("key")}[kind]
         entry = Entry(0, "", _KINDS[kind], entity, d.get("thread_id", entity), d["version"],
                       f"{kind}.persisted", model.now_ms(), doc)
-        await self._query(("w", kind, entity, d["version"]), lambda: self._store.upsert([entry]))
+        await self._query(lambda: self._store.upsert([entry]))

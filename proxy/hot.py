@@ -6,10 +6,12 @@ through the `Backing` (PostgreSQL read-through, see fallback.py) and written bac
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
@@ -27,6 +29,7 @@ from proxy.settings import Settings
 from proxy.writelog import Backlog
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 MAX_RETRIES = 5
 
 
@@ -109,14 +112,32 @@ class Page:
     tier: str
 
 
+class SingleFlight:
+    """One in-flight load per key; concurrent misses await the same result (and the refill
+    it does), so 100 misses of one key make one query."""
+
+    def __init__(self) -> None:
+        self._calls: dict[Hashable, asyncio.Task[Any]] = {}
+
+    async def do(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
+        task = self._calls.get(key)
+        if task is None:
+            task = asyncio.ensure_future(fn())
+            self._calls[key] = task
+            task.add_done_callback(lambda _: self._calls.pop(key, None))
+        return await asyncio.shield(task)  # type: ignore[no-any-return]
+
+
 class HotTier:
     def __init__(self, client: aioredis.Redis, settings: Settings, backing: Backing,
-                 backlog: Backlog) -> None:
+                 backlog: Backlog, degraded: Backing | None = None) -> None:
         self._r = client
         self._s = settings
         self._backing = backing
+        self._degraded = degraded  # read-only, when the backing is down (degraded.py)
         self.backlog = backlog
         self._scripts = Scripts(client)
+        self._flights = SingleFlight()
 
     async def _run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
         return await self._scripts.run(name, keys_, args)
@@ -140,22 +161,25 @@ class HotTier:
         doc, seq, deleted = await redis_call(lambda: self._r.hmget(t, "doc", "seq", "del"))
         tier = "redis"
         if doc is None:
-            row = await self._fill_thread(tid)
+            row, tier = await self._below(lambda: self._fill_thread(tid),
+                                          lambda b: b.load_thread(tid))
             if row is None:
                 raise NotFound(f"thread {tid} not found")
-            doc, seq, deleted, tier = row.doc, str(row.last_seq).encode(), row.deleted, \
-                self._backing.tier
+            doc, seq, deleted = row.doc, str(row.last_seq).encode(), row.deleted
         if deleted == b"1" or deleted is True:
             raise NotFound(f"thread {tid} was deleted")
         return Result(_with_last_seq(doc, int(seq)), tier)
 
     async def _fill_thread(self, tid: str) -> ThreadRow | None:
-        row = await self._backing.load_thread(tid)
-        if row is not None:
-            await self._run("fill_thread", self._thread_keys(tid)[:3], [
-                row.doc, row.version, row.created_at, row.last_seq, int(row.deleted),
-                self._s.cache.ttl_s * 1000])
-        return row
+        async def load() -> ThreadRow | None:
+            row = await self._backing.load_thread(tid)
+            if row is not None:
+                await self._run("fill_thread", self._thread_keys(tid)[:3], [
+                    row.doc, row.version, row.created_at, row.last_seq, int(row.deleted),
+                    self._s.cache.ttl_s * 1000])
+            return row
+
+        return await self._flights.do(("t", tid), load)
 
     async def put_thread(self, tid: str, t: model.ThreadInput, if_match: str,
                          persisted: bool = False) -> Result:
@@ -239,14 +263,27 @@ class HotTier:
         doc = await self._run("get_message", [keys.messages(s, tid), keys.cold(s, tid)], [mid])
         tier = "redis"
         if doc is None:
-            row = await self._backing.load_message(tid, mid)
+            row, tier = await self._below(
+                lambda: self._flights.do(("m", tid, mid), lambda: self._load_message(tid, mid)),
+                lambda b: b.load_message(tid, mid))
             if row is None:
                 raise NotFound(f"message {mid} not found in thread {tid}")
-            await self._refill([row], tid)
-            doc, tier = row.doc, self._backing.tier
+            doc = row.doc
         if not include_deleted and b'"deleted":true' in doc:
             raise NotFound(f"message {mid} was deleted")
         return Result(doc, tier)
+
+    async def _load_message(self, tid: str, mid: str) -> MessageRow | None:
+        row = await self._backing.load_message(tid, mid)
+        if row is not None:
+            await self._refill([row], tid)
+        return row
+
+    async def _load_page(self, tid: str, lo: int, hi: int) -> list[MessageRow]:
+        rows = await self._backing.load_messages(tid, lo, hi)
+        if rows:
+            await self._refill(rows, tid)
+        return rows
 
     async def _refill(self, rows: list[MessageRow], tid: str) -> None:
         s = self._shard(tid)
@@ -311,19 +348,48 @@ class HotTier:
         for _ in range(MAX_RETRIES):
             out = await self._run("read_page", ks, [mode, cursor, limit])
             status = out[0].decode()
+            if status == "GONE":
+                raise NotFound(f"thread {tid} was deleted")
             if status == "MISS":
-                row = await self._fill_thread(tid)
+                row, tier = await self._below(lambda: self._fill_thread(tid),
+                                              lambda b: b.load_thread(tid))
                 if row is None or row.deleted:
                     raise NotFound(f"thread {tid} not found")
-                continue
+                if tier == self._backing.tier:
+                    continue
+                return await self._degraded_page(tid, row, mode, cursor, limit)
             last, lo, hi = int(out[1]), int(out[2]), int(out[3])
             if status == "OK":
                 return Page(tid, last, lo, hi, list(out[4:]), "redis")
-            rows = await self._backing.load_messages(tid, lo, hi)
-            if rows:
-                await self._refill(rows, tid)
-            return Page(tid, last, lo, hi, [r.doc for r in rows], self._backing.tier)
+            return await self._page_below(tid, last, lo, hi)
         raise Unavailable(f"thread {tid}: gave up after {MAX_RETRIES} attempts")
+
+    async def _page_below(self, tid: str, last: int, lo: int, hi: int) -> Page:
+        rows, tier = await self._below(
+            lambda: self._flights.do(("p", tid, lo, hi),
+                                     functools.partial(self._load_page, tid, lo, hi)),
+            lambda b: b.load_messages(tid, lo, hi))
+        return Page(tid, last, lo, hi, [r.doc for r in rows], tier)
+
+    async def _degraded_page(self, tid: str, thread: ThreadRow, mode: str, cursor: int,
+                             limit: int) -> Page:
+        """The page when neither Redis nor the backing has the thread: from the degraded tier."""
+        assert self._degraded is not None
+        lo, hi = page_range(mode, cursor, limit, thread.last_seq)
+        rows = await self._degraded.load_messages(tid, lo, hi) if lo <= hi else []
+        return Page(tid, thread.last_seq, lo, hi, [r.doc for r in rows], self._degraded.tier)
+
+    async def _below(self, load: Callable[[], Awaitable[T]],
+                     degraded: Callable[[Backing], Awaitable[T]]) -> tuple[T, str]:
+        """A read below Redis: from the backing (which caches it again), else, while the
+        backing is unavailable, from the degraded tier, read-only (never cached: it may be
+        stale, and writes must not build on it)."""
+        try:
+            return await load(), self._backing.tier
+        except Unavailable:
+            if self._degraded is None:
+                raise
+            return await degraded(self._degraded), self._degraded.tier
 
     # ---- state
 
@@ -332,15 +398,23 @@ class HotTier:
         doc, deleted, expires = await redis_call(lambda: self._r.hmget(k, "doc", "del", "x"))
         tier = "redis"
         if doc is None:
-            row = await self._backing.load_state(key)
-            if row is None or row.deleted or _expired(row.expires_at_ms):
+            row = await self._flights.do(("s", key), lambda: self._load_state(key))
+            if row is None:
                 raise NotFound(f"state {key} not found")
-            await self._run("fill_state", [k], [row.doc, row.version, row.expires_at_ms or "",
-                                                 self._s.cache.ttl_s * 1000, model.now_ms()])
             return Result(row.doc, self._backing.tier)
         if deleted == b"1" or (expires and _expired(int(expires))):
             raise NotFound(f"state {key} not found")
         return Result(doc, tier)
+
+    async def _load_state(self, key: str) -> StateRow | None:
+        """A live entry from below, cached again; None if absent, deleted or expired."""
+        row = await self._backing.load_state(key)
+        if row is None or row.deleted or _expired(row.expires_at_ms):
+            return None
+        await self._run("fill_state", [keys.state(self._shard(key), key)], [
+            row.doc, row.version, row.expires_at_ms or "", self._s.cache.ttl_s * 1000,
+            model.now_ms()])
+        return row
 
     async def put_state(self, key: str, st: model.StateInput, if_match: str,
                         persisted: bool = False) -> Result:
@@ -377,6 +451,14 @@ class HotTier:
                 await self._backing.persist("state", out[2])
             return Result(out[2], created=status == "CREATED")
         raise Unavailable(f"state {key}: gave up after {MAX_RETRIES} attempts")
+
+
+def page_range(mode: str, cursor: int, limit: int, last: int) -> tuple[int, int]:
+    """The seqs lo..hi of a page (as read_page.lua computes them); lo > hi: empty."""
+    if mode == "after":
+        return cursor + 1, min(last, cursor + limit)
+    hi = min(cursor - 1, last) if mode == "before" else last
+    return max(1, hi - limit + 1), hi
 
 
 def _with_last_seq(doc: bytes, last_seq: int) -> bytes:

@@ -37,7 +37,7 @@ def new_id() -> str:
 
 
 def check_id(value: str, field: str) -> str:
-    if not ID_RE.match(value):
+    if not ID_RE.fullmatch(value):
         raise Invalid(f"{field} must match [A-Za-z0-9._:-]{{1,128}}", {"field": field})
     return value
 
@@ -116,9 +116,20 @@ def _metadata(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
     if size > limits.max_metadata_bytes:
         raise Invalid(f"metadata is larger than {limits.max_metadata_bytes} bytes",
                       {"field": "metadata"})
-    if b"\\u0000" in orjson.dumps(value):
+    if _has_nul(value):
         raise Invalid("metadata must not contain NUL characters", {"field": "metadata"})
     return value
+
+
+def _has_nul(value: Any) -> bool:
+    """PostgreSQL text and jsonb cannot hold NUL: reject it anywhere in keys or strings."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def parse_thread(body: Any, limits: Limits) -> ThreadInput:
@@ -175,6 +186,8 @@ def parse_state(body: Any, max_value_bytes: int) -> StateInput:
         raise Invalid(f"value cannot be stored: {e}", {"field": "value"}) from e
     if size > max_value_bytes:
         raise Invalid(f"value is larger than {max_value_bytes} bytes", {"field": "value"})
+    if _has_nul(body["value"]):
+        raise Invalid("value must not contain NUL characters", {"field": "value"})
     return StateInput(body["value"], float(ttl) if ttl is not None else None)
 
 

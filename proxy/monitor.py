@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,9 +42,11 @@ class Monitor:
         self._consumer = consumer
         self._dead_idle_ms = dead_consumer_idle_ms
         self.snapshot = Snapshot(sinks={name: SinkStatus() for name in circuits})
+        self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        while True:
+        """Refresh every interval until stopped."""
+        while not self._stopping.is_set():
             try:
                 await self.refresh()
                 self.snapshot.redis = "up"
@@ -51,9 +54,18 @@ class Monitor:
                 if self.snapshot.redis != "down":
                     logger.warning("monitor: redis unavailable: %s", e)
                 self.snapshot.redis = "down"
-            await asyncio.sleep(self._interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._interval_s)
+
+    def stop(self) -> None:
+        """End the loop after the refresh in hand (shutdown need not wait for a cancel)."""
+        self._stopping.set()
 
     async def refresh(self) -> None:
+        if await self._log.lost_data():
+            logger.error("redis has lost its data (restarted empty or flushed): acknowledged "
+                         "writes not yet flushed are gone; recreating the log groups")
+            await self._log.ensure_groups()
         sinks = {name: SinkStatus(circuit=c.state) for name, c in self._circuits.items()}
         for shard in range(self._log.shards):
             await self._log.trim(shard)

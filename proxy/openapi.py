@@ -1,10 +1,7 @@
-"""The OpenAPI 3.1 document of the API, served at /openapi.json.
-
-Built by small helpers so that each operation reads as a few facts: its success responses,
-its error statuses, its parameters and body. tests/test_openapi.py fails when a registered
-route is missing here and checks the request-body schemas against model.py. The size limits
-shown are the defaults (config/default.toml, `settings.Api`); a deployment may change them.
-"""
+"""The OpenAPI 3.1 document of the API, served at /openapi.json; each operation reads as a few
+facts (success responses, error statuses, parameters, body). tests/test_openapi.py fails when
+a registered route is missing here and checks the body schemas against model.py. Size limits
+shown are the defaults (settings.Api); a deployment may configure others."""
 
 from __future__ import annotations
 
@@ -96,12 +93,10 @@ ERRORS = {
     "401": ("Unauthorized", "`unauthorized`: api.token is set; bearer token missing/wrong."),
     "404": ("NotFound", "`not_found`: unknown or deleted."),
     "409": ("Conflict", "`conflict`: thread deleted, or message id exists with another body."),
-    "412": ("PreconditionFailed", "`precondition_failed`: If-Match names another version "
-                                  "(`detail.version` is the current one)."),
+    "412": ("PreconditionFailed", "`precondition_failed`: stale If-Match; see `detail.version`."),
     "413": ("TooLarge", f"`too_large`: the body is over {LIMITS.max_body_bytes} bytes."),
     "415": ("UnsupportedMediaType", "`unsupported_media_type`: send application/json."),
-    "422": ("Invalid", "`invalid_field`: a field or path id is missing, unknown or bad "
-                       "(`detail.field` names it)."),
+    "422": ("Invalid", "`invalid_field`: a bad, missing or unknown field: `detail.field`."),
     "500": ("Internal", "`internal`: a bug (logged)."),
     "503": ("Unavailable", "`unavailable` (a store is down, or no answer within "
                            "api.request_timeout_s) or `backpressure` (write-behind backlog "
@@ -144,10 +139,10 @@ def parameters() -> Schema:
 
 
 def headers() -> Schema:
-    tiers = ["redis", "postgres", "clickhouse", "none"]
+    tiers = ["redis", "postgres", "clickhouse"]
     return {
         "ETag": {"description": "The entity's version, quoted (`\"3\"`).", "schema": STR},
-        "X-Tier": {"description": "The store that served it (`none`: no backing store).",
+        "X-Tier": {"description": "The store that served it.",
                    "schema": {"type": "string", "enum": tiers}},
         "Retry-After": {"description": "Seconds to wait before retrying.",
                         "schema": integer(1)},
@@ -210,12 +205,17 @@ def ops_schemas() -> Schema:
     sink = obj({"circuit": {"type": "string", "enum": ["closed", "open", "half_open"]},
                 "backlog": integer(0), "lag_s": {"type": "number", "minimum": 0},
                 "dead_letters": integer(0)})
-    tier = obj({"state": STR})
+    tier = obj({"state": {"type": "string", "enum": ["up", "down", "unknown"]}})
+    dead = {"type": "array", "items": {"type": "object", "additionalProperties": STR},
+            "description": "The first dead letters (id, group, error, entity fields)."}
     return {
         "Health": obj({"status": const("ok")}),
         "Readiness": obj({"ready": BOOL, "problems": {"type": "array", "items": STR}}),
-        "Status": obj({"tiers": obj({t: tier for t in ("redis", "postgres", "clickhouse")}),
-                       "sinks": obj({"pg": sink, "ch": sink})}),
+        "Status": obj({"tiers": obj({t: tier for t in ("redis", "postgres", "clickhouse")},
+                                    "redis", description="A store without a sink: absent."),
+                       "sinks": obj({"pg": sink, "ch": sink}, "",
+                                    description="One per configured sink."),
+                       "dead_letters": dead}),
         "ReplayResult": obj({"replayed": integer(0)}),
         "ThreadStats": obj({"thread_id": STR, "messages": integer(0),
                             "by_role": {"type": "object", "additionalProperties": integer(0)},
@@ -228,6 +228,10 @@ def ws_schemas() -> Schema:
     tid = {"type": "string", "pattern": ID_PATTERN}
     events = {"type": "string", "enum": ["message.created", "message.updated",
                                           "message.deleted"]}
+    thread_events = {"type": "string", "enum": ["thread.created", "thread.updated",
+                                                 "thread.deleted"]}
+    ts = {**integer(0), "description": "Live events: when the write was acknowledged (Unix "
+                                       "ms). Absent on backfilled messages."}
     return {
         "WsClientMessage": {"oneOf": [
             obj({"op": const("subscribe"), "thread_id": tid, "after_seq": integer(0)},
@@ -235,17 +239,21 @@ def ws_schemas() -> Schema:
             obj({"op": const("unsubscribe"), "thread_id": tid}, closed=True),
             obj({"op": const("ping")}, closed=True)]},
         "WsServerMessage": {"oneOf": [
-            obj({"type": events, "thread_id": STR, "seq": integer(1), "message": ref("Message")}),
-            obj({"type": const("thread.updated"), "thread_id": STR, "thread": ref("Thread")},
-                "type thread_id"),
+            obj({"type": events, "thread_id": STR, "seq": integer(1), "ts": ts,
+                 "message": ref("Message")}, "type thread_id seq message"),
+            obj({"type": thread_events, "thread_id": STR, "last_seq": integer(0), "ts": ts,
+                 "thread": {"type": "object", "description": "The thread (without last_seq)."}},
+                "type thread_id last_seq thread"),
             obj({"type": const("subscribed"), "thread_id": STR, "last_seq": integer(0)}),
-            obj({"type": const("error"), "code": STR, "message": STR}),
+            obj({"type": const("error"), "code": STR, "message": STR, "thread_id": STR},
+                "type code message"),
             obj({"type": const("pong")})]},
     }
 
 
 WS_PROTOCOL = """\
-Upgrade to a WebSocket; every frame is a text frame holding one JSON object.
+Upgrade to a WebSocket; every frame is a text frame holding one JSON object. With api.token
+set, send the bearer header, or (browsers cannot) `?token=<token>` on this path only.
 
 Client to server (`WsClientMessage`):
 - `{"op": "subscribe", "thread_id": ..., "after_seq": N}`: the thread's events from now on;
@@ -254,9 +262,10 @@ Client to server (`WsClientMessage`):
 
 Server to client (`WsServerMessage`):
 - `{"type": "message.created"|"message.updated"|"message.deleted", "thread_id", "seq", "message"}`
-- `{"type": "thread.updated", "thread_id", ...}`
+- `{"type": "thread.created"|"thread.updated"|"thread.deleted", "thread_id", "last_seq", "thread"}`
 - `{"type": "subscribed", "thread_id", "last_seq"}`, `{"type": "pong"}`
-- `{"type": "error", "code", "message"}` (the socket stays open)
+- `{"type": "error", "code", "message"}` (the socket stays open). Codes: malformed,
+  unknown_op, invalid_field, not_found, too_many_subscriptions, unavailable.
 
 Close codes: 1001 when the sidecar shuts down; 4008 when the client reads too slowly.
 """
@@ -361,10 +370,8 @@ def probe_paths() -> Schema:
 def document() -> Schema:
     return {
         "openapi": "3.1.0",
-        "info": {"title": "tierproxy", "version": "1",
-                 "description": "Write-behind storage sidecar: writes acknowledged once in "
-                                "Redis, flushed to PostgreSQL and ClickHouse. Every error is "
-                                "`{\"error\": {\"code\", \"message\", \"detail\"}}`."},
+        "info": {"title": "tierproxy", "version": "1", "description": "Write-behind storage "
+                 "sidecar. Every error is `{\"error\": {\"code\", \"message\", \"detail\"}}`."},
         "servers": [{"url": "http://127.0.0.1:8750", "description": "the API (loopback)"}],
         "paths": {**v1_paths(), **probe_paths()},
         "components": {

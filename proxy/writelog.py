@@ -6,6 +6,7 @@ Consumers never see driver types: entries come out as `Entry` objects.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,18 @@ class Entry:
         return (self.kind, self.entity_id)
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A log entry that cannot be decoded: the flusher dead-letters it."""
+
+    entry_id: str
+    error: str
+    only: str = ""
+
+
+Delivery = Entry | Unreadable
+
+
 def decode(shard: int, entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
     """Raises KeyError/ValueError on a malformed entry (the flusher dead-letters it)."""
     return Entry(shard, entry_id.decode(), fields[b"k"].decode(), fields[b"id"].decode(),
@@ -71,6 +84,10 @@ class WriteLog:
         self._r = client
         self._scripts = Scripts(client)
         self.shards = shards
+        # A blocking read must return well within the socket timeout, or an idle stream looks
+        # like a dead Redis (a timeout, a reconnect and a warning every read).
+        timeout_s = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self._max_block_ms = max(1, int(timeout_s * 500)) if timeout_s else None
 
     async def check_eviction_policy(self) -> None:
         """Refuse a Redis that may evict keys without TTL (allkeys-*): they hold unflushed data."""
@@ -80,39 +97,48 @@ class WriteLog:
                 f"redis maxmemory-policy is {policy!r}, which can evict writes not yet flushed; "
                 f"use one of {', '.join(SAFE_POLICIES)} (tierproxy only sets TTLs on flushed keys)")
 
+    async def lost_data(self) -> bool:
+        """True if this Redis no longer holds the epoch marker that ensure_groups sets: it
+        restarted empty or was flushed, and every unflushed write in it is gone."""
+        return not await redis_call(lambda: self._r.exists(keys.EPOCH))
+
     async def ensure_groups(self) -> None:
         """Create every group at 0 with MKSTREAM; a group another sidecar made is fine."""
+        await redis_call(lambda: self._r.set(keys.EPOCH, os.urandom(8).hex(), nx=True))
         for shard in range(self.shards):
             for group in keys.GROUPS:
-                try:
-                    await self._r.xgroup_create(keys.log(shard), group, id="0", mkstream=True)
-                except rexc.ResponseError as e:
-                    if "BUSYGROUP" not in str(e):
-                        raise
+                await self._create_group(keys.log(shard), group)
+
+    async def _create_group(self, stream: str, group: str) -> None:
+        try:  # through redis_call: an unreachable Redis is Unavailable, as everywhere else
+            await redis_call(lambda: self._r.xgroup_create(stream, group, id="0", mkstream=True))
+        except rexc.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
 
     async def read(self, shard: int, group: str, consumer: str, count: int,
-                   block_ms: int) -> list[Entry | tuple[str, str]]:
-        """New entries for this consumer. Malformed entries come back as (entry_id, error) so
-        the caller can dead-letter them."""
-        stream = keys.log(shard)
+                   block_ms: int) -> list[Delivery]:
+        """New entries for this consumer; malformed ones come back as `Unreadable`."""
+        stream, block_ms = keys.log(shard), min(block_ms, self._max_block_ms or block_ms)
         reply = await redis_call(lambda: self._r.xreadgroup(
             group, consumer, {stream: ">"}, count=count, block=block_ms))
         return self._decode_all(shard, reply[0][1] if reply else [])
 
-    def _decode_all(self, shard: int, raw: list[Any]) -> list[Entry | tuple[str, str]]:
-        out: list[Entry | tuple[str, str]] = []
+    def _decode_all(self, shard: int, raw: list[Any]) -> list[Delivery]:
+        out: list[Delivery] = []
         for entry_id, fields in raw:
             if fields is None:  # deleted while pending: nothing left to flush
-                out.append((entry_id.decode(), "entry vanished from the stream"))
+                out.append(Unreadable(entry_id.decode(), "entry vanished from the stream"))
                 continue
             try:
                 out.append(decode(shard, entry_id, fields))
             except (KeyError, ValueError) as e:
-                out.append((entry_id.decode(), f"malformed log entry: {e!r}"))
+                out.append(Unreadable(entry_id.decode(), f"malformed log entry: {e!r}",
+                                      fields.get(b"g", b"").decode(errors="replace")))
         return out
 
     async def claim_idle(self, shard: int, group: str, consumer: str, min_idle_ms: int,
-                         count: int) -> list[Entry | tuple[str, str]]:
+                         count: int) -> list[Delivery]:
         """Take over entries idle longer than min_idle_ms (their consumer is presumed dead)."""
         reply = await redis_call(lambda: self._r.xautoclaim(
             keys.log(shard), group, consumer, min_idle_ms, start_id="0-0", count=count))
@@ -143,7 +169,11 @@ class WriteLog:
                                     idle_ms: int) -> None:
         """Delete consumers idle past idle_ms whose pending list is empty (never one with
         pending entries: that would orphan them)."""
-        for c in await redis_call(lambda: self._r.xinfo_consumers(keys.log(shard), group)):
+        try:
+            consumers = await redis_call(lambda: self._r.xinfo_consumers(keys.log(shard), group))
+        except rexc.ResponseError:  # no such stream or group: nothing to remove
+            return
+        for c in consumers:
             name = _as_str(c["name"])
             if name != me and c["pending"] == 0 and c["idle"] > idle_ms:
                 await redis_call(lambda n=name: self._r.xgroup_delconsumer(  # type: ignore[misc]
@@ -154,37 +184,46 @@ class WriteLog:
         still holds pending or has not yet been delivered (XTRIM MINID; never MAXLEN)."""
         stream = keys.log(shard)
         floor = None
-        for g in await redis_call(lambda: self._r.xinfo_groups(stream)):
+        for g in await self._groups(stream):
             candidates = [_next_id(g["last-delivered-id"])]
             if g["pending"]:
                 summary = await redis_call(lambda g=g: self._r.xpending(  # type: ignore[misc]
                     stream, g["name"]))
-                candidates.append(_as_str(summary["min"]))
+                if summary["min"] is not None:  # the list may have emptied since XINFO
+                    candidates.append(_as_str(summary["min"]))
             low = min(candidates, key=_id_key)
             floor = low if floor is None else min(floor, low, key=_id_key)
         if floor is None:
             return 0
-        return int(await redis_call(lambda: self._r.xtrim(stream, minid=floor)))
+        return int(await redis_call(lambda: self._r.xtrim(stream, minid=floor, approximate=False)))
 
     async def backlog(self, shard: int, group: str) -> ShardBacklog:
         """Entries the group has not acknowledged (pending + undelivered), and the age of the
         oldest one in seconds."""
         stream = keys.log(shard)
-        groups = await redis_call(lambda: self._r.xinfo_groups(stream))
+        groups = await self._groups(stream)
         info = next((g for g in groups if _as_str(g["name"]) == group), None)
         if info is None:
             return ShardBacklog(0, 0.0)
         start = _next_id(info["last-delivered-id"])
         undelivered = await redis_call(lambda: self._r.xrange(stream, min=start, count=1))
-        pending = info["pending"]
-        oldest = None
-        if pending:
+        pending, oldest = info["pending"], None
+        if pending:  # the list may have emptied since XINFO: XPENDING has the last word
             summary = await redis_call(lambda: self._r.xpending(stream, group))
-            oldest = _as_str(summary["min"])
-        elif undelivered:
+            pending = summary["pending"]
+            oldest = _as_str(summary["min"]) if pending else None
+        if oldest is None and undelivered:
             oldest = undelivered[0][0].decode()
         entries = pending + await self._count_from(stream, start)
         return ShardBacklog(entries, _age_s(oldest, await self._now_ms()) if oldest else 0.0)
+
+    async def _groups(self, stream: str) -> list[dict[str, Any]]:
+        try:
+            return await redis_call(lambda: self._r.xinfo_groups(stream))  # type: ignore[no-any-return]
+        except rexc.ResponseError as e:
+            if "no such key" in str(e):  # the stream is gone (Redis lost its data)
+                return []
+            raise
 
     async def _count_from(self, stream: str, start: str) -> int:
         """Entries at or after `start`. Redis 6.2 has no group lag field, so count them."""
@@ -207,8 +246,7 @@ class WriteLog:
         seconds, micros = await redis_call(lambda: self._r.time())
         return int(seconds) * 1000 + int(micros) // 1000
 
-    async def dead_letter(self, shard: int, group: str, entry: Any, entry_id: str,
-                          error: str) -> None:
+    async def dead_letter(self, shard: int, group: str, entry_id: str, error: str) -> None:
         """Copy the entry to the shard's dead-letter stream with its error, then ack it."""
         fields = await redis_call(lambda: self._r.xrange(keys.log(shard), min=entry_id,
                                                          max=entry_id))

@@ -4,11 +4,14 @@ TIERPROXY_TEST_{REDIS,POSTGRES,CLICKHOUSE}_URL), clean state per test, and app c
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
@@ -17,6 +20,9 @@ from proxy import settings as config
 from proxy.app import create_app
 from proxy.embedded import PostgresServer, RedisServer, clickhouse_url
 from proxy.settings import Settings
+from proxy.sinks import clickhouse
+from proxy.sinks.clickhouse import ClickHouseStore
+from proxy.sinks.postgres import apply_migrations
 
 AppClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -32,8 +38,10 @@ class Servers:
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    root = tmp_path_factory.mktemp("servers")
+def servers() -> Iterator[Servers]:
+    # Not under pytest's 0700 temp root: PostgreSQL runs as its own user and must reach it.
+    root = Path(tempfile.mkdtemp(prefix="tierproxy-test-"))
+    root.chmod(0o755)
     redis_srv = pg_srv = None
     redis_url = os.environ.get("TIERPROXY_TEST_REDIS_URL", "")
     pg_url = os.environ.get("TIERPROXY_TEST_POSTGRES_URL", "")
@@ -53,6 +61,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
             redis_srv.stop()
         if pg_srv:
             pg_srv.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def make_settings(servers: Servers, **sections: dict[str, Any]) -> Settings:
@@ -90,7 +99,29 @@ async def redis(servers: Servers) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-async def client_for(redis: aioredis.Redis, aiohttp_client: Any) -> AppClient:
+async def pg(servers: Servers) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection for assertions; the schema exists and the tables are empty."""
+    conn = await asyncpg.connect(servers.postgres_url)
+    await apply_migrations(conn)
+    await conn.execute("TRUNCATE threads, messages, state_entries")
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def ch(servers: Servers) -> AsyncIterator[ClickHouseStore]:
+    """A store on the session's ClickHouse for assertions; the events table exists and is
+    empty (chDB allows one data path per process: in-process sidecars use this one too)."""
+    store = ClickHouseStore(servers.clickhouse_url)
+    await store.create_schema()
+    await store.command(f"TRUNCATE TABLE {clickhouse.TABLE}")
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def client_for(redis: aioredis.Redis, pg: asyncpg.Connection,
+                     aiohttp_client: Any) -> AppClient:
     """Start an app (a real sidecar in this process) on the given settings."""
 
     async def start(s: Settings) -> TestClient[Any, Any]:

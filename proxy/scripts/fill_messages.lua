@@ -4,15 +4,17 @@
 -- A page that ends right below the window extends it (the window stays a contiguous suffix);
 -- other messages go to the cold cache, a hash with a TTL. Messages already in Redis win.
 local th = redis.call('HMGET', KEYS[1], 'seq', 'pend')
-if not th[1] then return 0 end
 local n = (#ARGV - 2) / 5
 if n == 0 then return 0 end
-local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-local floor = tonumber(th[1]) + 1
-if first[2] then floor = tonumber(first[2]) end
-local top = tonumber(ARGV[2 + 5 * (n - 1) + 2])
-local card = redis.call('ZCARD', KEYS[3])
-local extend = top + 1 == floor and (th[2] == '0' or card + n <= tonumber(ARGV[2]))
+local extend = false
+if th[1] then  -- without the thread in Redis, only the cold cache can take them
+  local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  local floor = tonumber(th[1]) + 1
+  if first[2] then floor = tonumber(first[2]) end
+  local top = tonumber(ARGV[2 + 5 * (n - 1) + 2])
+  local card = redis.call('ZCARD', KEYS[3])
+  extend = top + 1 == floor and (th[2] == '0' or card + n <= tonumber(ARGV[2]))
+end
 for i = 0, n - 1 do
   local b = 2 + 5 * i
   local mid, seq, v, fp, doc = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
@@ -25,7 +27,7 @@ for i = 0, n - 1 do
     redis.call('HSET', KEYS[4], mid, doc)
   end
 end
-if th[2] == '0' then
+if extend and th[2] == '0' then
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
   redis.call('PEXPIRE', KEYS[3], ARGV[1])
 end

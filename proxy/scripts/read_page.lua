@@ -1,11 +1,12 @@
 -- Read a page of a thread's messages from the window in one round trip.
 -- KEYS: thread, messages, window
 -- ARGV: mode ('latest'|'after'|'before'), cursor seq, limit
--- Returns {'MISS'} when the thread is not in Redis, else {status, last_seq, lo, hi, docs...}
+-- Returns {'MISS'} when the thread is not in Redis, {'GONE'} when it was deleted, else {status, last_seq, lo, hi, docs...}
 -- where status is OK (docs for every seq lo..hi that Redis holds) or PARTIAL (some of lo..hi
 -- lies below the window: the caller reads the page from PostgreSQL).
 local th = redis.call('HMGET', KEYS[1], 'seq', 'del')
 if not th[1] then return {'MISS'} end
+if th[2] == '1' then return {'GONE'} end
 local last = tonumber(th[1])
 local cursor, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
 local lo, hi
