@@ -125,7 +125,7 @@ class SingleFlight:
             task = asyncio.ensure_future(fn())
             self._calls[key] = task
             task.add_done_callback(lambda _: self._calls.pop(key, None))
-        return await asyncio.shield(task)  # type: ignore[no-any-return]
+        return await asyncio.shield(task)
 
 
 class HotTier:

@@ -85,7 +85,8 @@ def _object(body: Any) -> dict[str, Any]:
     return body
 
 
-def _only(body: dict[str, Any], allowed: set[str], required: set[str] = frozenset()) -> None:
+def _only(body: dict[str, Any], allowed: set[str],
+          required: frozenset[str] | set[str] = frozenset()) -> None:
     for name in body:
         if name not in allowed:
             raise Invalid(f"unknown field {name!r}", {"field": name})

@@ -161,7 +161,7 @@ _URL_SCHEMES = {
 
 def load(file: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Defaults file, then `file`, then environment variables; validated."""
-    raw = {f.name: {} for f in fields(Settings)}
+    raw: dict[str, Any] = {f.name: {} for f in fields(Settings)}
     if DEFAULT_FILE.exists():  # the documented defaults; absent from an installed wheel
         _merge(raw, _read_toml(DEFAULT_FILE), str(DEFAULT_FILE))
     if file is not None:

@@ -219,7 +219,7 @@ class WriteLog:
 
     async def _groups(self, stream: str) -> list[dict[str, Any]]:
         try:
-            return await redis_call(lambda: self._r.xinfo_groups(stream))  # type: ignore[no-any-return]
+            return await redis_call(lambda: self._r.xinfo_groups(stream))
         except rexc.ResponseError as e:
             if "no such key" in str(e):  # the stream is gone (Redis lost its data)
                 return []
