@@ -1,4 +1,4 @@
-"""Flusher: the one batching loop, per shard — read → coalesce → sink.write → ack, with
+"""Flusher: the one batching loop — read (per shard) → coalesce → sink.write → ack, with
 backoff, a circuit breaker, claims of dead consumers' entries and dead letters for poison.
 
 The PostgreSQL flusher and the ClickHouse streamer are this class pointed at two sinks, each
@@ -11,20 +11,21 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 
 from proxy import metrics
 from proxy.circuit import Circuit
 from proxy.errors import Unavailable
 from proxy.failpoints import Failpoints
 from proxy.sinks import PoisonError, Sink
-from proxy.writelog import Entry, WriteLog
+from proxy.writelog import Delivery, Entry, Unreadable, WriteLog
 
 logger = logging.getLogger(__name__)
 Ack = Callable[[int, list[Entry]], Awaitable[None]]
 AFTER_WRITE = {"pg": "after-pg-commit-before-xack", "ch": "after-ch-insert-before-xack"}
 BLOCK_MS = 1000  # an idle read returns this often, so a stop request is seen quickly
+MERGE_WINDOW_S = 0.002  # shards' readers of one tick hand over within this of each other
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class FlushConfig:
     claim_idle_ms: int
     backoff_base_ms: int
     backoff_max_ms: int
+    coalesce: bool = True  # False: every version is written (an event sink), only repeats go
 
 
 def coalesce(entries: list[Entry]) -> list[Entry]:
@@ -47,44 +49,76 @@ def coalesce(entries: list[Entry]) -> list[Entry]:
     return list(latest.values())
 
 
+def distinct(entries: list[Entry]) -> list[Entry]:
+    """Drop repeats of one entity version (a duplicate log entry), keep every version."""
+    return list({(e.kind, e.entity_id, e.version): e for e in entries}.values())
+
+
 def backoff_s(attempt: int, base_ms: int, max_ms: int) -> float:
     """Exponential backoff with full jitter."""
     return random.uniform(0, min(max_ms, base_ms * 2 ** min(attempt, 20))) / 1000
 
 
+@dataclass
+class Handoff:
+    """What one shard's reader read. The reader waits for `done` (set once a writer acked the
+    entries, or gave up and left them pending to be claimed) before it reads again, so every
+    read takes all that arrived meanwhile and a shard never has two batches in flight."""
+
+    shard: int
+    deliveries: list[Delivery]
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class Flusher:
+    """One reader per shard hands batches to `writers` writer tasks. A reader that got an
+    entry waits for the next tick of the max_delay_ms clock, then takes what arrived meanwhile
+    (one batch: versions of one entity coalesce); all shards' readers wake on the same ticks,
+    so a writer merges their batches into one sink write (up to max_batch)."""
+
     def __init__(self, log: WriteLog, sink: Sink, circuit: Circuit, cfg: FlushConfig,
-                 consumer: str, inflight: asyncio.Semaphore, ack: Ack,
-                 failpoints: Failpoints) -> None:
+                 consumer: str, writers: int, ack: Ack, failpoints: Failpoints) -> None:
         self._log = log
         self._sink = sink
         self._circuit = circuit
         self._cfg = cfg
         self._consumer = consumer
-        self._inflight = inflight
+        self._writers = writers
         self._ack = ack
         self._failpoints = failpoints
         self._stopping = asyncio.Event()
+        self._queue: asyncio.Queue[Handoff | None] = asyncio.Queue()
         self.name = sink.name
 
     async def run(self) -> None:
-        """Flush every shard until stopped (finishing the batch in hand) or cancelled."""
+        """Flush until stopped (the batches in hand are finished) or cancelled."""
         async with asyncio.TaskGroup() as tg:
-            for shard in range(self._log.shards):
-                tg.create_task(self._run_shard(shard), name=f"flush-{self.name}-{shard}")
+            for i in range(self._writers):
+                tg.create_task(self._write_loop(), name=f"flush-{self.name}-writer-{i}")
+            readers = [tg.create_task(self._read_loop(shard), name=f"flush-{self.name}-{shard}")
+                       for shard in range(self._log.shards)]
+            await asyncio.gather(*readers)
+            for _ in range(self._writers):
+                self._queue.put_nowait(None)  # writers finish what is queued, then exit
 
     def stop(self) -> None:
-        """Read no new entries; the batch in hand is still written and acked."""
+        """Read no new entries; the batches in hand are still written and acked."""
         self._stopping.set()
 
-    async def _run_shard(self, shard: int) -> None:
+    async def _read_loop(self, shard: int) -> None:
         attempt, next_claim = 0, 0.0
         while not self._stopping.is_set():
             try:
+                batch: list[Delivery] = []
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self._cfg.claim_idle_ms / 2000
-                    await self._flush(shard, await self._claim(shard))
-                await self._flush(shard, await self._collect(shard))
+                    batch = await self._claim(shard)
+                if not batch:
+                    batch = await self._collect(shard)
+                if batch:
+                    handoff = Handoff(shard, batch)
+                    self._queue.put_nowait(handoff)
+                    await handoff.done.wait()
                 attempt = 0
             except Unavailable as e:  # Redis trouble: keep the loop alive, back off
                 attempt += 1
@@ -94,11 +128,22 @@ class Flusher:
                                             self._cfg.backoff_max_ms))
                 await _quietly(self._log.ensure_groups())  # Redis may have lost them
 
+    async def _collect(self, shard: int) -> list[Delivery]:
+        """Wait for an entry, then until the next tick, then take the rest (two reads)."""
+        batch = await self._log.read(shard, self.name, self._consumer, self._cfg.max_batch,
+                                     BLOCK_MS)
+        if batch and len(batch) < self._cfg.max_batch:
+            delay = self._cfg.max_delay_ms / 1000
+            await self._sleep(delay - time.monotonic() % delay)
+            batch += await self._log.read(shard, self.name, self._consumer,
+                                          self._cfg.max_batch - len(batch), None)
+        return batch
+
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    async def _claim(self, shard: int) -> list[Entry | tuple[str, str]]:
+    async def _claim(self, shard: int) -> list[Delivery]:
         claimed = await self._log.claim_idle(shard, self.name, self._consumer,
                                              self._cfg.claim_idle_ms, self._cfg.max_batch)
         if claimed:
@@ -106,41 +151,58 @@ class Flusher:
             logger.info("%s shard %d: claimed %d idle entries", self.name, shard, len(claimed))
         return claimed
 
-    async def _collect(self, shard: int) -> list[Entry | tuple[str, str]]:
-        """A batch closes at max_batch entries or max_delay_ms after its first entry."""
-        batch = await self._read(shard, self._cfg.max_batch, BLOCK_MS)
-        deadline = time.monotonic() + self._cfg.max_delay_ms / 1000
-        while batch and len(batch) < self._cfg.max_batch and not self._stopping.is_set():
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                break
-            more = await self._read(shard, self._cfg.max_batch - len(batch), left_ms)
-            if not more:
-                break
-            batch += more
-        return batch
+    async def _write_loop(self) -> None:
+        while (first := await self._queue.get()) is not None:
+            handoffs, last = await self._gather(first)
+            try:
+                await self._flush(handoffs)
+            except Unavailable as e:  # acks failed: the entries stay pending and are claimed
+                logger.warning("%s: could not acknowledge a batch (%s); it will be claimed",
+                               self.name, e)
+            finally:
+                for h in handoffs:
+                    h.done.set()
+            if last:
+                return
 
-    async def _read(self, shard: int, count: int, block_ms: int) -> list[Entry | tuple[str, str]]:
-        return await self._log.read(shard, self.name, self._consumer, count, block_ms)
+    async def _gather(self, first: Handoff) -> tuple[list[Handoff], bool]:
+        """The other shards' batches of the same tick (up to max_batch entries)."""
+        handoffs, size = [first], len(first.deliveries)
+        await asyncio.sleep(MERGE_WINDOW_S)
+        while size < self._cfg.max_batch and not self._queue.empty():
+            more = self._queue.get_nowait()
+            if more is None:
+                return handoffs, True
+            handoffs.append(more)
+            size += len(more.deliveries)
+        return handoffs, False
 
-    async def _flush(self, shard: int, batch: list[Entry | tuple[str, str]]) -> None:
-        if not batch:
+    async def _flush(self, handoffs: list[Handoff]) -> None:
+        entries: list[Entry] = []
+        for h in handoffs:
+            entries += await self._sort_out(h)
+        if not entries:
             return
-        entries = [e for e in batch if isinstance(e, Entry) and e.only in ("", self.name)]
-        for item in batch:
-            if not isinstance(item, Entry):
-                await self._dead_letter(shard, item[0], item[1])
-            elif item.only not in ("", self.name):  # another group's replayed dead letter
-                await self._log.ack(shard, self.name, [item.entry_id])
         await self._failpoints.hit("after-read")
-        unique = coalesce(entries)
+        unique = coalesce(entries) if self._cfg.coalesce else distinct(entries)
         metrics.COALESCED.labels(self.name).inc(len(entries) - len(unique))
         started = time.perf_counter()
-        dead = await self._write(shard, unique)
+        dead = await self._write(unique)
         await self._failpoints.hit(AFTER_WRITE[self.name])
-        done = [e for e in entries if e.entry_id not in dead]
-        await self._ack(shard, done)
+        for shard, done in _by_shard(e for e in entries if e.entry_id not in dead).items():
+            await self._ack(shard, done)
         self._observe(unique, dead, time.perf_counter() - started)
+
+    async def _sort_out(self, h: Handoff) -> list[Entry]:
+        """This group's readable entries; other groups' replayed dead letters are acked and
+        unreadable entries dead-lettered."""
+        mine = [d for d in h.deliveries if d.only in ("", self.name)]
+        await self._log.ack(h.shard, self.name,
+                            [d.entry_id for d in h.deliveries if d.only not in ("", self.name)])
+        for bad in mine:
+            if isinstance(bad, Unreadable):
+                await self._dead_letter(h.shard, bad.entry_id, bad.error)
+        return [e for e in mine if isinstance(e, Entry)]
 
     def _observe(self, unique: list[Entry], dead: set[str], seconds: float) -> None:
         metrics.FLUSH_BATCH.labels(self.name).observe(len(unique))
@@ -152,33 +214,32 @@ class Flusher:
             hist.observe(max(0.0, now_ms - e.ts_ms) / 1000)
         logger.debug("%s: %d rows in %.1f ms", self.name, len(unique), seconds * 1000)
 
-    async def _write(self, shard: int, unique: list[Entry]) -> set[str]:
+    async def _write(self, unique: list[Entry]) -> set[str]:
         """Write until committed; a sink failure backs off and retries the same batch (never
         acked before). Returns the ids of entries moved to the dead-letter stream."""
         attempt = 0
         while True:
             await asyncio.sleep(self._circuit.wait_s())
             try:
-                return await self._try_write(shard, unique)
+                return await self._try_write(unique)
             except Unavailable:
-                raise  # Redis, not the sink: the shard loop handles it
+                raise  # Redis, not the sink: the entries stay pending and are claimed
             except Exception as e:  # any sink failure: keep the batch, back off, retry
                 self._circuit.failure()
                 metrics.CIRCUIT.labels(self.name).set(_CIRCUIT_VALUE[self._circuit.state])
                 metrics.RETRIES.labels(self.name).inc()
                 attempt += 1
                 if attempt in (1, 10) or attempt % 100 == 0:
-                    logger.warning("%s shard %d: write failed (%s), attempt %d, circuit %s",
-                                   self.name, shard, e, attempt, self._circuit.state)
+                    logger.warning("%s: write of %d rows failed (%r), attempt %d, circuit %s",
+                                   self.name, len(unique), e, attempt, self._circuit.state)
                 await asyncio.sleep(backoff_s(attempt, self._cfg.backoff_base_ms,
                                               self._cfg.backoff_max_ms))
 
-    async def _try_write(self, shard: int, unique: list[Entry]) -> set[str]:
+    async def _try_write(self, unique: list[Entry]) -> set[str]:
         try:
-            async with self._inflight:
-                await self._sink.write(unique)
+            await self._sink.write(unique)
         except PoisonError:
-            return await self._isolate(shard, unique)
+            return await self._isolate(unique)
         self._healthy()
         return set()
 
@@ -186,7 +247,7 @@ class Flusher:
         self._circuit.success()
         metrics.CIRCUIT.labels(self.name).set(0)
 
-    async def _isolate(self, shard: int, unique: list[Entry]) -> set[str]:
+    async def _isolate(self, unique: list[Entry]) -> set[str]:
         """Retry entry by entry; one that fails max_attempts times is dead-lettered, so it
         never blocks the rest of the shard."""
         self._healthy()
@@ -195,13 +256,12 @@ class Flusher:
             reason = ""
             for _ in range(self._cfg.max_attempts):
                 try:
-                    async with self._inflight:
-                        await self._sink.write([e])
+                    await self._sink.write([e])
                     break
                 except PoisonError as err:
                     reason = str(err)
             else:
-                await self._dead_letter(shard, e.entry_id, reason)
+                await self._dead_letter(e.shard, e.entry_id, reason)
                 dead.add(e.entry_id)
         return dead
 
@@ -213,6 +273,13 @@ class Flusher:
 
 
 _CIRCUIT_VALUE = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def _by_shard(entries: Iterable[Entry]) -> dict[int, list[Entry]]:
+    out: dict[int, list[Entry]] = {}
+    for e in entries:
+        out.setdefault(e.shard, []).append(e)
+    return out
 
 
 async def _quietly(aw: Awaitable[None]) -> None:

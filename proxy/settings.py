@@ -48,7 +48,7 @@ class Data:
 @dataclass(frozen=True)
 class Redis:
     url: str = ""
-    shards: int = 16
+    shards: int = 4
     window: int = 200
     pool_size: int = 64
     socket_timeout_s: float = 5.0

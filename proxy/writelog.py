@@ -117,9 +117,12 @@ class WriteLog:
                 raise
 
     async def read(self, shard: int, group: str, consumer: str, count: int,
-                   block_ms: int) -> list[Delivery]:
-        """New entries for this consumer; malformed ones come back as `Unreadable`."""
-        stream, block_ms = keys.log(shard), min(block_ms, self._max_block_ms or block_ms)
+                   block_ms: int | None) -> list[Delivery]:
+        """New entries for this consumer, waiting up to block_ms for one (None: no wait);
+        malformed ones come back as `Unreadable`."""
+        stream = keys.log(shard)
+        if block_ms is not None:
+            block_ms = min(block_ms, self._max_block_ms or block_ms)
         reply = await redis_call(lambda: self._r.xreadgroup(
             group, consumer, {stream: ">"}, count=count, block=block_ms))
         return self._decode_all(shard, reply[0][1] if reply else [])
