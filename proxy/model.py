@@ -36,6 +36,19 @@ def new_id() -> str:
     return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(125, -1, -5))
 
 
+def version_of(doc: bytes) -> int:
+    """The version of a stored doc. Docs put it near the front ({"seq":…,"version":…} or
+    {"version":…}), so the whole doc is parsed only when it is not there."""
+    at = doc.find(b'"version":', 0, 48)
+    if at >= 0:
+        end = at + 10
+        while end < len(doc) and doc[end:end + 1].isdigit():
+            end += 1
+        if end > at + 10:
+            return int(doc[at + 10:end])
+    return int(orjson.loads(doc)["version"])
+
+
 def check_id(value: str, field: str) -> str:
     if not ID_RE.fullmatch(value):
         raise Invalid(f"{field} must match [A-Za-z0-9._:-]{{1,128}}", {"field": field})

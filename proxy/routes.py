@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
-from proxy import metrics, model
+from proxy import keys, metrics, model
 from proxy.errors import (
     Malformed,
+    NotFound,
     ProxyError,
     TooLarge,
     Unauthorized,
@@ -23,6 +26,7 @@ from proxy.errors import (
     UnsupportedMediaType,
 )
 from proxy.hot import HotTier, Page, Result
+from proxy.hub import WebSocketHub
 from proxy.monitor import Monitor
 from proxy.settings import Settings
 
@@ -33,12 +37,23 @@ HOT = web.AppKey("hot", HotTier)
 SETTINGS = web.AppKey("settings", Settings)
 MONITOR = web.AppKey("monitor", Monitor)
 
+
+class Analytics(Protocol):
+    """Answers /stats (ClickHouse)."""
+
+    async def thread_stats(self, tid: str) -> dict[str, Any] | None: ...
+
+
+ANALYTICS: web.AppKey[Analytics] = web.AppKey("analytics")
+HUB = web.AppKey("hub", WebSocketHub)
+
 STATUS = {
     "malformed": 400, "invalid_field": 422, "too_large": 413, "unsupported_media_type": 415,
     "unauthorized": 401, "not_found": 404, "conflict": 409, "precondition_failed": 412,
     "unavailable": 503, "backpressure": 503, "internal": 500,
 }
 MAX_PAGE = 1000
+_LONG_NUMBER = re.compile(rb"\d{19}")  # 19+ digits: an integer that may not fit in 64 bits
 
 
 def error_response(status: int, code: str, message: str, detail: Any = None,
@@ -67,28 +82,37 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         headers = {}
         if isinstance(e, Unavailable):
             headers["Retry-After"] = str(max(1, round(e.retry_after_s)))
+        if isinstance(e, Unauthorized):
+            headers["WWW-Authenticate"] = "Bearer"  # a 401 must name the scheme (RFC 9110)
         return error_response(STATUS[e.code], e.code, e.message, e.detail, headers)
     except web.HTTPException as e:
         if e.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(e.status,
                                                                                  "http_error")
-        return error_response(e.status, code, e.reason)
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None  # 405 needs it
+        return error_response(e.status, code, e.reason, headers=allow)
     except Exception:
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error (logged)")
 
 
 def auth_middleware(token: str) -> Any:
-    """When a token is configured, every /v1 route needs `Authorization: Bearer <token>`."""
+    """When a token is configured, every /v1 route needs `Authorization: Bearer <token>`.
+    /v1/ws also takes `?token=<token>`: a browser cannot set headers on a WebSocket."""
     expected = f"Bearer {token}".encode()
+
+    def authorized(request: web.Request) -> bool:
+        given = request.headers.get("Authorization", "").encode()
+        if hmac.compare_digest(given, expected):
+            return True
+        query = request.query.get("token") if request.path == "/v1/ws" else None
+        return query is not None and hmac.compare_digest(query.encode(), token.encode())
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token and request.path.startswith("/v1"):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                raise Unauthorized("missing or wrong bearer token")
+        if token and request.path.startswith("/v1") and not authorized(request):
+            raise Unauthorized("missing or wrong bearer token")
         return await handler(request)
 
     return check
@@ -137,10 +161,16 @@ async def read_json(request: web.Request) -> Any:
         if size > limit:
             raise TooLarge(f"the body is larger than {limit} bytes", {"limit": limit})
         chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        return orjson.loads(b"".join(chunks))
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         raise Malformed(f"the body is not valid JSON: {e}") from e
+    if _LONG_NUMBER.search(raw):
+        # orjson turns integers beyond 64 bits into rounded floats. Valid JSON for orjson is
+        # valid for json, which keeps them exact, so validation rejects them (422) instead.
+        return json.loads(raw)
+    return body
 
 
 def _limits(request: web.Request) -> model.Limits:
@@ -174,8 +204,8 @@ def _key(request: web.Request) -> str:
     return model.check_id(request.match_info["key"], "key")
 
 
-def _version(result: Result) -> Any:
-    return orjson.loads(result.doc)["version"]
+def _version(result: Result) -> int:
+    return model.version_of(result.doc)
 
 
 def _write_response(result: Result) -> web.Response:
@@ -194,7 +224,16 @@ async def put_thread(request: web.Request) -> web.Response:
 
 async def get_thread(request: web.Request) -> web.Response:
     result = await request.app[HOT].get_thread(_tid(request))
-    return json_response(result.doc, tier=result.tier, etag=_version(result))
+    return _staleness(request, json_response(result.doc, tier=result.tier,
+                                             etag=_version(result)))
+
+
+def _staleness(request: web.Request, resp: web.Response) -> web.Response:
+    """An answer from ClickHouse says how far behind it may be: the age of the `ch` backlog."""
+    sink = request.app[MONITOR].snapshot.sinks.get(keys.GROUP_CH)
+    if resp.headers.get("X-Tier") == "clickhouse" and sink is not None:
+        resp.headers["X-Staleness-S"] = f"{sink.lag_s:.3f}"
+    return resp
 
 
 async def delete_thread(request: web.Request) -> web.Response:
@@ -229,7 +268,8 @@ def _page_query(request: web.Request) -> tuple[str, int, int]:
 
 
 def _int_param(raw: str, name: str, low: int, high: int) -> int:
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # The length bound comes first: int() refuses strings of more than 4300 digits.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 20) or not low <= int(raw) <= high:
         raise Malformed(f"{name} must be a whole number from {low} to {high}", {"param": name})
     return int(raw)
 
@@ -249,12 +289,22 @@ async def list_messages(request: web.Request) -> web.Response:
     tid = _tid(request)
     mode, cursor, limit = _page_query(request)
     page = await request.app[HOT].page(tid, mode, cursor, limit)
-    return json_response(page_body(page, mode), tier=page.tier)
+    return _staleness(request, json_response(page_body(page, mode), tier=page.tier))
 
 
 async def get_message(request: web.Request) -> web.Response:
     result = await request.app[HOT].get_message(_tid(request), _mid(request))
-    return json_response(result.doc, tier=result.tier, etag=_version(result))
+    return _staleness(request, json_response(result.doc, tier=result.tier,
+                                             etag=_version(result)))
+
+
+async def thread_stats(request: web.Request) -> web.Response:
+    """Counts and sizes of a thread's live messages, from ClickHouse."""
+    tid = _tid(request)
+    stats = await request.app[ANALYTICS].thread_stats(tid)
+    if stats is None:
+        raise NotFound(f"thread {tid} has no events")
+    return _staleness(request, json_response(orjson.dumps(stats), tier="clickhouse"))
 
 
 async def patch_message(request: web.Request) -> web.Response:
@@ -307,6 +357,13 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
     return web.json_response({"replayed": replayed})
 
 
+# ---- push
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    return await request.app[HUB].serve(request)
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_put("/v1/threads/{tid}", put_thread)
@@ -314,6 +371,7 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/v1/threads/{tid}", delete_thread)
     r.add_post("/v1/threads/{tid}/messages", append_message)
     r.add_get("/v1/threads/{tid}/messages", list_messages, allow_head=False)
+    r.add_get("/v1/threads/{tid}/stats", thread_stats, allow_head=False)
     r.add_get("/v1/threads/{tid}/messages/{mid}", get_message, allow_head=False)
     r.add_patch("/v1/threads/{tid}/messages/{mid}", patch_message)
     r.add_delete("/v1/threads/{tid}/messages/{mid}", delete_message)
@@ -322,3 +380,4 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/v1/state/{key}", delete_state)
     r.add_get("/v1/status", status, allow_head=False)
     r.add_post("/v1/admin/dead-letters/replay", replay_dead_letters)
+    r.add_get("/v1/ws", websocket, allow_head=False)

@@ -100,6 +100,8 @@ ON CONFLICT (key) DO UPDATE SET
 WHERE excluded.version > s.version
 """
 
+# What keeps the schema from being applied while PostgreSQL is down or starting (retried).
+SCHEMA_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
                 asyncpg.ProgramLimitExceededError, asyncpg.UntranslatableCharacterError,
                 asyncpg.CharacterNotInRepertoireError)

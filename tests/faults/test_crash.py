@@ -1,0 +1,178 @@
+"""Crash scenarios (FAULTS.md 1, 2, 6): sidecar subprocesses killed with SIGKILL at named
+failpoints or mid-load, or stopped with SIGTERM mid-burst; a peer picks up what they held.
+After healing, the history of every client op is checked against PostgreSQL (I1–I4)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from proxy import keys
+from tests.conftest import Servers
+from tests.faults.conftest import SHARDS, StartSidecar, metric
+from tests.faults.history import INFO, OK, Load, check
+from tests.helpers import wait_for
+from tests.sidecar import Sidecar
+
+FAILPOINTS = ["after-read", "before-pg-commit", "after-pg-commit-before-xack"]
+
+
+def consumer_prefix(sidecar: Sidecar) -> str:
+    """Consumer names are host-pid-start_ms (proxy.app.consumer_name)."""
+    assert sidecar.proc is not None
+    return f"{socket.gethostname()}-{sidecar.proc.pid}-"
+
+
+async def pending_of(r: aioredis.Redis, group: str = keys.GROUP_PG) -> int:
+    return sum([(await r.xpending(keys.log(s), group))["pending"] for s in range(SHARDS)])
+
+
+async def exited(sidecar: Sidecar) -> bool:
+    return sidecar.proc is not None and sidecar.proc.poll() is not None
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("failpoint", FAILPOINTS)
+async def test_kill_at_failpoint_then_a_new_sidecar_flushes_everything(
+        failpoint: str, sidecars: StartSidecar, servers: Servers, redis: aioredis.Redis,
+        pg: asyncpg.Connection) -> None:
+    # A burst of writes through W, whose flushers park on their first batch (nothing flushed,
+    # nothing acked); then W is gone. That leaves a backlog, so A's first flush holds a real
+    # batch whatever the batching policy, and A dies at the failpoint flushing it.
+    w = await sidecars("w", TIERPROXY_DEBUG_FAILPOINT="after-read:sleep")
+    async with Load([w.url], clients=16) as load:
+        await load.setup()
+        history = await load.run_for(1.5)
+    w.kill()
+    assert len(history.of(OK, "append")) >= 100, history.summary()
+    assert await _committed(pg) == 0
+
+    a = await sidecars("a", TIERPROXY_DEBUG_FAILPOINT=f"{failpoint}:crash", may_die=True)
+    await wait_for(lambda: exited(a), timeout_s=20, interval_s=0.05)
+    assert a.proc is not None and a.proc.returncode == -signal.SIGKILL, a.logs()
+    assert f"failpoint {failpoint}: crash" in a.logs()
+    # What A left: its batch pending (never acked), committed only past the commit.
+    assert await pending_of(redis) > 0
+    assert (await _committed(pg) > 0) == (failpoint == "after-pg-commit-before-xack")
+
+    b = await sidecars("b")
+    verdict = await check(history, servers.postgres_url, servers.redis_url, SHARDS,
+                          deadline_s=15)
+    # What W and A held came back through XAUTOCLAIM.
+    assert await metric(b, 'tierproxy_reclaimed_entries_total{sink="pg"}') > 0, b.logs()
+    print(f"{failpoint}: {verdict}")
+
+
+async def _committed(pg: asyncpg.Connection) -> int:
+    return int(await pg.fetchval("SELECT (SELECT count(*) FROM threads)"
+                                 " + (SELECT count(*) FROM messages)"
+                                 " + (SELECT count(*) FROM state_entries)"))
+
+
+@dataclass
+class ConsumerWatch:
+    """XINFO CONSUMERS of one consumer over time, per shard: its pending count while listed,
+    None once gone."""
+
+    prefix: str
+    seen: dict[int, list[int | None]] = field(default_factory=dict)
+
+    async def observe(self, r: aioredis.Redis) -> bool:
+        """One observation of every shard; True once the consumer is gone from all."""
+        for shard in range(SHARDS):
+            listed = [c for c in await r.xinfo_consumers(keys.log(shard), keys.GROUP_PG)
+                      if c["name"].decode().startswith(self.prefix)]
+            self.seen.setdefault(shard, []).append(listed[0]["pending"] if listed else None)
+        return all(obs[-1] is None for obs in self.seen.values())
+
+    def deleted_with_pending(self) -> list[str]:
+        bad = []
+        for shard, obs in self.seen.items():
+            for before, after in zip(obs, obs[1:], strict=False):
+                if before and after is None:
+                    bad.append(f"shard {shard}: deleted while holding {before} entries")
+            if None in obs and any(o is not None for o in obs[obs.index(None):]):
+                bad.append(f"shard {shard}: listed again after being deleted")
+        return bad
+
+
+@pytest.mark.timeout(90)
+async def test_peer_reclaims_a_dead_sidecars_pending_entries(
+        sidecars: StartSidecar, servers: Servers, redis: aioredis.Redis) -> None:
+    # A holds each batch open for a second, so it always has entries in hand when killed.
+    a = await sidecars("a", TIERPROXY_FLUSH_MAX_DELAY_MS=1000)
+    b = await sidecars("b")
+    watch = ConsumerWatch(consumer_prefix(a))
+    async with Load([a.url, b.url], clients=16, rate_per_s=600) as load:
+        await load.setup()
+        load.start()
+        await asyncio.sleep(1.5)  # both flush under load for a while
+        await wait_for(lambda: _holds_entries(watch, redis), timeout_s=10)
+        a.kill()  # and never restarted
+        load.urls[:] = [b.url]
+        await watch.observe(redis)
+        assert any(obs[-1] for obs in watch.seen.values()), watch.seen
+        await asyncio.sleep(1.0)  # B alone under load
+        history = await load.stop()
+
+    async def gone() -> bool:
+        await asyncio.sleep(0.05)
+        return await watch.observe(redis)
+
+    await wait_for(gone, timeout_s=20, interval_s=0)
+    assert watch.deleted_with_pending() == [], watch.seen
+    # It sat listed with an empty pending list before the monitor deleted it.
+    assert all(0 in obs for obs in watch.seen.values()), watch.seen
+    verdict = await check(history, servers.postgres_url, servers.redis_url, SHARDS,
+                          deadline_s=15)
+    assert await metric(b, 'tierproxy_reclaimed_entries_total{sink="pg"}') > 0, b.logs()
+    print(f"reclaim: {verdict}")
+
+
+async def _holds_entries(watch: ConsumerWatch, r: aioredis.Redis) -> bool:
+    watch.seen.clear()
+    await watch.observe(r)
+    return any(obs[-1] for obs in watch.seen.values())
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("batch", ["flushing", "stuck"])
+async def test_sigterm_mid_burst_answers_in_flight_requests_and_exits_in_time(
+        batch: str, sidecars: StartSidecar, servers: Servers, redis: aioredis.Redis) -> None:
+    deadline_s = 5.0  # shutdown.deadline_s, as tests/sidecar.py sets it
+    # "stuck": every PostgreSQL batch hangs before its commit, so shutdown must abandon them
+    # at the deadline, uncommitted and unacknowledged.
+    env = {"TIERPROXY_DEBUG_FAILPOINT": "before-pg-commit:sleep"} if batch == "stuck" else {}
+    a = await sidecars("a", **env)
+    async with Load([a.url], clients=32) as load:
+        await load.setup()
+        load.start()
+        await asyncio.sleep(1.0)  # a burst of writes, flushed as they come (or stuck)
+        signalled = time.monotonic()
+        a.terminate()
+        code = await asyncio.to_thread(a.wait, deadline_s + 10)
+        exit_s = time.monotonic() - signalled
+        history = await load.stop()
+    assert code == 0, a.logs()
+    assert exit_s < deadline_s + 2, f"exit took {exit_s:.1f} s"
+    if batch == "stuck":
+        assert await pending_of(redis) > 0  # abandoned, not acked
+
+    # Every request sent before SIGTERM got an answer. Requests sent after it, on keep-alive
+    # connections the server is closing, may be reset: counted, not asserted.
+    before = [o for o in history.ops if o.started < signalled]
+    assert before and not [o for o in before if o.outcome == INFO], history.summary()
+    reset = [o for o in history.ops if o.outcome == INFO]
+
+    await sidecars("b")
+    verdict = await check(history, servers.postgres_url, servers.redis_url, SHARDS,
+                          deadline_s=15)
+    print(f"sigterm ({batch}): exit {exit_s:.2f} s, {len(reset)} requests sent after the "
+          f"signal were reset; {verdict}")
