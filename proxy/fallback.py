@@ -94,8 +94,8 @@ class PostgresBacking:
         return [message_row(r) for r in rows]
 
     async def load_message(self, tid: str, mid: str) -> MessageRow | None:
-        r = await self._query(lambda: self._store.fetch_message(mid))
-        return message_row(r) if r and r["thread_id"] == tid else None
+        r = await self._query(lambda: self._store.fetch_message(tid, mid))
+        return message_row(r) if r else None
 
     async def load_state(self, key: str) -> StateRow | None:
         r = await self._query(lambda: self._store.fetch_state(key))

@@ -41,7 +41,7 @@ class FlushConfig:
 
 def coalesce(entries: list[Entry]) -> list[Entry]:
     """Keep the highest version of each entity (an upsert batch must not hold an id twice)."""
-    latest: dict[tuple[str, str], Entry] = {}
+    latest: dict[tuple[str, str, str], Entry] = {}
     for e in entries:
         seen = latest.get(e.identity)
         if seen is None or e.version > seen.version:
@@ -51,7 +51,7 @@ def coalesce(entries: list[Entry]) -> list[Entry]:
 
 def distinct(entries: list[Entry]) -> list[Entry]:
     """Drop repeats of one entity version (a duplicate log entry), keep every version."""
-    return list({(e.kind, e.entity_id, e.version): e for e in entries}.values())
+    return list({(*e.identity, e.version): e for e in entries}.values())
 
 
 def backoff_s(attempt: int, base_ms: int, max_ms: int) -> float:

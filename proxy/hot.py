@@ -7,9 +7,10 @@ through the `Backing` (PostgreSQL read-through, see fallback.py) and written bac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -128,6 +129,27 @@ class SingleFlight:
         return await asyncio.shield(task)
 
 
+class KeyedLocks:
+    """An asyncio.Lock per key, dropped once nobody holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class HotTier:
     def __init__(self, client: aioredis.Redis, settings: Settings, backing: Backing,
                  backlog: Backlog, degraded: Backing | None = None) -> None:
@@ -138,6 +160,7 @@ class HotTier:
         self.backlog = backlog
         self._scripts = Scripts(client)
         self._flights = SingleFlight()
+        self._edits = KeyedLocks()
 
     async def _run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
         return await self._scripts.run(name, keys_, args)
@@ -260,7 +283,10 @@ class HotTier:
 
     async def get_message(self, tid: str, mid: str, include_deleted: bool = False) -> Result:
         s = self._shard(tid)
-        doc = await self._run("get_message", [keys.messages(s, tid), keys.cold(s, tid)], [mid])
+        doc = await self._run("get_message", [keys.messages(s, tid), keys.cold(s, tid),
+                                              keys.thread(s, tid)], [mid])
+        if doc == b"GONE":
+            raise NotFound(f"thread {tid} was deleted")
         tier = "redis"
         if doc is None:
             row, tier = await self._below(
@@ -269,7 +295,8 @@ class HotTier:
             if row is None:
                 raise NotFound(f"message {mid} not found in thread {tid}")
             doc = row.doc
-        if not include_deleted and b'"deleted":true' in doc:
+        # Parsed, not searched: metadata may hold a "deleted": true of its own.
+        if not include_deleted and orjson.loads(doc)["deleted"]:
             raise NotFound(f"message {mid} was deleted")
         return Result(doc, tier)
 
@@ -306,6 +333,14 @@ class HotTier:
         """Read, change, compare-and-set on the version; retried on a lost race unless the
         client named the version it expects (then the race is its 412)."""
         self._admit()
+        # Edits of one message take turns in this process, so concurrent edits do not spend
+        # their retries losing the compare-and-set to each other (only to other sidecars).
+        async with self._edits.hold((tid, mid)):
+            return await self._compare_and_set(tid, mid, if_match, persisted, change)
+
+    async def _compare_and_set(self, tid: str, mid: str, if_match: str, persisted: bool,
+                               change: Callable[[dict[str, Any], int], dict[str, Any]]
+                               ) -> Result:
         ks = self._thread_keys(tid) + [keys.cold(self._shard(tid), tid)]
         for _ in range(MAX_RETRIES):
             current = orjson.loads((await self.get_message(tid, mid)).doc)

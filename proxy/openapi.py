@@ -142,8 +142,13 @@ def headers() -> Schema:
     tiers = ["redis", "postgres", "clickhouse"]
     return {
         "ETag": {"description": "The entity's version, quoted (`\"3\"`).", "schema": STR},
-        "X-Tier": {"description": "The store that served it.",
+        "X-Tier": {"description": "The store that served it. `clickhouse`: a degraded, "
+                                  "read-only answer while PostgreSQL is down (with "
+                                  "X-Staleness-S), or /stats.",
                    "schema": {"type": "string", "enum": tiers}},
+        "X-Staleness-S": {"description": "With `X-Tier: clickhouse`: how far behind ClickHouse "
+                                         "may be, in seconds (the age of its backlog).",
+                          "schema": {"type": "number", "minimum": 0}},
         "Retry-After": {"description": "Seconds to wait before retrying.",
                         "schema": integer(1)},
     }
@@ -169,8 +174,9 @@ def input_schemas() -> Schema:
                             "role content", closed=True),
         "MessagePatch": obj({"role": role, "content": content, "metadata": meta}, "",
                             closed=True, minProperties=1),
-        "StateInput": obj({"value": {"description": "Any JSON value, at most "
-                                                    f"{LIMITS.max_body_bytes} bytes."},
+        "StateInput": obj({"value": {**ref("JsonValue"),
+                                     "description": "Any JSON value without NUL characters, at "
+                                                    f"most {LIMITS.max_body_bytes} bytes."},
                            "ttl": {"type": ["number", "null"], "exclusiveMinimum": 0,
                                    "maximum": TTL_MAX_S, "description": "Seconds to live."}},
                           "value", closed=True),
@@ -271,6 +277,14 @@ Close codes: 1001 when the sidecar shuts down; 4008 when the client reads too sl
 """
 
 
+STATS = """\
+From ClickHouse (so as fresh as X-Staleness-S says), over the latest version of each message:
+`messages` counts live ones (created minus deleted), `by_role` splits them by role,
+`content_bytes` sums their UTF-8 text, `first_at`/`last_at` are the creation times of the first
+and last live message (null without any). 404: no event of the thread, or it is deleted.
+"""
+
+
 # ---- paths
 
 
@@ -322,7 +336,9 @@ def v1_paths() -> Schema:
         },
         "/v1/threads/{tid}/stats": {"parameters": at("tid"), "get": operation(
             "getThreadStats", "Message counts and sizes of a thread",
-            {"200": response("The statistics.", ref("ThreadStats"))}, "401 404 422 500 503")},
+            {"200": response("The statistics.", ref("ThreadStats"),
+                             ["X-Tier", "X-Staleness-S"])}, "401 404 422 500 503",
+            description=STATS)},
         "/v1/state/{key}": {
             "parameters": at("key"),
             "put": operation("putState", "Write a state entry", ok("Replaced.", state, "Created."),

@@ -25,7 +25,7 @@ def connect(settings: Settings, url: str, max_connections: int | None = None) ->
         url, max_connections=max_connections or r.pool_size, timeout=r.socket_timeout_s,
         socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s,
         health_check_interval=r.health_check_interval_s)
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 async def redis_call(make: Callable[[], Awaitable[T]]) -> T:

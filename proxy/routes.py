@@ -103,7 +103,8 @@ def auth_middleware(token: str) -> Any:
     expected = f"Bearer {token}".encode()
 
     def authorized(request: web.Request) -> bool:
-        given = request.headers.get("Authorization", "").encode()
+        # surrogateescape: aiohttp decodes header bytes that are not UTF-8 that way
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if hmac.compare_digest(given, expected):
             return True
         query = request.query.get("token") if request.path == "/v1/ws" else None
@@ -180,8 +181,11 @@ def _limits(request: web.Request) -> model.Limits:
 
 def _if_match(request: web.Request) -> str:
     """The version the client expects ('' = any). A value that is no version never matches."""
-    value = request.headers.get("If-Match", "").strip().removeprefix("W/").strip('"')
-    return "" if value == "*" else value
+    raw = request.headers.get("If-Match")
+    if raw is None or raw.strip() == "*":
+        return ""
+    # An empty tag ("") must not turn into "any": it is a version that never matches.
+    return raw.strip().removeprefix("W/").strip('"') or '""'
 
 
 def _persisted(request: web.Request) -> bool:

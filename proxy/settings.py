@@ -8,6 +8,7 @@ raises `ConfigError` naming the key, and the CLI exits non-zero with that messag
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -226,7 +227,12 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             raise ValueError("a boolean is not a number")
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError("not a whole number")
-        return kind(value)
+        if kind is str and not isinstance(value, str):
+            raise ValueError("not a string")
+        result = kind(value)
+        if kind is float and not math.isfinite(result):
+            raise ValueError("not a finite number")
+        return result
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r} ({e})") from e
 

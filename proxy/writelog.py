@@ -41,8 +41,9 @@ class Entry:
     only: str = ""  # a replayed dead letter is meant for this group alone
 
     @property
-    def identity(self) -> tuple[str, str]:
-        return (self.kind, self.entity_id)
+    def identity(self) -> tuple[str, str, str]:
+        """The entity: message ids are scoped by thread."""
+        return (self.kind, self.thread_id, self.entity_id)
 
 
 @dataclass(frozen=True)

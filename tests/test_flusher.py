@@ -111,8 +111,9 @@ async def test_cached_keys_get_a_ttl_only_once_flushed(
 
 async def test_unflushed_keys_never_expire_while_postgres_lags(
         client_for: AppClient, servers: Servers, redis: aioredis.Redis) -> None:
-    # The flusher holds its batch for 3 s: keys must stay without TTL all that time.
-    s = make_settings(servers, flush={"max_delay_ms": 3000, "max_batch": 100000})
+    # Every PostgreSQL transaction hangs before its commit: keys must stay without TTL.
+    s = make_settings(servers, debug={"failpoint": "before-pg-commit:sleep"},
+                      shutdown={"deadline_s": 0.2})
     c = await client_for(s)
     await put(c, "/v1/threads/lag", {"title": "t"})
     for i in range(20):

@@ -33,7 +33,7 @@ MIGRATIONS: list[str] = [
         deleted boolean NOT NULL DEFAULT false
     );
     CREATE TABLE IF NOT EXISTS messages (
-        message_id text PRIMARY KEY,
+        message_id text NOT NULL,
         thread_id text NOT NULL,
         seq bigint NOT NULL,
         role text NOT NULL,
@@ -43,6 +43,7 @@ MIGRATIONS: list[str] = [
         updated_at timestamptz NOT NULL,
         version bigint NOT NULL,
         deleted boolean NOT NULL DEFAULT false,
+        PRIMARY KEY (thread_id, message_id),
         CONSTRAINT messages_thread_seq UNIQUE (thread_id, seq)
     );
     CREATE TABLE IF NOT EXISTS state_entries (
@@ -77,17 +78,17 @@ ON CONFLICT (thread_id) DO UPDATE SET last_seq = excluded.last_seq
 WHERE excluded.last_seq > t.last_seq
 """
 
-# A message never moves to another thread: a colliding id from another thread is ignored.
+# Message ids are scoped by thread, as in the API (/v1/threads/{tid}/messages/{mid}).
 UPSERT_MESSAGES = """
 INSERT INTO messages AS m (message_id, thread_id, seq, role, content, metadata, created_at,
                            updated_at, version, deleted)
 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
                      $6::text[]::jsonb[], $7::timestamptz[], $8::timestamptz[], $9::bigint[],
                      $10::bool[])
-ON CONFLICT (message_id) DO UPDATE SET
+ON CONFLICT (thread_id, message_id) DO UPDATE SET
     role = excluded.role, content = excluded.content, metadata = excluded.metadata,
     updated_at = excluded.updated_at, version = excluded.version, deleted = excluded.deleted
-WHERE excluded.version > m.version AND excluded.thread_id = m.thread_id
+WHERE excluded.version > m.version
 """
 
 UPSERT_STATE = """
@@ -232,10 +233,11 @@ class PostgresStore:
             " WHERE thread_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq", tid, lo, hi)
         return [dict(r) for r in rows]
 
-    async def fetch_message(self, mid: str) -> dict[str, Any] | None:
+    async def fetch_message(self, tid: str, mid: str) -> dict[str, Any] | None:
         row = await self._pool.fetchrow(
             "SELECT message_id, thread_id, seq, role, content, metadata::text AS metadata,"
-            " created_at, updated_at, version, deleted FROM messages WHERE message_id = $1", mid)
+            " created_at, updated_at, version, deleted FROM messages"
+            " WHERE thread_id = $1 AND message_id = $2", tid, mid)
         return dict(row) if row else None
 
     async def fetch_state(self, key: str) -> dict[str, Any] | None:
