@@ -88,6 +88,7 @@ class Flusher:
         self._failpoints = failpoints
         self._stopping = asyncio.Event()
         self._queue: asyncio.Queue[Handoff | None] = asyncio.Queue()
+        self._recovered = asyncio.Event()
         self.name = sink.name
 
     async def run(self) -> None:
@@ -219,7 +220,7 @@ class Flusher:
         acked before). Returns the ids of entries moved to the dead-letter stream."""
         attempt = 0
         while True:
-            await asyncio.sleep(self._circuit.wait_s())
+            await self._pause(self._circuit.wait_s())
             try:
                 return await self._try_write(unique)
             except Unavailable:
@@ -232,8 +233,15 @@ class Flusher:
                 if attempt in (1, 10) or attempt % 100 == 0:
                     logger.warning("%s: write of %d rows failed (%r), attempt %d, circuit %s",
                                    self.name, len(unique), e, attempt, self._circuit.state)
-                await asyncio.sleep(backoff_s(attempt, self._cfg.backoff_base_ms,
-                                              self._cfg.backoff_max_ms))
+                await self._pause(backoff_s(attempt, self._cfg.backoff_base_ms,
+                                            self._cfg.backoff_max_ms))
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep before a retry, but wake as soon as another writer got through: the sink is
+        back, and the batches held by the other writers should not wait out their backoff."""
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._recovered.wait(), seconds)
 
     async def _try_write(self, unique: list[Entry]) -> set[str]:
         try:
@@ -244,6 +252,8 @@ class Flusher:
         return set()
 
     def _healthy(self) -> None:
+        self._recovered.set()  # wakes the writers backing off; later waits get a fresh event
+        self._recovered = asyncio.Event()
         self._circuit.success()
         metrics.CIRCUIT.labels(self.name).set(0)
 

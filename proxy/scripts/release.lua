@@ -6,16 +6,25 @@
 -- ARGV: group, ttl_ms, window size, now_ms, then per entry: entry id, key index, kind, mid or ''
 local group, ttl, window, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 
+-- Drop flushed messages below the newest `window` ones, oldest first, stopping at the first
+-- one still unflushed (the window stays a contiguous suffix), at most 1000 per call.
 local function trim(t, m, w)
-  local removed = 0
-  while removed < 1000 and redis.call('ZCARD', w) > window do
-    local low = redis.call('ZRANGE', w, 0, 0, 'WITHSCORES')
-    if redis.call('HEXISTS', m, 'p|' .. low[1]) == 1 then return end
-    redis.call('ZREM', w, low[1])
-    redis.call('HDEL', m, 'd|' .. low[1], 'm|' .. low[1])
-    redis.call('HSET', t, 'fl', low[2])
-    removed = removed + 1
+  local excess = redis.call('ZCARD', w) - window
+  if excess <= 0 then return end
+  local low = redis.call('ZRANGE', w, 0, math.min(excess, 1000) - 1, 'WITHSCORES')
+  local fields, n = {}, 0
+  for i = 1, #low, 2 do fields[#fields + 1] = 'p|' .. low[i] end
+  local pending = redis.call('HMGET', m, unpack(fields))
+  while n < #pending and not pending[n + 1] do n = n + 1 end
+  if n == 0 then return end
+  local gone = {}
+  for i = 1, n do
+    gone[#gone + 1] = 'd|' .. low[2 * i - 1]
+    gone[#gone + 1] = 'm|' .. low[2 * i - 1]
   end
+  redis.call('ZREMRANGEBYRANK', w, 0, n - 1)
+  redis.call('HDEL', m, unpack(gone))
+  redis.call('HSET', t, 'fl', low[2 * n])
 end
 
 local touched = {}
