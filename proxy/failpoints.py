@@ -1,5 +1,6 @@
 """Named failpoints for crash tests, enabled by the `debug.failpoint` setting
-(TIERPROXY_DEBUG_FAILPOINT="<name>:crash|sleep|raise"). Disabled, `hit` does nothing."""
+(TIERPROXY_DEBUG_FAILPOINT="<name>:crash|sleep|raise"), or switched at runtime by an
+in-process test (`set`). Disabled, `hit` does nothing."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import signal
 
 logger = logging.getLogger(__name__)
 NAMES = ("after-read", "before-pg-commit", "after-pg-commit-before-xack",
-         "after-ch-insert-before-xack")
+         "after-ch-insert-before-xack", "ch-insert")
 ACTIONS = ("crash", "sleep", "raise")
 
 
@@ -20,10 +21,15 @@ class FailpointHit(RuntimeError):
 
 class Failpoints:
     def __init__(self, spec: str) -> None:
-        self.name, _, self.action = spec.partition(":")
-        if spec and (self.name not in NAMES or self.action not in ACTIONS):
+        self.set(spec)
+
+    def set(self, spec: str) -> None:
+        """Arm one failpoint ("<name>:<action>"), or none ("")."""
+        name, _, action = spec.partition(":")
+        if spec and (name not in NAMES or action not in ACTIONS):
             raise ValueError(f"debug.failpoint: {spec!r} is not <{'|'.join(NAMES)}>:"
                              f"<{'|'.join(ACTIONS)}>")
+        self.name, self.action = name, action
 
     async def hit(self, name: str) -> None:
         if name != self.name:

@@ -393,18 +393,22 @@ class HotTier:
                 if tier == self._backing.tier:
                     continue
                 return await self._degraded_page(tid, row, mode, cursor, limit)
-            last, lo, hi = int(out[1]), int(out[2]), int(out[3])
+            last, lo, hi, floor = int(out[1]), int(out[2]), int(out[3]), int(out[4])
             if status == "OK":
-                return Page(tid, last, lo, hi, list(out[4:]), "redis")
-            return await self._page_below(tid, last, lo, hi)
+                return Page(tid, last, lo, hi, list(out[5:]), "redis")
+            return await self._page_below(tid, last, lo, hi, floor, list(out[5:]))
         raise Unavailable(f"thread {tid}: gave up after {MAX_RETRIES} attempts")
 
-    async def _page_below(self, tid: str, last: int, lo: int, hi: int) -> Page:
+    async def _page_below(self, tid: str, last: int, lo: int, hi: int, floor: int,
+                          window_docs: list[bytes]) -> Page:
+        """Seqs lo..floor-1 from below Redis (all flushed), floor..hi from the window (which
+        holds every unflushed message: read-your-writes)."""
+        top = min(hi, floor - 1)
         rows, tier = await self._below(
-            lambda: self._flights.do(("p", tid, lo, hi),
-                                     functools.partial(self._load_page, tid, lo, hi)),
-            lambda b: b.load_messages(tid, lo, hi))
-        return Page(tid, last, lo, hi, [r.doc for r in rows], tier)
+            lambda: self._flights.do(("p", tid, lo, top),
+                                     functools.partial(self._load_page, tid, lo, top)),
+            lambda b: b.load_messages(tid, lo, top))
+        return Page(tid, last, lo, hi, [r.doc for r in rows] + window_docs, tier)
 
     async def _degraded_page(self, tid: str, thread: ThreadRow, mode: str, cursor: int,
                              limit: int) -> Page:

@@ -10,6 +10,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from proxy.embedded import free_port
 
@@ -82,3 +85,22 @@ class Sidecar:
             self.wait(15)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+_CH_QUERY = """
+import sys, orjson, clickhouse_connect
+client = clickhouse_connect.get_client(dsn=sys.argv[1])
+rows = client.query(sys.argv[2]).result_rows
+sys.stdout.write("\\n" + orjson.dumps([list(r) for r in rows], default=str).decode() + "\\n")
+"""
+
+
+def clickhouse_query(url: str, sql: str, timeout_s: float = 60.0) -> list[list[Any]]:
+    """Rows of a query on a sidecar's ClickHouse. A chDB directory is open to one process at
+    a time (and this one has its own engine), so a subprocess asks; stop the sidecar first."""
+    done = subprocess.run([sys.executable, "-c", _CH_QUERY, url, sql], cwd=ROOT,
+                          capture_output=True, timeout=timeout_s)
+    if done.returncode != 0:
+        raise RuntimeError(f"clickhouse query failed: {done.stderr.decode(errors='replace')}")
+    rows: list[list[Any]] = orjson.loads(done.stdout.splitlines()[-1])
+    return rows

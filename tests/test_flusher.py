@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from proxy import keys, metrics
+from proxy.app import FAILPOINTS
 from proxy.failpoints import Failpoints
 from proxy.flusher import coalesce
 from proxy.settings import Settings
@@ -320,3 +321,27 @@ async def test_persisted_durability_returns_after_the_commit(
         "SELECT (SELECT count(*) FROM threads WHERE version > 0) AS t,"
         " (SELECT count(*) FROM messages) AS m, (SELECT count(*) FROM state_entries) AS s")
     assert counts[{"PUT": "s" if "state" in path else "t", "POST": "m"}[method]] == 1
+
+
+async def test_a_page_across_the_window_floor_has_no_gap(
+        client_for: AppClient, servers: Servers, redis: aioredis.Redis,
+        settings: Settings) -> None:
+    """Old flushed messages come from PostgreSQL, unflushed ones from the window: a page
+    spanning both must hold every seq (read-your-writes while PostgreSQL lags)."""
+    s = make_settings(servers, redis={"window": 5}, shutdown={"deadline_s": 0.2})
+    c = await client_for(s)
+    await put(c, "/v1/threads/span", {"title": "t"})
+    for i in range(20):
+        await append(c, "span", f"old {i}")
+    window = keys.window(shard(s, "span"), "span")
+
+    async def trimmed() -> bool:
+        return bool(await redis.zcard(window) == 5)
+
+    await wait_for(trimmed)
+    c.server.app[FAILPOINTS].set("before-pg-commit:sleep")  # PostgreSQL stops taking batches
+    for i in range(10):
+        await append(c, "span", f"new {i}")
+    page = await body(await c.get("/v1/threads/span/messages?after=10&limit=20"), 200)
+    assert [m["seq"] for m in page["items"]] == list(range(11, 31))
+    assert page["items"][-1]["content"] == "new 9"

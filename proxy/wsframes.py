@@ -1,0 +1,121 @@
+"""The WebSocket protocol's frames: client ops parsed and validated, published events read,
+server frames built. No I/O here (see hub.py)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import orjson
+from aiohttp import WSMsgType
+
+from proxy import model
+from proxy.errors import Invalid, Malformed, ProxyError
+
+logger = logging.getLogger(__name__)
+
+CREATED = "message.created"
+# What the write scripts publish starts like this; anything else is parsed as JSON.
+_EVENT_HEAD = re.compile(
+    rb'\{"type":"([a-z.]+)","thread_id":"([A-Za-z0-9._:-]+)","(?:last_)?seq":(\d+),"ts":(\d+)[,}]')
+_OPS = {"subscribe": {"op", "thread_id", "after_seq"}, "unsubscribe": {"op", "thread_id"},
+        "ping": {"op"}}
+
+
+class UnknownOp(Malformed):
+    code = "unknown_op"
+
+
+class TooManySubscriptions(ProxyError):
+    code = "too_many_subscriptions"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One published event; `frame` is sent to clients as published."""
+
+    type: str
+    thread_id: str
+    seq: int  # the message's seq (message events) or the thread's last_seq (thread events)
+    ts_ms: int  # when the write was acknowledged
+    frame: bytes
+
+    @property
+    def created(self) -> bool:
+        return self.type == CREATED
+
+
+def parse_event(data: bytes) -> Event | None:
+    m = _EVENT_HEAD.match(data)
+    if m:
+        return Event(m[1].decode(), m[2].decode(), int(m[3]), int(m[4]), data)
+    try:
+        doc = orjson.loads(data)
+        seq = doc.get("seq", doc.get("last_seq", 0))
+        return Event(doc["type"], doc["thread_id"], int(seq), int(doc.get("ts", 0)), data)
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        logger.warning("ws hub: ignoring an event that is not one: %r", data[:200])
+        return None
+
+
+def backfill_frame(tid: str, doc: bytes) -> tuple[int, bytes]:
+    """A stored message doc as the `message.created` frame of its seq (current version)."""
+    seq = int(orjson.loads(doc)["seq"])
+    head = b'{"type":"message.created","thread_id":"%s","seq":%d,"message":' % (tid.encode(), seq)
+    return seq, head + doc + b"}"
+
+
+def reply(kind: str, **fields: Any) -> bytes:
+    return orjson.dumps({"type": kind, **fields})
+
+
+class Out(NamedTuple):
+    frame: bytes
+    event: bool = False  # counted in the events-sent metric
+    ts_ms: int = 0  # > 0: a live event; its delivery latency is observed when sent
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    op: str
+    thread_id: str
+    after_seq: int | None
+
+
+def parse_op(msg: Any) -> Op:
+    """A client frame, validated: Malformed / UnknownOp / Invalid name what is wrong."""
+    if msg.type is not WSMsgType.TEXT:
+        raise Malformed("send text frames, each holding one JSON object")
+    try:
+        doc = orjson.loads(msg.data)
+    except orjson.JSONDecodeError as e:
+        raise Malformed(f"the frame is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise Malformed("a frame must be a JSON object")
+    op = doc.get("op")
+    allowed = _OPS.get(op) if isinstance(op, str) else None
+    if allowed is None:
+        raise UnknownOp(f"unknown op {op!r}: use subscribe, unsubscribe or ping")
+    for name in doc:
+        if name not in allowed:
+            raise Invalid(f"unknown field {name!r} for op {op}", {"field": name})
+    tid = "" if op == "ping" else _thread_id(doc.get("thread_id"))
+    return Op(str(op), tid, _after_seq(doc.get("after_seq")))
+
+
+def _thread_id(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Invalid("thread_id must be a string", {"field": "thread_id"})
+    return model.check_id(value, "thread_id")
+
+
+def _after_seq(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**53:
+        raise Invalid("after_seq must be a whole number >= 0", {"field": "after_seq"})
+    return value
+
+
