@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from proxy.embedded import free_port
+from tests.conftest import Servers
 from tests.sidecar import ROOT
 
 pytestmark = pytest.mark.timeout(180)
@@ -97,3 +98,19 @@ def test_bad_config_exits_naming_the_key(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert b"flush.max_batch" in done.stderr
     assert not (tmp_path / "redis").exists()  # nothing was started
+
+
+def test_migrate_command_applies_the_schema_idempotently(servers: Servers) -> None:
+    env = {**os.environ, "TIERPROXY_POSTGRES_URL": servers.postgres_url}
+    for _ in range(2):  # a second run finds everything in place
+        done = subprocess.run([sys.executable, "-m", "proxy", "migrate"], cwd=ROOT, env=env,
+                              capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    assert b"schema is up to date" in done.stderr
+
+
+def test_migrate_without_a_url_says_so() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERPROXY_")}
+    done = subprocess.run([sys.executable, "-m", "proxy", "migrate"], cwd=ROOT, env=env,
+                          capture_output=True, timeout=60)
+    assert done.returncode == 2 and b"postgres.url is empty" in done.stderr
