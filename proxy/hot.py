@@ -125,8 +125,13 @@ class SingleFlight:
         if task is None:
             task = asyncio.ensure_future(fn())
             self._calls[key] = task
-            task.add_done_callback(lambda _: self._calls.pop(key, None))
+            task.add_done_callback(lambda t: self._done(key, t))
         return await asyncio.shield(task)
+
+    def _done(self, key: Hashable, task: asyncio.Task[Any]) -> None:
+        self._calls.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: its awaiters (if any are left) get it themselves
 
 
 class KeyedLocks:
@@ -188,8 +193,8 @@ class HotTier:
                                           lambda b: b.load_thread(tid))
             if row is None:
                 raise NotFound(f"thread {tid} not found")
-            doc, seq, deleted = row.doc, str(row.last_seq).encode(), row.deleted
-        if deleted == b"1" or deleted is True:
+            doc, seq, deleted = row.doc, str(row.last_seq).encode(), b"1" if row.deleted else b"0"
+        if deleted == b"1":
             raise NotFound(f"thread {tid} was deleted")
         return Result(_with_last_seq(doc, int(seq)), tier)
 
