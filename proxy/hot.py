@@ -73,27 +73,6 @@ class Backing(Protocol):
     async def persist(self, kind: str, doc: bytes) -> None: ...
 
 
-class NoBacking:
-    """Redis alone: nothing exists outside it."""
-
-    tier = "none"
-
-    async def load_thread(self, tid: str) -> ThreadRow | None:
-        return None
-
-    async def load_messages(self, tid: str, lo: int, hi: int) -> list[MessageRow]:
-        return []
-
-    async def load_message(self, tid: str, mid: str) -> MessageRow | None:
-        return None
-
-    async def load_state(self, key: str) -> StateRow | None:
-        return None
-
-    async def persist(self, kind: str, doc: bytes) -> None:
-        raise Unavailable("no PostgreSQL configured: cannot persist synchronously")
-
-
 @dataclass(frozen=True)
 class Result:
     """A doc and the tier that served it; `created` tells 201 from 200 on writes."""

@@ -27,7 +27,12 @@ def now_ms() -> int:
 
 def iso(ms: int) -> str:
     """UTC timestamp with milliseconds, e.g. 2026-11-27T06:50:00.123Z."""
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return iso_dt(datetime.fromtimestamp(ms / 1000, UTC))
+
+
+def iso_dt(dt: datetime) -> str:
+    """The same format for a datetime (e.g. read from PostgreSQL)."""
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def new_id() -> str:
