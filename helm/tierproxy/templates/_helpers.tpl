@@ -38,32 +38,46 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* The label that marks a pod as running this release's sidecar: the metrics Service and
+the PodMonitor select on it, so they also find a workload of your own that includes the
+sidecar (whose app.kubernetes.io/name is its own). */}}
+{{- define "tierproxy.sidecarSelector" -}}
+tierproxy/sidecar: {{ include "tierproxy.fullname" . }}
+{{- end }}
+
 {{/*
-Secrets. The three URLs (they may carry passwords) and the API token reach the sidecar as
+Secrets. The URLs (they may carry passwords) and the API token reach the sidecar as
 TIERPROXY_* env vars from a Secret: the chart's own for inline values, or an existingSecret.
+Redis has its own templates (_redis.tpl): its URL may also be built from parts.
 */}}
 {{- define "tierproxy.secretName" -}}
 {{- include "tierproxy.fullname" . }}
 {{- end }}
 
-{{/* Every secret: its value (.Values.<section>.<field>), env var and key in the chart's Secret. */}}
+{{/* The other secrets: value (.Values.<section>.<field>), env var, key in the chart's Secret. */}}
 {{- define "tierproxy.secretSpecs" -}}
-- {section: redis, field: url, env: TIERPROXY_REDIS_URL, key: redis-url}
 - {section: postgres, field: url, env: TIERPROXY_POSTGRES_URL, key: postgres-url}
 - {section: clickhouse, field: url, env: TIERPROXY_CLICKHOUSE_URL, key: clickhouse-url}
 - {section: api, field: token, env: TIERPROXY_API_TOKEN, key: api-token}
 {{- end }}
 
-{{/* True (non-empty) when the chart renders its own Secret: some value is given inline. */}}
-{{- define "tierproxy.ownSecret" -}}
+{{/* The chart's Secret, as key: plain value (YAML; empty: no Secret). Only values given
+inline; those with an existingSecret are read from it instead. */}}
+{{- define "tierproxy.secretData" -}}
+{{- with include "tierproxy.redisSecretUrl" . }}
+redis-url: {{ . | quote }}
+{{- end }}
 {{- range include "tierproxy.secretSpecs" . | fromYamlArray }}
 {{- $v := index $.Values .section }}
-{{- if and (index $v .field) (not $v.existingSecret) }}true{{ end }}
+{{- if and (index $v .field) (not $v.existingSecret) }}
+{{ .key }}: {{ index $v .field | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 
-{{/* env entries (secretKeyRef) for every configured secret; the token only when set. */}}
+{{/* env entries (secretKeyRef) of every secret the sidecar reads; the token only when set. */}}
 {{- define "tierproxy.secretEnv" -}}
+{{- include "tierproxy.redisEnv" . }}
 {{- range include "tierproxy.secretSpecs" . | fromYamlArray }}
 {{- $v := index $.Values .section }}
 {{- if or $v.existingSecret (index $v .field) }}
@@ -88,12 +102,17 @@ TIERPROXY_* env vars from a Secret: the chart's own for inline values, or an exi
 {{- end }}
 
 {{/*
-Validation, run once from deployment.yaml. Every failure names the value to fix.
+Validation of everything the sidecar needs, run by configmap.yaml (rendered in every mode)
+and again by each named template a workload includes. Every failure names the value to fix.
 */}}
 {{- define "tierproxy.validate" -}}
-{{- $schemes := dict "redis" (list "redis://" "rediss://") "postgres" (list "postgres://" "postgresql://") "clickhouse" (list "http://" "https://") }}
+{{- include "tierproxy.validateRedis" . }}
+{{- $schemes := dict "postgres" (list "postgres://" "postgresql://") "clickhouse" (list "http://" "https://") }}
 {{- $missing := list }}
-{{- range $section := list "redis" "postgres" "clickhouse" }}
+{{- if not (include "tierproxy.redisSource" .) }}
+{{- $missing = append $missing "redis.url (or redis.existingSecret, or the parts redis.host, redis.sentinel.hosts or redis.cluster.nodes)" }}
+{{- end }}
+{{- range $section := list "postgres" "clickhouse" }}
 {{- $v := index $.Values $section }}
 {{- if and $v.url $v.existingSecret }}
 {{- fail (printf "tierproxy: set %s.url or %s.existingSecret, not both" $section $section) }}
@@ -116,19 +135,53 @@ Validation, run once from deployment.yaml. Every failure names the value to fix.
 {{- if and .Values.api.token .Values.api.existingSecret }}
 {{- fail "tierproxy: set api.token or api.existingSecret, not both" }}
 {{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
+{{- fail "tierproxy: metrics.serviceMonitor.enabled needs metrics.service.enabled (it selects that Service)" }}
+{{- end }}
+{{- if and .Values.sidecar.native (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}
+{{- fail (printf "tierproxy: sidecar.native needs Kubernetes 1.29 or newer (an init container with restartPolicy: Always), this cluster is %s: set sidecar.native=false" .Capabilities.KubeVersion.Version) }}
+{{- end }}
+{{- include "tierproxy.validateGracePeriod" . }}
+{{- end }}
+
+{{/* Checks of the example Deployment only (not of a workload that includes the sidecar). */}}
+{{- define "tierproxy.validateDeployment" -}}
 {{- if and .Values.app.enabled (not .Values.app.image.repository) }}
 {{- fail "tierproxy: app.image.repository is required while app.enabled is true (the backend image the sidecar runs beside)" }}
 {{- end }}
 {{- if and .Values.sidecar.native (not .Values.app.enabled) }}
 {{- fail "tierproxy: sidecar.native needs app.enabled: a pod needs at least one regular container" }}
 {{- end }}
-{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
-{{- fail "tierproxy: metrics.serviceMonitor.enabled needs metrics.service.enabled (it selects that Service)" }}
+{{- with .Values.podDisruptionBudget }}
+{{- if and .enabled (not (eq (toString .minAvailable) "")) (not (eq (toString .maxUnavailable) "")) }}
+{{- fail "tierproxy: set podDisruptionBudget.minAvailable or podDisruptionBudget.maxUnavailable, not both (empty one of them)" }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The sidecar's shutdown deadline: config.shutdown.deadline_s, or the env var overriding it
+in sidecar.env, or tierproxy's default. */}}
+{{- define "tierproxy.shutdownDeadline" -}}
 {{- $deadline := 10.0 }}
 {{- with .Values.config }}{{ with .shutdown }}{{ if hasKey . "deadline_s" }}{{ $deadline = float64 .deadline_s }}{{ end }}{{ end }}{{ end }}
-{{- if le (float64 .Values.terminationGracePeriodSeconds) $deadline }}
-{{- fail (printf "tierproxy: terminationGracePeriodSeconds (%v) must exceed config.shutdown.deadline_s (%v), or the kubelet kills the sidecar before its final flush" .Values.terminationGracePeriodSeconds $deadline) }}
+{{- range .Values.sidecar.env }}
+{{- if and (eq .name "TIERPROXY_SHUTDOWN_DEADLINE_S") (hasKey . "value") }}{{ $deadline = float64 .value }}{{ end }}
+{{- end }}
+{{- $deadline }}
+{{- end }}
+
+{{/* terminationGracePeriodSeconds must leave the sidecar its whole deadline. Native: the
+kubelet sends it SIGTERM only after the app has exited, so the app's time comes first. */}}
+{{- define "tierproxy.validateGracePeriod" -}}
+{{- $grace := float64 .Values.terminationGracePeriodSeconds }}
+{{- $deadline := include "tierproxy.shutdownDeadline" . | float64 }}
+{{- $app := float64 .Values.app.shutdownSeconds }}
+{{- if .Values.sidecar.native }}
+{{- if le $grace (addf $app $deadline) }}
+{{- fail (printf "tierproxy: terminationGracePeriodSeconds (%v) must exceed app.shutdownSeconds (%v) + the sidecar's config.shutdown.deadline_s (%v) = %v: a native sidecar gets SIGTERM only after the app has exited, and the kubelet would kill it before its final flush" $grace $app $deadline (addf $app $deadline)) }}
+{{- end }}
+{{- else if le $grace (maxf $app $deadline) }}
+{{- fail (printf "tierproxy: terminationGracePeriodSeconds (%v) must exceed both app.shutdownSeconds (%v) and the sidecar's config.shutdown.deadline_s (%v), or the kubelet kills the sidecar before its final flush" $grace $app $deadline) }}
 {{- end }}
 {{- end }}
 
@@ -160,7 +213,7 @@ api.port: sidecar.apiPort
 api.token: api.token or api.existingSecret (a Secret)
 metrics.host: nothing (the metrics server must listen on 0.0.0.0 for probes and scraping)
 metrics.port: sidecar.metricsPort
-redis.url: redis.url or redis.existingSecret (a Secret)
+redis.url: redis.url, redis.existingSecret or the redis parts (host, sentinel, cluster)
 postgres.url: postgres.url or postgres.existingSecret (a Secret)
 clickhouse.url: clickhouse.url or clickhouse.existingSecret (a Secret)
 {{- end }}
