@@ -325,14 +325,20 @@ async def test_append_retried_after_a_cut_lands_once(api: tp.Client,
     assert (await api.get_message("t1", written.doc["message_id"])).doc["content"] == "once"
 
 
-async def test_patch_without_if_match_is_not_repeated(api: tp.Client,
-                                                      fault: FaultProxy) -> None:
+async def one_message(api: tp.Client) -> tuple[str, Callable[[], Awaitable[bool]]]:
+    """A thread t1 with one message: its id, and a check that it was edited once."""
     await api.put_thread("t1")
     mid = (await api.append("t1", "hi")).doc["message_id"]
 
     async def edited() -> bool:
         return (await api.get_message("t1", mid)).version == 2
 
+    return mid, edited
+
+
+async def test_patch_without_if_match_is_not_repeated(api: tp.Client,
+                                                      fault: FaultProxy) -> None:
+    mid, edited = await one_message(api)
     async with tp.Client(f"http://127.0.0.1:{fault.port}", retry=FAST) as through:
         done = await lost_answer(fault, through.edit_message("t1", mid, content="x"), edited)
     e = done.exception()
@@ -343,12 +349,7 @@ async def test_patch_without_if_match_is_not_repeated(api: tp.Client,
 
 async def test_patch_with_if_match_repeated_gets_an_ambiguous_412(api: tp.Client,
                                                                   fault: FaultProxy) -> None:
-    await api.put_thread("t1")
-    mid = (await api.append("t1", "hi")).doc["message_id"]
-
-    async def edited() -> bool:
-        return (await api.get_message("t1", mid)).version == 2
-
+    mid, edited = await one_message(api)
     async with tp.Client(f"http://127.0.0.1:{fault.port}", retry=FAST) as through:
         call = through.edit_message("t1", mid, content="x", if_match=1)
         e = (await lost_answer(fault, call, edited)).exception()
