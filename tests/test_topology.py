@@ -31,7 +31,7 @@ from proxy.topology import (
     pubsub,
 )
 from tests.helpers import wait_for
-from tests.redis_topology import MASTER, Cluster, SentinelSet, admin
+from tests.redis_topology import MASTER, Cluster, SentinelSet, admin, info
 
 SCRIPTS = {p.stem: p.read_text() for p in (Path(proxy.__file__).parent / "scripts").glob("*.lua")}
 SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in SCRIPTS.items()}
@@ -660,8 +660,9 @@ async def test_live_master_demoted_keeps_open_connections_until_follow_master(
         sentinels: SentinelSet) -> None:
     """SENTINEL FAILOVER promotes the replica while the old master stays up, and still a
     master until Sentinel reconfigures it (~10 s): a connection already open to it keeps
-    writing there, writes the old master will drop. follow_master moves them at once."""
-    client = client_of(sentinels.url)
+    writing there, writes the old master will drop. follow_master moves them, even the one
+    busy at that moment (a pool of one: that connection is the only one)."""
+    client = client_of(sentinels.url, max_connections=1)
     try:
         old = sentinels.primary()
         assert await write_landing(client) == old.port  # a pooled connection to the master
@@ -669,12 +670,19 @@ async def test_live_master_demoted_keeps_open_connections_until_follow_master(
             assert r.execute_command("SENTINEL FAILOVER", MASTER)
         new = await asyncio.to_thread(sentinels.wait_promoted, old)
         assert await write_landing(client) == old.port  # the pitfall
+        busy = asyncio.ensure_future(client.blpop(["nothing"], 0.3))
+        await wait_for(lambda: _blocked_on(old.port))  # (the client's only connection is busy)
         assert await follow_master(client)
+        assert await busy is None
         assert await write_landing(client) == new.port
         assert not await follow_master(client)  # it did not move again
     finally:
         await client.aclose()
         await asyncio.to_thread(sentinels.rejoin, old)
+
+
+async def _blocked_on(port: int) -> bool:
+    return int(info(port, "clients")["blocked_clients"]) > 0
 
 
 async def test_follow_master_is_a_no_op_elsewhere(on_cluster: Client) -> None:
