@@ -730,6 +730,17 @@ def test_example_chart_in_plain_mode(tmp_path: Path) -> None:
 # --- config.toml ----------------------------------------------------------------------------
 
 
+def test_chart_knows_exactly_the_sidecar_settings(tmp_path: Path) -> None:
+    # The chart's table of settings and types (tierproxy.configKeys) is proxy/settings.py's:
+    # a key tierproxy dropped must fail at render time, not at the sidecar's start.
+    parent = _parent_chart(tmp_path, "keys", '{{ include "tierproxy.configKeys" . }}\n')
+    with helm.Chart.load(parent) as loaded:
+        out = loaded.render({"tierproxy": REQUIRED}, name=RELEASE)
+    table = yaml.safe_load(out["keys/templates/check.yaml"])
+    kind = {str: "str", int: "int", float: "float", bool: "bool"}
+    assert table == {s: {k: kind[type(v)] for k, v in keys.items()} for s, keys in KNOWN.items()}
+
+
 def test_config_toml_has_only_known_keys(chart: helm.Chart) -> None:
     config = config_toml(render(chart, REQUIRED))
     assert config == {"log": {"format": "json"}}

