@@ -282,3 +282,24 @@ async def test_reconnecting_gives_up_then_resumes_when_asked(pair: tuple[Client,
             await asyncio.to_thread(fault.set_mode, "pass")
             assert (await anext(sub)).seq == 2
         assert sub.connects == 2
+
+
+async def test_resume_after_a_silent_connection(pair: tuple[Client, Client],
+                                                fault: FaultProxy) -> None:
+    """Black-holed (no close, no reset): the heartbeat's ping gets no pong, the socket is
+    dropped and resumed once the path works again."""
+    _, app_b = pair
+    async with tp.Client(f"http://127.0.0.1:{fault.port}") as a, \
+            tp.Client(url_of(app_b)) as b:
+        await b.put_thread("t1")
+        async with a.subscribe("t1", after_seq=0, heartbeat_s=1.0) as sub:
+            await b.append("t1", "1")
+            assert (await anext(sub)).seq == 1
+            await asyncio.to_thread(fault.set_mode, "blackhole")
+            following = asyncio.ensure_future(anext(sub))
+            await b.append("t1", "2")
+            await wait_for(lambda: _true(sub.last_close_code is not None))
+            await asyncio.to_thread(fault.set_mode, "pass")
+            await asyncio.to_thread(fault.cut)  # the reconnect attempt sent into the hole
+            assert (await following).seq == 2
+        assert sub.last_close_code == 1006 and sub.connects >= 2
