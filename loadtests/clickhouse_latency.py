@@ -33,10 +33,10 @@ import orjson
 from harness import Stack, Target
 from loadgen import Spec, percentile
 
+from proxy.backends.clickhouse import ClickHouseSink, ClickHouseStore
 from proxy.embedded import clickhouse_url
 from proxy.failpoints import Failpoints
-from proxy.sinks.clickhouse import ClickHouseSink, ClickHouseStore
-from proxy.writelog import Entry
+from proxy.model import Change
 
 THREADS = 100
 PROBES = 2
@@ -119,7 +119,7 @@ FROM (SELECT toUnixTimestamp64Milli(inserted_at) - toUnixTimestamp64Milli(event_
 """
 
 
-def entries(batch: int, size: int = 10_000) -> list[Entry]:
+def entries(batch: int, size: int = 10_000) -> list[Change]:
     text = harness.message_body()["content"]
     out = []
     for i in range(size):
@@ -128,7 +128,7 @@ def entries(batch: int, size: int = 10_000) -> list[Entry]:
                "role": "user", "content": text, "metadata": {"source": "bench"},
                "created_at": "2026-01-01T00:00:00.000Z", "updated_at": "2026-01-01T00:00:00.000Z",
                "deleted": False}
-        out.append(Entry(0, f"{batch}-{i}", "m", mid, f"cap-{i % 100}", 1, "message.created",
+        out.append(Change(0, f"{batch}-{i}", "m", mid, f"cap-{i % 100}", 1, "message.created",
                          0, orjson.dumps(doc)))
     return out
 
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tierproxy-chlat-", ignore_cleanup_errors=True) as d:
         root = Path(d)
-        with Stack(root, bare=False) as stack:  # stopped on exit: chDB is one process per dir
+        with Stack(root, baselines=False) as stack:  # stopped on exit: chDB is one process per dir
             assert stack.sidecar is not None
             run = asyncio.run(load_and_probe(stack.sidecar, a))
         ch = asyncio.run(in_clickhouse(clickhouse_url(root), run["window_ms"], a.batches))

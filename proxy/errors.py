@@ -1,14 +1,16 @@
-"""The error tree. No HTTP here: routes.py maps each class to a status and a code."""
+"""The error tree: every error a client may see, over HTTP (`status`) or on a WebSocket (`code`
+in an error frame). Messages name the component, the action and the target."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ProxyError(Exception):
     """Base of every error a client may see; `code` is the stable machine-readable name."""
 
-    code = "internal"
+    code: ClassVar[str] = "internal"
+    status: ClassVar[int] = 500
 
     def __init__(self, message: str, detail: Any = None) -> None:
         super().__init__(message)
@@ -17,47 +19,59 @@ class ProxyError(Exception):
 
 
 class Malformed(ProxyError, ValueError):
-    """The request cannot be parsed (bad JSON, bad query parameter)."""
+    """The request cannot be parsed (bad JSON, bad query parameter or header)."""
 
-    code = "malformed"
+    code, status = "malformed", 400
+
+
+class UnknownOp(Malformed):
+    """A WebSocket frame names an op the protocol does not have."""
+
+    code = "unknown_op"
 
 
 class Invalid(ProxyError, ValueError):
     """A field is missing, unknown or has a bad value; `detail` names the field."""
 
-    code = "invalid_field"
+    code, status = "invalid_field", 422
 
 
 class TooLarge(ProxyError, ValueError):
-    code = "too_large"
+    code, status = "too_large", 413
 
 
 class UnsupportedMediaType(ProxyError, ValueError):
-    code = "unsupported_media_type"
+    code, status = "unsupported_media_type", 415
 
 
 class Unauthorized(ProxyError, PermissionError):
-    code = "unauthorized"
+    code, status = "unauthorized", 401
 
 
 class NotFound(ProxyError, LookupError):
-    code = "not_found"
+    code, status = "not_found", 404
 
 
 class Conflict(ProxyError):
-    code = "conflict"
+    code, status = "conflict", 409
+
+
+class TooManySubscriptions(Conflict):
+    """A WebSocket already follows `ws.max_subscriptions` threads."""
+
+    code = "too_many_subscriptions"
 
 
 class PreconditionFailed(ProxyError):
     """If-Match named a version that is not the current one."""
 
-    code = "precondition_failed"
+    code, status = "precondition_failed", 412
 
 
 class Unavailable(ProxyError, ConnectionError):
     """A dependency needed for this request is down; the client should retry later."""
 
-    code = "unavailable"
+    code, status = "unavailable", 503
 
     def __init__(self, message: str, retry_after_s: float = 1.0, detail: Any = None) -> None:
         super().__init__(message, detail)

@@ -1,22 +1,66 @@
-"""Named failpoints for crash tests, enabled by the `debug.failpoint` setting
-(TIERPROXY_DEBUG_FAILPOINT="<name>:crash|sleep|raise"), or switched at runtime by an
-in-process test (`set`). Disabled, `hit` does nothing."""
+"""Named failpoints at the race windows, for crash and race tests, enabled by the
+`debug.failpoint` setting (TIERPROXY_DEBUG_FAILPOINT) or switched at runtime by an in-process
+test (`set`). A spec is a comma-separated list of `<name>:crash`, `<name>:raise`,
+`<name>:sleep` (an hour: parked) or `<name>:sleep:<seconds>` (a widened race window).
+Disabled, `hit` does nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
+from dataclasses import dataclass
+
+from proxy.backends import SINKS
 
 logger = logging.getLogger(__name__)
-NAMES = ("after-read", "before-pg-commit", "after-pg-commit-before-xack",
-         "after-ch-insert-before-xack", "ch-insert")
+NAMES = (
+    "after-read",              # the flusher read a batch, nothing written yet
+    "before-pg-commit",        # the batch is written in the open PostgreSQL transaction
+    "ch-insert",               # before the ClickHouse insert
+    *(s.after_write for s in SINKS),  # committed in the sink, not yet acknowledged
+    "before-release",          # committed in PostgreSQL, before release.lua
+    "after-load-before-fill",  # a read-through loaded a row, before its fill script
+    "before-trim",             # the trim floor is computed, before XTRIM
+    "before-replay-move",      # dead letters read, before they move back to the log
+)
 ACTIONS = ("crash", "sleep", "raise")
+PARKED_S = 3600.0
 
 
 class FailpointHit(RuntimeError):
     """Raised at a failpoint set to `raise` (a transient failure)."""
+
+
+@dataclass(frozen=True)
+class _Armed:
+    action: str
+    seconds: float
+
+
+def parse(spec: str) -> dict[str, _Armed]:
+    """The armed failpoints of a spec; ValueError naming the setting and the bad part."""
+    armed: dict[str, _Armed] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, rest = part.partition(":")
+        action, _, seconds = rest.partition(":")
+        if name not in NAMES or action not in ACTIONS or (seconds and action != "sleep"):
+            raise ValueError(f"debug.failpoint: {part!r} is not <{'|'.join(NAMES)}>:"
+                             f"<{'|'.join(ACTIONS)}>[:<seconds> for sleep]")
+        armed[name] = _Armed(action, _seconds(part, seconds) if seconds else PARKED_S)
+    return armed
+
+
+def _seconds(part: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"debug.failpoint: {part!r}: sleep takes a number of seconds >= 0")
+    return value
 
 
 class Failpoints:
@@ -24,20 +68,17 @@ class Failpoints:
         self.set(spec)
 
     def set(self, spec: str) -> None:
-        """Arm one failpoint ("<name>:<action>"), or none ("")."""
-        name, _, action = spec.partition(":")
-        if spec and (name not in NAMES or action not in ACTIONS):
-            raise ValueError(f"debug.failpoint: {spec!r} is not <{'|'.join(NAMES)}>:"
-                             f"<{'|'.join(ACTIONS)}>")
-        self.name, self.action = name, action
+        """Arm the failpoints of `spec` ("" disarms all)."""
+        self._armed = parse(spec)
 
     async def hit(self, name: str) -> None:
-        if name != self.name:
+        armed = self._armed.get(name)
+        if armed is None:
             return
-        logger.warning("failpoint %s: %s", name, self.action)
-        if self.action == "crash":
+        logger.warning("failpoint %s: %s", name, armed.action)
+        if armed.action == "crash":
             os.kill(os.getpid(), signal.SIGKILL)  # like kill -9: no cleanup, no flush
-        elif self.action == "sleep":
-            await asyncio.sleep(3600)
+        elif armed.action == "sleep":
+            await asyncio.sleep(armed.seconds)
         else:
             raise FailpointHit(f"failpoint {name}")

@@ -9,21 +9,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from proxy import metrics
+from proxy.backends import PoisonError, Sink
+from proxy.backoff import Backoff
 from proxy.circuit import Circuit
 from proxy.errors import Unavailable
 from proxy.failpoints import Failpoints
-from proxy.sinks import PoisonError, Sink
-from proxy.writelog import Delivery, Entry, Unreadable, WriteLog
+from proxy.model import Change
+from proxy.writelog import Delivery, Unreadable, WriteLog
 
 logger = logging.getLogger(__name__)
-Ack = Callable[[int, list[Entry]], Awaitable[None]]
-AFTER_WRITE = {"pg": "after-pg-commit-before-xack", "ch": "after-ch-insert-before-xack"}
+# The acknowledgement of changes committed to a sink: (group, shard, changes).
+Ack = Callable[[str, int, list[Change]], Awaitable[None]]
 BLOCK_MS = 1000  # an idle read returns this often, so a stop request is seen quickly
 MERGE_WINDOW_S = 0.002  # shards' readers of one tick hand over within this of each other
 
@@ -36,12 +37,14 @@ class FlushConfig:
     claim_idle_ms: int
     backoff_base_ms: int
     backoff_max_ms: int
-    coalesce: bool = True  # False: every version is written (an event sink), only repeats go
+
+    def backoff(self) -> Backoff:
+        return Backoff(self.backoff_base_ms / 1000, self.backoff_max_ms / 1000)
 
 
-def coalesce(entries: list[Entry]) -> list[Entry]:
+def coalesce(entries: list[Change]) -> list[Change]:
     """Keep the highest version of each entity (an upsert batch must not hold an id twice)."""
-    latest: dict[tuple[str, str, str], Entry] = {}
+    latest: dict[tuple[str, str, str], Change] = {}
     for e in entries:
         seen = latest.get(e.identity)
         if seen is None or e.version > seen.version:
@@ -49,14 +52,9 @@ def coalesce(entries: list[Entry]) -> list[Entry]:
     return list(latest.values())
 
 
-def distinct(entries: list[Entry]) -> list[Entry]:
+def distinct(entries: list[Change]) -> list[Change]:
     """Drop repeats of one entity version (a duplicate log entry), keep every version."""
     return list({(*e.identity, e.version): e for e in entries}.values())
-
-
-def backoff_s(attempt: int, base_ms: int, max_ms: int) -> float:
-    """Exponential backoff with full jitter."""
-    return random.uniform(0, min(max_ms, base_ms * 2 ** min(attempt, 20))) / 1000
 
 
 @dataclass
@@ -89,7 +87,7 @@ class Flusher:
         self._stopping = asyncio.Event()
         self._queue: asyncio.Queue[Handoff | None] = asyncio.Queue()
         self._recovered = asyncio.Event()
-        self.name = sink.name
+        self.name = sink.info.name
 
     async def run(self) -> None:
         """Flush until stopped (the batches in hand are finished) or cancelled."""
@@ -103,11 +101,12 @@ class Flusher:
                 self._queue.put_nowait(None)  # writers finish what is queued, then exit
 
     def stop(self) -> None:
-        """Read no new entries; the batches in hand are still written and acked."""
+        """Finish: flush what the log holds now (the batches in hand, then what was written
+        up to this call), then end. The owner cancels past its deadline."""
         self._stopping.set()
 
     async def _read_loop(self, shard: int) -> None:
-        attempt, next_claim = 0, 0.0
+        backoff, next_claim = self._cfg.backoff(), 0.0
         while not self._stopping.is_set():
             try:
                 batch: list[Delivery] = []
@@ -116,18 +115,26 @@ class Flusher:
                     batch = await self._claim(shard)
                 if not batch:
                     batch = await self._collect(shard)
-                if batch:
-                    handoff = Handoff(shard, batch)
-                    self._queue.put_nowait(handoff)
-                    await handoff.done.wait()
-                attempt = 0
+                await self._hand_off(shard, batch)
+                backoff.reset()
             except Unavailable as e:  # Redis trouble: keep the loop alive, back off
-                attempt += 1
-                if attempt in (1, 10) or attempt % 100 == 0:
-                    logger.warning("%s shard %d: %s (attempt %d)", self.name, shard, e, attempt)
-                await self._sleep(backoff_s(attempt, self._cfg.backoff_base_ms,
-                                            self._cfg.backoff_max_ms))
+                delay = backoff.failed()
+                if backoff.should_log:
+                    logger.warning("%s shard %d: %s (attempt %d)", self.name, shard, e,
+                                   backoff.attempt)
+                await self._sleep(delay)
                 await _quietly(self._log.ensure_groups())  # Redis may have lost them
+        with contextlib.suppress(Unavailable):  # the final flush: no wait for new entries
+            while batch := await self._log.read(shard, self.name, self._consumer,
+                                                self._cfg.max_batch, None):
+                await self._hand_off(shard, batch)
+
+    async def _hand_off(self, shard: int, batch: list[Delivery]) -> None:
+        """Queue a batch for the writers and wait until it was acked (or left pending)."""
+        if batch:
+            handoff = Handoff(shard, batch)
+            self._queue.put_nowait(handoff)
+            await handoff.done.wait()
 
     async def _collect(self, shard: int) -> list[Delivery]:
         """Wait for an entry, then until the next tick, then take the rest (two reads)."""
@@ -179,22 +186,22 @@ class Flusher:
         return handoffs, False
 
     async def _flush(self, handoffs: list[Handoff]) -> None:
-        entries: list[Entry] = []
+        entries: list[Change] = []
         for h in handoffs:
             entries += await self._sort_out(h)
         if not entries:
             return
         await self._failpoints.hit("after-read")
-        unique = coalesce(entries) if self._cfg.coalesce else distinct(entries)
+        unique = coalesce(entries) if self._sink.info.coalesce else distinct(entries)
         metrics.COALESCED.labels(self.name).inc(len(entries) - len(unique))
         started = time.perf_counter()
         dead = await self._write(unique)
-        await self._failpoints.hit(AFTER_WRITE[self.name])
+        await self._failpoints.hit(self._sink.info.after_write)
         for shard, done in _by_shard(e for e in entries if e.entry_id not in dead).items():
-            await self._ack(shard, done)
+            await self._ack(self.name, shard, done)
         self._observe(unique, dead, time.perf_counter() - started)
 
-    async def _sort_out(self, h: Handoff) -> list[Entry]:
+    async def _sort_out(self, h: Handoff) -> list[Change]:
         """This group's readable entries; other groups' replayed dead letters are acked and
         unreadable entries dead-lettered."""
         mine = [d for d in h.deliveries if d.only in ("", self.name)]
@@ -203,9 +210,9 @@ class Flusher:
         for bad in mine:
             if isinstance(bad, Unreadable):
                 await self._dead_letter(h.shard, bad.entry_id, bad.error)
-        return [e for e in mine if isinstance(e, Entry)]
+        return [e for e in mine if isinstance(e, Change)]
 
-    def _observe(self, unique: list[Entry], dead: set[str], seconds: float) -> None:
+    def _observe(self, unique: list[Change], dead: set[str], seconds: float) -> None:
         metrics.FLUSH_BATCH.labels(self.name).observe(len(unique))
         metrics.FLUSH_SECONDS.labels(self.name).observe(seconds)
         metrics.FLUSHED_ROWS.labels(self.name).inc(len(unique) - len(dead))
@@ -215,10 +222,10 @@ class Flusher:
             hist.observe(max(0.0, now_ms - e.ts_ms) / 1000)
         logger.debug("%s: %d rows in %.1f ms", self.name, len(unique), seconds * 1000)
 
-    async def _write(self, unique: list[Entry]) -> set[str]:
+    async def _write(self, unique: list[Change]) -> set[str]:
         """Write until committed; a sink failure backs off and retries the same batch (never
         acked before). Returns the ids of entries moved to the dead-letter stream."""
-        attempt = 0
+        backoff = self._cfg.backoff()
         while True:
             await self._pause(self._circuit.wait_s())
             try:
@@ -229,12 +236,12 @@ class Flusher:
                 self._circuit.failure()
                 metrics.CIRCUIT.labels(self.name).set(_CIRCUIT_VALUE[self._circuit.state])
                 metrics.RETRIES.labels(self.name).inc()
-                attempt += 1
-                if attempt in (1, 10) or attempt % 100 == 0:
+                delay = backoff.failed()
+                if backoff.should_log:
                     logger.warning("%s: write of %d rows failed (%r), attempt %d, circuit %s",
-                                   self.name, len(unique), e, attempt, self._circuit.state)
-                await self._pause(backoff_s(attempt, self._cfg.backoff_base_ms,
-                                            self._cfg.backoff_max_ms))
+                                   self.name, len(unique), e, backoff.attempt,
+                                   self._circuit.state)
+                await self._pause(delay)
 
     async def _pause(self, seconds: float) -> None:
         """Sleep before a retry, but wake as soon as another writer got through: the sink is
@@ -243,7 +250,7 @@ class Flusher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._recovered.wait(), seconds)
 
-    async def _try_write(self, unique: list[Entry]) -> set[str]:
+    async def _try_write(self, unique: list[Change]) -> set[str]:
         try:
             await self._sink.write(unique)
         except PoisonError:
@@ -257,7 +264,7 @@ class Flusher:
         self._circuit.success()
         metrics.CIRCUIT.labels(self.name).set(0)
 
-    async def _isolate(self, unique: list[Entry]) -> set[str]:
+    async def _isolate(self, unique: list[Change]) -> set[str]:
         """Retry entry by entry; one that fails max_attempts times is dead-lettered, so it
         never blocks the rest of the shard."""
         self._healthy()
@@ -285,8 +292,8 @@ class Flusher:
 _CIRCUIT_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 
 
-def _by_shard(entries: Iterable[Entry]) -> dict[int, list[Entry]]:
-    out: dict[int, list[Entry]] = {}
+def _by_shard(entries: Iterable[Change]) -> dict[int, list[Change]]:
+    out: dict[int, list[Change]] = {}
     for e in entries:
         out.setdefault(e.shard, []).append(e)
     return out

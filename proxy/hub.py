@@ -27,159 +27,37 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from proxy import keys, metrics
-from proxy.errors import ProxyError, Unavailable
+from proxy.backoff import Backoff
+from proxy.errors import ProxyError, TooManySubscriptions, Unavailable
 from proxy.hot import HotTier
 from proxy.settings import Settings
-from proxy.wsframes import (
-    Event,
-    Out,
-    TooManySubscriptions,
-    backfill_frame,
-    parse_event,
-    parse_op,
-    reply,
+from proxy.wsconn import (
+    CLOSE_GOING_AWAY,
+    CLOSE_TIMEOUT_S,
+    GOING_AWAY_REASON,
+    Connection,
+    Subscription,
 )
+from proxy.wsframes import Event, Out, backfill_frame, parse_event, parse_op, reply
 
 logger = logging.getLogger(__name__)
 
-CLOSE_SLOW = 4008
-SLOW_REASON = "slow consumer: resume with after_seq"
-CLOSE_GOING_AWAY = 1001
-GOING_AWAY_REASON = "sidecar shutting down: resume with after_seq"
 BACKFILL_PAGE = 200
-CLOSE_TIMEOUT_S = 5.0  # a client that reads nothing loses its socket (aborted) after this
 HEARTBEAT_S = 30.0
 MAX_FRAME_BYTES = 64 * 1024
 _PING = b"tierproxy-hub"
 _BACKOFF_BASE_S, _BACKOFF_MAX_S = 0.05, 2.0
 _REDIS_DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError, TimeoutError)
-
-
-class Connection:
-    """One socket: its subscriptions, its bounded send queue, and the tasks it owns (a writer,
-    the subscriptions' backfills, the closer), cancelled and awaited by `finish`."""
-
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None,
-                 queue_size: int) -> None:
-        self.ws = ws
-        self.queue: asyncio.Queue[Out] = asyncio.Queue(queue_size)
-        self.peak = 0  # the deepest the queue has been
-        self.subs: dict[str, Subscription] = {}
-        self.closed = False
-        self.close_code: int | None = None
-        self._transport = transport
-        self._half = max(1, queue_size // 2)
-        self._room = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writer = self.spawn(self._write(), "ws-writer")
-        self._closer: asyncio.Task[None] | None = None
-
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    def send(self, out: Out) -> bool:
-        """Queue a frame; a full queue means the client does not keep up: close it (4008)."""
-        if self.closed:
-            return False
-        try:
-            self.queue.put_nowait(out)
-        except asyncio.QueueFull:
-            metrics.WS_SLOW_CLOSES.inc()
-            self.close(CLOSE_SLOW, SLOW_REASON)
-            return False
-        self.peak = max(self.peak, self.queue.qsize())
-        return True
-
-    async def send_paced(self, out: Out) -> bool:
-        """For backfills: wait while the queue is half full, so live events keep the rest."""
-        while not self.closed and self.queue.qsize() >= self._half:
-            self._room.clear()
-            await self._room.wait()
-        return self.send(out)
-
-    async def _write(self) -> None:
-        try:
-            while True:
-                out = await self.queue.get()
-                await self.ws.send_frame(out.frame, WSMsgType.TEXT)
-                if self.queue.qsize() < self._half:
-                    self._room.set()
-                if out.event:
-                    metrics.WS_EVENTS.inc()
-                if out.ts_ms:
-                    metrics.WS_DELIVERY_SECONDS.observe(max(0.0, time.time() - out.ts_ms / 1000))
-        except ConnectionError:  # the client went away; the handler's read loop ends too
-            self.closed = True
-
-    def close(self, code: int, reason: str) -> None:
-        """Stop sending, drop the queue and close the socket with `code` (bounded in time)."""
-        if self.closed:
-            return
-        self.closed, self.close_code = True, code
-        self.queue = asyncio.Queue(1)  # the frames held are dropped with the old queue
-        for task in self._tasks:
-            task.cancel()
-        self._closer = self.spawn(self._close(code, reason), "ws-close")
-
-    async def _close(self, code: int, reason: str) -> None:
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await self.ws.close(code=code, message=reason.encode())
-        except TimeoutError:
-            if self._transport is not None:  # it reads nothing: drop what is buffered for it
-                self._transport.abort()
-
-    async def wait_closed(self) -> None:
-        if self._closer is not None:
-            await asyncio.shield(self._closer)
-
-    async def finish(self) -> None:
-        """Cancel what still runs (the closer finishes: it has its own deadline), await all."""
-        self.closed = True
-        for task in self._tasks:
-            if task is not self._closer:
-                task.cancel()
-        for result in await asyncio.gather(*list(self._tasks), return_exceptions=True):
-            if isinstance(result, Exception):
-                logger.error("ws connection task failed", exc_info=result)
-
-
-class Subscription:
-    """One thread on one socket. `last_seq`: the last message.created seq delivered (or
-    skipped past). `held` is None when live, else the events held back during a sync."""
-
-    def __init__(self, conn: Connection, thread_id: str, cap: int) -> None:
-        self.conn, self.thread_id = conn, thread_id
-        self.last_seq = 0
-        self.held: deque[Event] | None = deque()  # registered: hold until the first sync ends
-        self.hint = 0  # the highest created seq seen but not held (the held deque was full)
-        self.again = False  # another backfill round is needed (pub/sub reconnected meanwhile)
-        self.task: asyncio.Task[None] | None = None
-        self._cap = cap
-
-    def hold(self, ev: Event) -> None:
-        assert self.held is not None
-        if len(self.held) < self._cap:
-            self.held.append(ev)
-        elif ev.created:
-            self.hint = max(self.hint, ev.seq)  # the backfill will read it from the hot tier
-        else:  # an edit cannot be read back later: the client must resume
-            metrics.WS_SLOW_CLOSES.inc()
-            self.conn.close(CLOSE_SLOW, SLOW_REASON)
 
 
 class WebSocketHub:
@@ -200,17 +78,20 @@ class WebSocketHub:
         client = aioredis.Redis.from_url(
             self._s.redis.url, socket_connect_timeout=self._s.redis.socket_timeout_s,
             socket_timeout=self._s.redis.socket_timeout_s, retry=Retry(NoBackoff(), 0))
-        attempt = 0
+        backoff = Backoff(_BACKOFF_BASE_S, _BACKOFF_MAX_S)
         try:
             while True:
                 started = time.monotonic()
                 try:
                     await self._listen(client)
                 except _REDIS_DOWN as e:
-                    attempt = 1 if time.monotonic() - started > _BACKOFF_MAX_S else attempt + 1
-                    delay = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** attempt)
-                    logger.warning("%6.2fs ws hub: redis pub/sub lost (%s), reconnecting",
-                                   delay, e or type(e).__name__)
+                    if time.monotonic() - started > _BACKOFF_MAX_S:  # it was up a while
+                        backoff.reset()
+                    delay = backoff.failed()
+                    if backoff.should_log:
+                        logger.warning("%6.2fs ws hub: redis pub/sub lost (%s), reconnecting "
+                                       "(attempt %d)", delay, e or type(e).__name__,
+                                       backoff.attempt)
                     await asyncio.sleep(delay)
         finally:
             await client.aclose()
@@ -312,7 +193,7 @@ class WebSocketHub:
         """Send every message after `last_seq` until caught up with the thread's last seq."""
         while not sub.conn.closed:
             cursor = sub.last_seq
-            page = await self._hot.page(sub.thread_id, "after", cursor, BACKFILL_PAGE)
+            page = await self._hot.pages.page(sub.thread_id, "after", cursor, BACKFILL_PAGE)
             first = await self._send_run(sub, page.items)
             if sub.last_seq == cursor and page.hi > cursor:
                 # Nothing new: seqs cursor+1 .. first-1 exist nowhere; step over them only.
@@ -415,7 +296,7 @@ class WebSocketHub:
         self.by_thread.setdefault(tid, set()).add(sub)
         metrics.WS_SUBSCRIPTIONS.inc()
         try:
-            last_seq = orjson.loads((await self._hot.get_thread(tid)).doc)["last_seq"]
+            last_seq = orjson.loads((await self._hot.threads.get(tid)).doc)["last_seq"]
         except ProxyError:
             self.unsubscribe(conn, tid)
             raise

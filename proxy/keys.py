@@ -1,7 +1,33 @@
-"""Every Redis key, stream and group name, and the shard function: the key layout on one screen.
+"""Every Redis key, stream and channel name, every hash field and log-entry field the scripts
+use, and the shard function: the key layout on one screen.
 
 All keys of one thread (or one state key) carry the hash tag `{s}` of their shard, and each
 shard has its own log stream, so every script touches a single slot (Redis Cluster ready).
+
+Thread hash `thread(s, tid)`:
+    doc   the thread JSON without last_seq        v     its version
+    c     created_at as a JSON string             del   '1' tombstoned, '0' live
+    seq   the last message seq assigned           pend  changes of the thread and its
+    fl    the highest seq trimmed out of the            messages not yet flushed to PostgreSQL
+          window (0: every message is in Redis; else an id may be in PostgreSQL only)
+Messages hash `messages(s, tid)`, per message id `mid`:
+    d|mid  the message JSON                       m|mid  "<version>,<body fingerprint>"
+    p|mid  changes of the message not yet flushed (absent: none)
+Window `window(s, tid)`: sorted set mid -> seq, a contiguous suffix of the thread's messages
+    (every unflushed one is in it). Cold cache `cold(s, tid)`: hash mid -> doc of messages read
+    through from PostgreSQL below the window (it has a TTL).
+State hash `state(s, key)`:
+    doc  the entry JSON    v  its version    del  '1' | '0'
+    x    expires_at in Unix ms ('' = never)  pend  changes not yet flushed
+Log entry (XADD to `log(s)`):
+    k  kind: t thread, m message, s state     id   the entity id (message id, thread id, key)
+    tid  the thread id (threads and messages)  v   the entity version after the change
+    e  the event (message.created, thread.updated, state.deleted, ...)
+    ts  when the write was acknowledged (Unix ms)   d  the complete doc after the change
+    g  (replayed dead letters only) the one consumer group it is meant for
+Dead letter (XADD to `dead_letters(s)`): the entry's fields plus
+    error  why it was given up    group  the group that gave up    source_id  its log entry id
+Flushed keys get the cache TTL; a key with `pend` > 0 never has one.
 """
 
 from __future__ import annotations
@@ -11,10 +37,6 @@ import zlib
 
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 ID_RE = re.compile(ID_PATTERN)
-
-GROUP_PG = "pg"
-GROUP_CH = "ch"
-GROUPS = (GROUP_PG, GROUP_CH)
 
 EPOCH = "tp:epoch"  # a random token set once per Redis dataset; a change means Redis lost data
 
@@ -28,27 +50,22 @@ def _tag(shard: int) -> str:
 
 
 def thread(shard: int, tid: str) -> str:
-    """Hash: doc (thread JSON), v (version), seq (last seq), del, pend (unflushed changes)."""
     return f"{_tag(shard)}:t:{tid}"
 
 
 def messages(shard: int, tid: str) -> str:
-    """Hash of a thread's messages: d|mid (doc JSON), v|mid (version), f|mid (body fingerprint)."""
     return f"{_tag(shard)}:m:{tid}"
 
 
 def window(shard: int, tid: str) -> str:
-    """Sorted set mid -> seq: a contiguous suffix of the thread's messages."""
     return f"{_tag(shard)}:w:{tid}"
 
 
 def cold(shard: int, tid: str) -> str:
-    """Hash mid -> doc of messages read through from PostgreSQL outside the window (has a TTL)."""
     return f"{_tag(shard)}:c:{tid}"
 
 
 def state(shard: int, key: str) -> str:
-    """Hash: doc (state JSON), v (version), pend (unflushed changes)."""
     return f"{_tag(shard)}:k:{key}"
 
 

@@ -16,6 +16,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
+from proxy import failpoints
 from proxy import settings as config
 from proxy.settings import ConfigError, Settings
 
@@ -45,6 +46,10 @@ def load_settings(args: argparse.Namespace) -> Settings:
     for (section, key), value in overrides.items():
         if value is not None:
             s = s.replace(section, **{key: value})
+    try:
+        failpoints.parse(s.debug.failpoint)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return s
 
 
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _migrate(s: Settings) -> int:
-    from proxy.sinks.postgres import migrate
+    from proxy.backends.postgres import migrate
 
     if not s.postgres.url:
         logger.error("postgres.url is empty: nothing to migrate (set TIERPROXY_POSTGRES_URL)")

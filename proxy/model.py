@@ -1,4 +1,5 @@
-"""Entities on the wire: validation of request bodies and the JSON docs stored in Redis.
+"""Entities on the wire: validation of request bodies, the JSON docs stored in Redis, the
+changes the write-behind log carries, and the limits every layer shares.
 
 Docs are built here as JSON objects; the Lua scripts prefix the fields only Redis can
 assign (seq, version, created_at of a thread). Versions are integers that travel as strings.
@@ -19,6 +20,33 @@ from proxy.errors import Invalid
 from proxy.keys import ID_RE
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+MAX_PAGE = 1000  # messages in one page
+DEFAULT_PAGE = 50
+MAX_CURSOR = 2**53  # the largest seq a cursor may name: exact in Lua, JSON and every tier
+TTL_MAX_S = 10 * 365 * 86400  # the longest ttl of a state entry
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change read from the write-behind log: the entity's kind ('t' thread, 'm' message,
+    's' state), its ids, its complete doc after the change, and when the write was
+    acknowledged (ms). `entry_id` is its id in the shard's log."""
+
+    shard: int
+    entry_id: str
+    kind: str
+    entity_id: str
+    thread_id: str
+    version: int
+    event: str
+    ts_ms: int
+    doc: bytes
+    only: str = ""  # a replayed dead letter is meant for this consumer group alone
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        """The entity: message ids are scoped by thread."""
+        return (self.kind, self.thread_id, self.entity_id)
 
 
 def now_ms() -> int:
@@ -197,7 +225,7 @@ def parse_state(body: Any, max_value_bytes: int) -> StateInput:
     _only(body, {"value", "ttl"}, {"value"})
     ttl = body.get("ttl")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)
-                            or not 0 < ttl <= 10 * 365 * 86400):
+                            or not 0 < ttl <= TTL_MAX_S):
         raise Invalid("ttl must be a number of seconds greater than 0", {"field": "ttl"})
     try:
         size = len(orjson.dumps(body["value"]))

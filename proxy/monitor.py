@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy import keys, metrics
+from proxy import metrics
+from proxy.backends import PG, SINKS
 from proxy.circuit import Circuit
 from proxy.errors import Unavailable
 from proxy.writelog import Backlog, WriteLog
@@ -81,14 +82,15 @@ class Monitor:
         for name, st in sinks.items():
             metrics.BACKLOG.labels(name).set(st.backlog)
             metrics.LAG.labels(name).set(st.lag_s)
-        self._backlog.entries = sinks[keys.GROUP_PG].backlog if keys.GROUP_PG in sinks else 0
+        self._backlog.entries = sinks[PG.name].backlog if PG.name in sinks else 0
         self.snapshot.sinks = sinks
 
     def status(self) -> dict[str, Any]:
         tiers = {"redis": {"state": self.snapshot.redis}}
-        tier_of = {"pg": "postgres", "ch": "clickhouse"}
-        for name, c in self._circuits.items():
-            tiers[tier_of.get(name, name)] = {"state": "up" if c.state == "closed" else "down"}
+        for sink in SINKS:
+            if sink.name in self._circuits:
+                up = self._circuits[sink.name].state == "closed"
+                tiers[sink.tier] = {"state": "up" if up else "down"}
         sinks = {name: {"circuit": self._circuits[name].state, "backlog": st.backlog,
                         "lag_s": round(st.lag_s, 3), "dead_letters": st.dead_letters}
                  for name, st in self.snapshot.sinks.items()}

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from proxy import keys, metrics, model
+from proxy import metrics, model
+from proxy.backends import CH
 from proxy.errors import (
     Malformed,
     NotFound,
@@ -47,12 +48,6 @@ class Analytics(Protocol):
 ANALYTICS: web.AppKey[Analytics] = web.AppKey("analytics")
 HUB = web.AppKey("hub", WebSocketHub)
 
-STATUS = {
-    "malformed": 400, "invalid_field": 422, "too_large": 413, "unsupported_media_type": 415,
-    "unauthorized": 401, "not_found": 404, "conflict": 409, "precondition_failed": 412,
-    "unavailable": 503, "backpressure": 503, "internal": 500,
-}
-MAX_PAGE = 1000
 _LONG_NUMBER = re.compile(rb"\d{19}")  # 19+ digits: an integer that may not fit in 64 bits
 
 
@@ -84,7 +79,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             headers["Retry-After"] = str(max(1, round(e.retry_after_s)))
         if isinstance(e, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"  # a 401 must name the scheme (RFC 9110)
-        return error_response(STATUS[e.code], e.code, e.message, e.detail, headers)
+        return error_response(e.status, e.code, e.message, e.detail, headers)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -222,19 +217,20 @@ def _write_response(result: Result) -> web.Response:
 async def put_thread(request: web.Request) -> web.Response:
     tid = _tid(request)
     body = model.parse_thread(await read_json(request), _limits(request))
-    result = await request.app[HOT].put_thread(tid, body, _if_match(request), _persisted(request))
+    result = await request.app[HOT].threads.put(tid, body, _if_match(request),
+                                                _persisted(request))
     return _write_response(result)
 
 
 async def get_thread(request: web.Request) -> web.Response:
-    result = await request.app[HOT].get_thread(_tid(request))
+    result = await request.app[HOT].threads.get(_tid(request))
     return _staleness(request, json_response(result.doc, tier=result.tier,
                                              etag=_version(result)))
 
 
 def _staleness(request: web.Request, resp: web.Response) -> web.Response:
     """An answer from ClickHouse says how far behind it may be: the age of the `ch` backlog."""
-    sink = request.app[MONITOR].snapshot.sinks.get(keys.GROUP_CH)
+    sink = request.app[MONITOR].snapshot.sinks.get(CH.name)
     if resp.headers.get("X-Tier") == "clickhouse" and sink is not None:
         resp.headers["X-Staleness-S"] = f"{sink.lag_s:.3f}"
     return resp
@@ -242,7 +238,7 @@ def _staleness(request: web.Request, resp: web.Response) -> web.Response:
 
 async def delete_thread(request: web.Request) -> web.Response:
     tid = _tid(request)
-    result = await request.app[HOT].delete_thread(tid, _if_match(request), _persisted(request))
+    result = await request.app[HOT].threads.delete(tid, _if_match(request), _persisted(request))
     return json_response(result.doc, tier="redis", etag=_version(result))
 
 
@@ -252,7 +248,7 @@ async def delete_thread(request: web.Request) -> web.Response:
 async def append_message(request: web.Request) -> web.Response:
     tid = _tid(request)
     body = model.parse_message(await read_json(request), _limits(request))
-    result = await request.app[HOT].append(tid, body, _persisted(request))
+    result = await request.app[HOT].messages.append(tid, body, _persisted(request))
     return _write_response(result)
 
 
@@ -263,11 +259,11 @@ def _page_query(request: web.Request) -> tuple[str, int, int]:
         raise Malformed(f"unknown query parameter {sorted(unknown)[0]!r}")
     if "before" in q and "after" in q:
         raise Malformed("give either before or after, not both")
-    limit = _int_param(q.get("limit", "50"), "limit", 1, MAX_PAGE)
+    limit = _int_param(q.get("limit", str(model.DEFAULT_PAGE)), "limit", 1, model.MAX_PAGE)
     if "after" in q:
-        return "after", _int_param(q["after"], "after", 0, 2**53), limit
+        return "after", _int_param(q["after"], "after", 0, model.MAX_CURSOR), limit
     if "before" in q:
-        return "before", _int_param(q["before"], "before", 1, 2**53), limit
+        return "before", _int_param(q["before"], "before", 1, model.MAX_CURSOR), limit
     return "latest", 0, limit
 
 
@@ -292,12 +288,12 @@ def page_body(page: Page, mode: str) -> bytes:
 async def list_messages(request: web.Request) -> web.Response:
     tid = _tid(request)
     mode, cursor, limit = _page_query(request)
-    page = await request.app[HOT].page(tid, mode, cursor, limit)
+    page = await request.app[HOT].pages.page(tid, mode, cursor, limit)
     return _staleness(request, json_response(page_body(page, mode), tier=page.tier))
 
 
 async def get_message(request: web.Request) -> web.Response:
-    result = await request.app[HOT].get_message(_tid(request), _mid(request))
+    result = await request.app[HOT].messages.get(_tid(request), _mid(request))
     return _staleness(request, json_response(result.doc, tier=result.tier,
                                              etag=_version(result)))
 
@@ -314,15 +310,15 @@ async def thread_stats(request: web.Request) -> web.Response:
 async def patch_message(request: web.Request) -> web.Response:
     tid, mid = _tid(request), _mid(request)
     patch = model.parse_patch(await read_json(request), _limits(request))
-    result = await request.app[HOT].edit_message(tid, mid, patch, _if_match(request),
-                                                 _persisted(request))
+    result = await request.app[HOT].messages.edit(tid, mid, patch, _if_match(request),
+                                                  _persisted(request))
     return json_response(result.doc, tier="redis", etag=_version(result))
 
 
 async def delete_message(request: web.Request) -> web.Response:
     tid, mid = _tid(request), _mid(request)
-    result = await request.app[HOT].delete_message(tid, mid, _if_match(request),
-                                                   _persisted(request))
+    result = await request.app[HOT].messages.delete(tid, mid, _if_match(request),
+                                                    _persisted(request))
     return json_response(result.doc, tier="redis", etag=_version(result))
 
 
@@ -332,18 +328,18 @@ async def delete_message(request: web.Request) -> web.Response:
 async def put_state(request: web.Request) -> web.Response:
     key = _key(request)
     body = model.parse_state(await read_json(request), request.app[SETTINGS].api.max_body_bytes)
-    result = await request.app[HOT].put_state(key, body, _if_match(request), _persisted(request))
+    result = await request.app[HOT].state.put(key, body, _if_match(request), _persisted(request))
     return _write_response(result)
 
 
 async def get_state(request: web.Request) -> web.Response:
-    result = await request.app[HOT].get_state(_key(request))
+    result = await request.app[HOT].state.get(_key(request))
     return json_response(result.doc, tier=result.tier, etag=_version(result))
 
 
 async def delete_state(request: web.Request) -> web.Response:
     key = _key(request)
-    result = await request.app[HOT].delete_state(key, _if_match(request), _persisted(request))
+    result = await request.app[HOT].state.delete(key, _if_match(request), _persisted(request))
     return json_response(result.doc, tier="redis", etag=_version(result))
 
 

@@ -59,7 +59,6 @@ class Redis:
 @dataclass(frozen=True)
 class Postgres:
     url: str = ""
-    pool_min: int = 1
     pool_max: int = 8
     command_timeout_s: float = 10.0
 
@@ -145,7 +144,7 @@ _POSITIVE = {
     "api.port", "metrics.port", "api.max_body_bytes", "api.max_content_chars",
     "api.max_metadata_bytes", "api.request_timeout_s", "redis.shards", "redis.window",
     "redis.pool_size", "redis.socket_timeout_s", "redis.health_check_interval_s",
-    "postgres.pool_min", "postgres.pool_max", "postgres.command_timeout_s",
+    "postgres.pool_max", "postgres.command_timeout_s",
     "clickhouse.max_batch", "clickhouse.interval_ms", "flush.max_batch", "flush.max_delay_ms",
     "flush.max_inflight", "flush.max_attempts", "flush.claim_idle_ms", "flush.backoff_base_ms",
     "flush.backoff_max_ms", "flush.max_backlog", "flush.trim_interval_s",
@@ -266,5 +265,3 @@ def _validate(s: Settings) -> None:
         section, name = key.split(".")
         if getattr(getattr(s, section), name) > 65535:
             raise ConfigError(f"{key}: must be a TCP port (1-65535)")
-    if s.postgres.pool_min > s.postgres.pool_max:
-        raise ConfigError("postgres.pool_min: must not exceed postgres.pool_max")

@@ -1,7 +1,6 @@
-"""WriteLog: the per-shard write-behind streams — groups, reads, acks, claims, safe trims.
-
-Consumers never see driver types: entries come out as `Entry` objects.
-"""
+"""WriteLog: the per-shard write-behind streams — groups, reads, acks, claims, safe trims,
+dead letters. Consumers never see driver types: entries come out as `model.Change` objects
+(or `Unreadable` ones, which the flusher dead-letters)."""
 
 from __future__ import annotations
 
@@ -14,7 +13,8 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from proxy import keys
-from proxy.redisconn import Scripts, redis_call
+from proxy.model import Change
+from proxy.redisconn import redis_call
 
 logger = logging.getLogger(__name__)
 COUNT_CAP = 2_000  # entries one backlog measurement reads at most per side of a stream
@@ -26,28 +26,6 @@ class UnsafeRedis(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One change in the log: entity kind ('t' thread, 'm' message, 's' state), ids, the
-    complete doc after the change, and when the write was acknowledged (ms)."""
-
-    shard: int
-    entry_id: str
-    kind: str
-    entity_id: str
-    thread_id: str
-    version: int
-    event: str
-    ts_ms: int
-    doc: bytes
-    only: str = ""  # a replayed dead letter is meant for this group alone
-
-    @property
-    def identity(self) -> tuple[str, str, str]:
-        """The entity: message ids are scoped by thread."""
-        return (self.kind, self.thread_id, self.entity_id)
-
-
-@dataclass(frozen=True)
 class Unreadable:
     """A log entry that cannot be decoded: the flusher dead-letters it."""
 
@@ -56,12 +34,12 @@ class Unreadable:
     only: str = ""
 
 
-Delivery = Entry | Unreadable
+Delivery = Change | Unreadable
 
 
-def decode(shard: int, entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
+def decode(shard: int, entry_id: bytes, fields: dict[bytes, bytes]) -> Change:
     """Raises KeyError/ValueError on a malformed entry (the flusher dead-letters it)."""
-    return Entry(shard, entry_id.decode(), fields[b"k"].decode(), fields[b"id"].decode(),
+    return Change(shard, entry_id.decode(), fields[b"k"].decode(), fields[b"id"].decode(),
                  fields.get(b"tid", fields[b"id"]).decode(), int(fields[b"v"]),
                  fields[b"e"].decode(), int(fields[b"ts"]), fields[b"d"],
                  fields.get(b"g", b"").decode())
@@ -82,10 +60,10 @@ class Backlog:
 
 
 class WriteLog:
-    def __init__(self, client: aioredis.Redis, shards: int) -> None:
+    def __init__(self, client: aioredis.Redis, shards: int, groups: tuple[str, ...]) -> None:
         self._r = client
-        self._scripts = Scripts(client)
         self.shards = shards
+        self.groups = groups  # every consumer group (one per sink)
         # A blocking read must return well within the socket timeout, or an idle stream looks
         # like a dead Redis (a timeout, a reconnect and a warning every read).
         timeout_s = client.connection_pool.connection_kwargs.get("socket_timeout")
@@ -108,7 +86,7 @@ class WriteLog:
         """Create every group at 0 with MKSTREAM; a group another sidecar made is fine."""
         await redis_call(lambda: self._r.set(keys.EPOCH, os.urandom(8).hex(), nx=True))
         for shard in range(self.shards):
-            for group in keys.GROUPS:
+            for group in self.groups:
                 await self._create_group(keys.log(shard), group)
 
     async def _create_group(self, stream: str, group: str) -> None:
@@ -153,22 +131,10 @@ class WriteLog:
         if ids:
             await redis_call(lambda: self._r.xack(keys.log(shard), group, *ids))
 
-    async def release(self, shard: int, group: str, entries: list[Entry], ttl_ms: int,
-                      window: int, now_ms: int) -> None:
-        """Ack entries committed to PostgreSQL and let their cached keys expire once nothing
-        of theirs is left unflushed (release.lua)."""
-        if not entries:
-            return
-        key_list, index, args = [keys.log(shard)], {}, [group, ttl_ms, window, now_ms]
-        for e in entries:
-            entity = ("s", e.entity_id) if e.kind == "s" else ("t", e.thread_id)
-            if entity not in index:
-                index[entity] = len(key_list) + 1  # Lua indexes KEYS from 1
-                key_list += ([keys.state(shard, e.entity_id)] if e.kind == "s" else
-                             [keys.thread(shard, e.thread_id), keys.messages(shard, e.thread_id),
-                              keys.window(shard, e.thread_id)])
-            args += [e.entry_id, index[entity], entity[0], e.entity_id if e.kind == "m" else ""]
-        await self._scripts.run("release", key_list, args)
+    async def ack_changes(self, group: str, shard: int, changes: list[Change]) -> None:
+        """The acknowledgement of a sink that leaves no cache state to release (ClickHouse);
+        PostgreSQL's is HotTier.release."""
+        await self.ack(shard, group, [c.entry_id for c in changes])
 
     async def remove_dead_consumers(self, shard: int, group: str, me: str,
                                     idle_ms: int) -> None:

@@ -12,7 +12,7 @@ import orjson
 from aiohttp import WSMsgType
 
 from proxy import model
-from proxy.errors import Invalid, Malformed, ProxyError
+from proxy.errors import Invalid, Malformed, UnknownOp
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +22,6 @@ _EVENT_HEAD = re.compile(
     rb'\{"type":"([a-z.]+)","thread_id":"([A-Za-z0-9._:-]+)","(?:last_)?seq":(\d+),"ts":(\d+)[,}]')
 _OPS = {"subscribe": {"op", "thread_id", "after_seq"}, "unsubscribe": {"op", "thread_id"},
         "ping": {"op"}}
-
-
-class UnknownOp(Malformed):
-    code = "unknown_op"
-
-
-class TooManySubscriptions(ProxyError):
-    code = "too_many_subscriptions"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +106,7 @@ def _thread_id(value: Any) -> str:
 def _after_seq(value: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**53:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= model.MAX_CURSOR:
         raise Invalid("after_seq must be a whole number >= 0", {"field": "after_seq"})
     return value
 

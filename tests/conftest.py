@@ -18,11 +18,11 @@ from aiohttp.test_utils import TestClient
 
 from proxy import settings as config
 from proxy.app import create_app
+from proxy.backends import clickhouse
+from proxy.backends.clickhouse import ClickHouseStore
+from proxy.backends.postgres import apply_migrations
 from proxy.embedded import PostgresServer, RedisServer, clickhouse_url
 from proxy.settings import Settings
-from proxy.sinks import clickhouse
-from proxy.sinks.clickhouse import ClickHouseStore
-from proxy.sinks.postgres import apply_migrations
 
 AppClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 

@@ -107,6 +107,14 @@ async def error(resp: ClientResponse, status: int, code: str) -> Any:
     return doc["error"]["detail"]
 
 
+async def append(client: Any, tid: str = "t1", content: str = "hi", *, status: int = 201,
+                 **fields: Any) -> Any:
+    """Append a message (role "user" unless given) through an aiohttp test client; the
+    answer must have `status`. Returns the answer's JSON."""
+    msg = {"role": "user", "content": content, **fields}
+    return await body(await client.post(f"/v1/threads/{tid}/messages", json=msg), status)
+
+
 async def log_entries(r: aioredis.Redis, stream: str) -> list[dict[str, str]]:
     """A log stream's entries as dicts of text (the doc `d` stays JSON text)."""
     return [{k.decode(): v.decode() for k, v in fields.items()}

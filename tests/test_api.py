@@ -20,11 +20,12 @@ from yarl import URL
 
 from proxy import keys
 from proxy.app import create_app
+from proxy.backends import GROUPS
 from proxy.embedded import RedisServer
 from proxy.settings import Settings
 from tests import helpers
 from tests.conftest import AppClient, Servers, make_settings
-from tests.helpers import PAUSED, body, error, log_entries, wait_for
+from tests.helpers import PAUSED, append, body, error, log_entries, wait_for
 
 Client = TestClient[Any, Any]
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -33,11 +34,6 @@ ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 
 async def new_thread(client: Client, tid: str = "t1", **fields: Any) -> Any:
     return await body(await client.put(f"/v1/threads/{tid}", json=fields), 201)
-
-
-async def append(client: Client, tid: str = "t1", status: int = 201, **fields: Any) -> Any:
-    msg = {"role": "user", "content": "hi", **fields}
-    return await body(await client.post(f"/v1/threads/{tid}/messages", json=msg), status)
 
 
 async def seqs_of(client: Client, query: str) -> tuple[list[int], Any]:
@@ -799,7 +795,7 @@ async def test_second_startup_keeps_existing_groups(client_for: AppClient,
     stream = keys.log(1)
     entry = await redis.xadd(stream, {"k": "s", "id": "y", "v": "1", "e": "state.updated",
                                       "ts": "1", "d": "{}"})
-    for group in keys.GROUPS:
+    for group in GROUPS:
         await redis.xgroup_create(stream, group, id="$")
     await client_for(settings)
     await client_for(settings)

@@ -23,13 +23,13 @@ from prometheus_client import REGISTRY
 
 from proxy import keys
 from proxy.app import FAILPOINTS
-from proxy.degraded import ClickHouseBacking
+from proxy.backends.clickhouse import ClickHouseBacking, ClickHouseSink, ClickHouseStore
 from proxy.embedded import clickhouse_url
 from proxy.errors import Unavailable
 from proxy.failpoints import Failpoints
+from proxy.model import Change
 from proxy.settings import Settings
-from proxy.sinks.clickhouse import ClickHouseSink, ClickHouseStore
-from proxy.writelog import Entry
+from tests import helpers
 from tests.conftest import Servers
 from tests.helpers import body, error, settled, wait_for
 from tests.sidecar import Sidecar, clickhouse_query
@@ -60,8 +60,7 @@ async def put_thread(c: Client, tid: str, acked: set[str], status: int = 201) ->
 
 async def append(c: Client, tid: str, acked: set[str], role: str = "user",
                  content: str = "hi") -> Any:
-    doc = await call(c, "POST", f"/v1/threads/{tid}/messages", 201,
-                     {"role": role, "content": content, "metadata": {"n": len(acked)}})
+    doc = await helpers.append(c, tid, content, role=role, metadata={"n": len(acked)})
     acked.add(event_id("m", doc["message_id"], doc))
     return doc
 
@@ -144,13 +143,13 @@ async def test_a_batch_inserted_twice_or_redelivered_differently_shows_once(
 
 
 def message_entry(tid: str, mid: str, seq: int, version: int, content: str,
-                  deleted: bool = False) -> Entry:
+                  deleted: bool = False) -> Change:
     stamp = "2026-01-02T03:04:05.678Z"
     doc = {"seq": seq, "version": version, "message_id": mid, "thread_id": tid, "role": "user",
            "content": content, "metadata": {}, "created_at": stamp, "updated_at": stamp,
            "deleted": deleted}
     event = "message.deleted" if deleted else "message.created"
-    return Entry(0, f"1-{seq}", "m", mid, tid, version, event, 0, orjson.dumps(doc))
+    return Change(0, f"1-{seq}", "m", mid, tid, version, event, 0, orjson.dumps(doc))
 
 
 async def test_clickhouse_outage_leaves_pg_alone_and_the_backlog_drains(

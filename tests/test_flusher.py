@@ -16,13 +16,13 @@ from aiohttp.test_utils import TestClient
 
 from proxy import keys, metrics
 from proxy.app import FAILPOINTS
+from proxy.backends.postgres import PostgresSink, PostgresStore
 from proxy.failpoints import Failpoints
 from proxy.flusher import coalesce
+from proxy.model import Change
 from proxy.settings import Settings
-from proxy.sinks.postgres import PostgresStore
-from proxy.writelog import Entry
 from tests.conftest import AppClient, Servers, make_settings
-from tests.helpers import body, wait_for
+from tests.helpers import append, body, wait_for
 
 JSON = {"Content-Type": "application/json"}
 
@@ -30,12 +30,6 @@ JSON = {"Content-Type": "application/json"}
 async def put(c: TestClient[Any, Any], path: str, doc: Any, **headers: str) -> Any:
     resp = await c.put(path, data=orjson.dumps(doc), headers={**JSON, **headers})
     return await body(resp, resp.status if resp.status < 300 else 200)
-
-
-async def append(c: TestClient[Any, Any], tid: str, content: str, **extra: Any) -> Any:
-    resp = await c.post(f"/v1/threads/{tid}/messages", headers=JSON,
-                        data=orjson.dumps({"role": "user", "content": content, **extra}))
-    return await body(resp, resp.status if resp.status in (200, 201) else 201)
 
 
 def shard(settings: Settings, entity: str) -> int:
@@ -111,18 +105,30 @@ async def test_cached_keys_get_a_ttl_only_once_flushed(
 
 
 async def test_unflushed_keys_never_expire_while_postgres_lags(
-        client_for: AppClient, servers: Servers, redis: aioredis.Redis) -> None:
-    # Every PostgreSQL transaction hangs before its commit: keys must stay without TTL.
-    s = make_settings(servers, debug={"failpoint": "before-pg-commit:sleep"},
-                      shutdown={"deadline_s": 0.2})
+        client_for: AppClient, servers: Servers, redis: aioredis.Redis,
+        pg: asyncpg.Connection) -> None:
+    # Every PostgreSQL transaction stalls before its commit: while the flusher holds the
+    # batch, the thread's keys have no TTL; once it commits, they get one.
+    s = make_settings(servers, debug={"failpoint": "before-pg-commit:sleep:2"})
     c = await client_for(s)
     await put(c, "/v1/threads/lag", {"title": "t"})
     for i in range(20):
         await append(c, "lag", f"m{i}")
-    k = keys.thread(shard(s, "lag"), "lag")
-    for _ in range(10):
-        assert await redis.pttl(k) == -1
-        await asyncio.sleep(0.1)
+    names = [f(shard(s, "lag"), "lag") for f in (keys.thread, keys.messages, keys.window)]
+
+    async def held() -> bool:  # the flusher read the batch and has not committed it
+        pending = (await redis.xpending(keys.log(shard(s, "lag")), "pg"))["pending"]
+        return bool(pending) and not await pg.fetchval("SELECT count(*) FROM messages")
+
+    await wait_for(held)
+    assert [await redis.pttl(k) for k in names] == [-1, -1, -1]
+    c.server.app[FAILPOINTS].set("")  # later transactions commit at once
+
+    async def expiring() -> bool:
+        return all([await redis.pttl(k) > 0 for k in names])
+
+    await wait_for(expiring, timeout_s=15)
+    assert await pg.fetchval("SELECT count(*) FROM messages WHERE thread_id = 'lag'") == 20
 
 
 async def test_in_batch_versions_are_coalesced(
@@ -142,12 +148,12 @@ async def test_in_batch_versions_are_coalesced(
     assert metrics.COALESCED.labels("pg")._value.get() - before >= 2
 
 
-def _entry(kind: str, entity: str, version: int, doc: dict[str, Any], tid: str = "") -> Entry:
-    return Entry(0, "0-1", kind, entity, tid or entity, version, f"{kind}.test", 0,
+def _entry(kind: str, entity: str, version: int, doc: dict[str, Any], tid: str = "") -> Change:
+    return Change(0, "0-1", kind, entity, tid or entity, version, f"{kind}.test", 0,
                  orjson.dumps(doc))
 
 
-def _message(mid: str, tid: str, seq: int, version: int) -> Entry:
+def _message(mid: str, tid: str, seq: int, version: int) -> Change:
     stamp = "2026-01-01T00:00:00.000Z"
     return _entry("m", mid, version, {
         "seq": seq, "version": version, "message_id": mid, "thread_id": tid, "role": "user",
@@ -164,12 +170,13 @@ def test_coalesce_keeps_the_highest_version() -> None:
 
 async def test_a_batch_larger_than_the_parameter_limit(servers: Servers,
                                                        pg: asyncpg.Connection) -> None:
-    store = await PostgresStore.open(servers.postgres_url, 1, 2, 30, Failpoints(""))
+    store = await PostgresStore.open(servers.postgres_url, 2, 30, Failpoints(""))
     try:
         entries = [_message(f"big{i}", "big", i + 1, 1) for i in range(5000)]  # 50,000 values
-        await store.upsert(entries)
-        await store.upsert(entries)  # a replay changes nothing
-        await store.upsert([_message("big0", "big", 1, 2), _message("big1", "big", 2, 1)])
+        sink = PostgresSink(store)
+        await sink.write(entries)
+        await sink.write(entries)  # a replay changes nothing
+        await sink.write([_message("big0", "big", 1, 2), _message("big1", "big", 2, 1)])
     finally:
         await store.close()
     assert await pg.fetchval("SELECT count(*) FROM messages WHERE thread_id = 'big'") == 5000

@@ -14,13 +14,14 @@ PROXY = Path(__file__).resolve().parent.parent / "proxy"
 MODULES = sorted(
     ".".join(p.relative_to(PROXY.parent).with_suffix("").parts).removesuffix(".__init__")
     for p in PROXY.rglob("*.py") if p.name != "__main__.py")
-LEAVES = {"proxy.settings", "proxy.model", "proxy.errors", "proxy.keys", "proxy.metrics"}
+LEAVES = {"proxy.settings", "proxy.model", "proxy.errors", "proxy.keys", "proxy.metrics",
+          "proxy.backoff"}
 API = {"proxy.routes", "proxy.app", "proxy.main"}
 # Which modules may import a driver (STYLE.md: drivers are fenced).
 FENCES = {
-    "asyncpg": {"proxy.sinks.postgres", "proxy.fallback"},
-    "clickhouse_connect": {"proxy.sinks.clickhouse"},
-    "chdb": {"proxy.sinks.clickhouse"},
+    "asyncpg": {"proxy.backends.postgres"},
+    "clickhouse_connect": {"proxy.backends.clickhouse"},
+    "chdb": {"proxy.backends.clickhouse"},
     "uvloop": {"proxy.main"},
 }
 

@@ -195,7 +195,6 @@ def test_bad_environment_values_name_the_key(key: str, raw: str, problem: str) -
     ("[redis]\nshards = true\n", "redis.shards", "a boolean is not a number"),
     ("[redis]\nshards = 0\n", "redis.shards", "must be greater than 0"),
     ("[api]\nrequest_timeout_s = -1.0\n", "api.request_timeout_s", "must be greater than 0"),
-    ("[postgres]\npool_min = 9\npool_max = 8\n", "postgres.pool_min", "must not exceed"),
     ("[log]\nlevel = 'trace'\n", "log.level", "must be one of"),
     ("[clickhouse]\nstore_content = 'sometimes'\n", "clickhouse.store_content", "expected bool"),
 ])

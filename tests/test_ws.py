@@ -20,7 +20,7 @@ from proxy import keys, routes, wsframes
 from proxy.hub import WebSocketHub
 from proxy.settings import Settings
 from tests.conftest import AppClient, Servers, make_settings
-from tests.helpers import body, wait_for
+from tests.helpers import append, body, wait_for
 
 Client = TestClient[Any, Any]
 WS = aiohttp.ClientWebSocketResponse
@@ -29,11 +29,6 @@ DEADLINE_S = 15.0
 
 async def new_thread(client: Client, tid: str) -> None:
     await body(await client.put(f"/v1/threads/{tid}", json={"title": tid}), 201)
-
-
-async def append(client: Client, tid: str, content: str = "hi") -> Any:
-    msg = {"role": "user", "content": content}
-    return await body(await client.post(f"/v1/threads/{tid}/messages", json=msg), 201)
 
 
 async def write_many(client: Client, tid: str, count: int, writers: int = 4) -> list[Any]:

@@ -26,6 +26,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from proxy import keys
+from proxy.backends import GROUPS
 
 OK, FAIL, INFO = "ok", "fail", "info"
 
@@ -349,7 +350,7 @@ class Verdict:
 
 
 async def check(history: History, pg_url: str, redis_url: str, shards: int, *,
-                deadline_s: float = 15.0, groups: Sequence[str] = keys.GROUPS) -> Verdict:
+                deadline_s: float = 15.0, groups: Sequence[str] = GROUPS) -> Verdict:
     """Poll PostgreSQL and the log until I1–I4 hold, or fail at the deadline with what does
     not hold. A stored version above every acked one never converges: it fails at the end."""
     started = time.monotonic()

@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy import keys
+from proxy.backends import PG
 from tests.conftest import Servers
 from tests.faults.conftest import SHARDS, StartSidecar, metric
 from tests.faults.history import INFO, OK, Load, check
@@ -30,7 +31,7 @@ def consumer_prefix(sidecar: Sidecar) -> str:
     return f"{socket.gethostname()}-{sidecar.proc.pid}-"
 
 
-async def pending_of(r: aioredis.Redis, group: str = keys.GROUP_PG) -> int:
+async def pending_of(r: aioredis.Redis, group: str = PG.name) -> int:
     return sum([(await r.xpending(keys.log(s), group))["pending"] for s in range(SHARDS)])
 
 
@@ -87,7 +88,7 @@ class ConsumerWatch:
     async def observe(self, r: aioredis.Redis) -> bool:
         """One observation of every shard; True once the consumer is gone from all."""
         for shard in range(SHARDS):
-            listed = [c for c in await r.xinfo_consumers(keys.log(shard), keys.GROUP_PG)
+            listed = [c for c in await r.xinfo_consumers(keys.log(shard), PG.name)
                       if c["name"].decode().startswith(self.prefix)]
             self.seen.setdefault(shard, []).append(listed[0]["pending"] if listed else None)
         return all(obs[-1] is None for obs in self.seen.values())

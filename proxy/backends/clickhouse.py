@@ -1,6 +1,7 @@
 """ClickHouse, the analytics tier: the `events` table, bulk columnar inserts that are visible
-exactly once despite retries, and the reads behind /stats and degraded reads. The only module
-that knows clickhouse-connect.
+exactly once despite retries (the streamer's sink), and the reads behind /stats and degraded
+reads (a read-only backing while PostgreSQL is down). The only module that knows
+clickhouse-connect.
 
 One client per store, over `http(s)://` (a ClickHouse server) or `chdb://DIR` (embedded). The
 async client does not support chDB, so the sync client runs on the store's own single worker
@@ -54,10 +55,10 @@ from clickhouse_connect.driver import exceptions as chexc
 from clickhouse_connect.driver.client import Client
 
 from proxy import model
+from proxy.backends import CH, MessageRow, PoisonError, StateRow, ThreadRow, message_row, thread_row
 from proxy.errors import Unavailable
 from proxy.failpoints import Failpoints
-from proxy.sinks import PoisonError
-from proxy.writelog import Entry
+from proxy.model import Change
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -153,11 +154,11 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def event_id(e: Entry) -> str:
+def event_id(e: Change) -> str:
     return f"{e.kind}:{e.entity_id}:{e.version}"
 
 
-def event_row(e: Entry, instance: str, store_content: bool) -> list[Any]:
+def event_row(e: Change, instance: str, store_content: bool) -> list[Any]:
     """One events row, in COLUMNS order. Raises KeyError/ValueError/TypeError on a bad doc."""
     d = orjson.loads(e.doc)
     when = _ts(d.get("updated_at"), e.ts_ms)
@@ -243,7 +244,7 @@ class ClickHouseStore:
         """A statement without rows (DDL, TRUNCATE), parameters server-side."""
         await self._guarded(lambda c: c.command(sql, parameters=params))
 
-    async def insert(self, entries: Sequence[Entry], instance: str,
+    async def insert(self, entries: Sequence[Change], instance: str,
                      store_content: bool) -> None:
         """The entries as event rows, in one columnar insert (Native format, no SQL text with
         values) deduplicated by the batch's token. The rows are built on the worker thread too:
@@ -269,22 +270,22 @@ class ClickHouseStore:
 
         return await self._guarded(run)
 
-    async def fetch_thread(self, tid: str) -> dict[str, Any] | None:
-        """The thread at its latest version, shaped like PostgresStore.fetch_thread."""
+    async def fetch_thread(self, tid: str) -> ThreadRow | None:
+        """The thread at its latest version."""
         r = (await self.query(THREAD, {"tid": tid}))[0]
         if not r["r_version"]:
             return None
-        return {"thread_id": tid, "title": r["r_title"], "owner_id": r["r_owner"],
-                "metadata": r["r_meta"], "created_at": _dt(r["r_created"]),
-                "updated_at": _dt(r["r_updated"]), "version": r["r_version"],
-                "last_seq": r["r_last_seq"], "deleted": bool(r["r_deleted"])}
+        return thread_row(thread_id=tid, title=r["r_title"], owner_id=r["r_owner"],
+                          metadata=orjson.loads(r["r_meta"]), created_at=_dt(r["r_created"]),
+                          updated_at=_dt(r["r_updated"]), version=r["r_version"],
+                          last_seq=r["r_last_seq"], deleted=bool(r["r_deleted"]))
 
-    async def fetch_messages(self, tid: str, lo: int, hi: int) -> list[dict[str, Any]]:
-        """Messages lo..hi at their latest version, shaped like PostgresStore's rows."""
+    async def fetch_messages(self, tid: str, lo: int, hi: int) -> list[MessageRow]:
+        """Messages lo..hi at their latest version."""
         sql = MESSAGES.replace("{where}", "seq BETWEEN {lo:UInt64} AND {hi:UInt64}")
         return [_message(tid, r) for r in await self.query(sql, {"tid": tid, "lo": lo, "hi": hi})]
 
-    async def fetch_message(self, tid: str, mid: str) -> dict[str, Any] | None:
+    async def fetch_message(self, tid: str, mid: str) -> MessageRow | None:
         sql = MESSAGES.replace("{where}", "message_id = {mid:String}")
         rows = await self.query(sql, {"tid": tid, "mid": mid})
         return _message(tid, rows[0]) if rows else None
@@ -303,17 +304,17 @@ class ClickHouseStore:
                 "last_at": model.iso(max(r["r_last"] for r in rows)) if rows else None}
 
 
-def _message(tid: str, r: dict[str, Any]) -> dict[str, Any]:
-    return {"message_id": r["r_mid"], "thread_id": tid, "seq": r["r_seq"], "role": r["r_role"],
-            "content": r["r_content"], "metadata": r["r_meta"],
-            "created_at": _dt(r["r_created"]), "updated_at": _dt(r["r_updated"]),
-            "version": r["r_version"], "deleted": bool(r["r_deleted"])}
+def _message(tid: str, r: dict[str, Any]) -> MessageRow:
+    return message_row(message_id=r["r_mid"], thread_id=tid, seq=r["r_seq"], role=r["r_role"],
+                       content=r["r_content"], metadata=orjson.loads(r["r_meta"]),
+                       created_at=_dt(r["r_created"]), updated_at=_dt(r["r_updated"]),
+                       version=r["r_version"], deleted=bool(r["r_deleted"]))
 
 
 class ClickHouseSink:
-    """The flusher's view of ClickHouse: every change, as one event row."""
+    """The streamer's view of ClickHouse: every change, as one event row."""
 
-    name = "ch"
+    info = CH
 
     def __init__(self, store: ClickHouseStore, instance: str, store_content: bool,
                  failpoints: Failpoints) -> None:
@@ -322,10 +323,10 @@ class ClickHouseSink:
         self._store_content = store_content
         self._failpoints = failpoints
 
-    async def write(self, entries: list[Entry]) -> None:
+    async def write(self, changes: list[Change]) -> None:
         await self._failpoints.hit("ch-insert")
         try:
-            await self._store.insert(entries, self._instance, self._store_content)
+            await self._store.insert(changes, self._instance, self._store_content)
         except PoisonError:
             raise
         except Exception as err:
@@ -333,5 +334,43 @@ class ClickHouseSink:
                 raise PoisonError(f"clickhouse rejected the data: {err}") from err
             raise  # the server's health: the flusher backs off and retries the same batch
 
-    async def close(self) -> None:
-        """The store is shared with the read path; the app closes it."""
+
+class ClickHouseBacking:
+    """Degraded reads (backends.Backing, read-only) when PostgreSQL cannot answer: what Redis
+    does not hold is read from ClickHouse, possibly stale (by the age of the `ch` backlog),
+    marked `X-Tier: clickhouse`. Each thread and message is rebuilt from its latest event
+    (argMax by version).
+
+    The hot tier never writes these rows back into Redis and never bases a write on them:
+    ClickHouse may lag PostgreSQL, and a stale last_seq or message version cached in Redis
+    would let the next append reuse a seq, or an edit lose to a newer version already in
+    PostgreSQL. State entries are not served (they are not events the read path can rebuild),
+    and nothing is persisted here."""
+
+    tier = CH.tier
+
+    def __init__(self, store: ClickHouseStore, store_content: bool) -> None:
+        self._store = store
+        self._store_content = store_content
+
+    def _need_content(self) -> None:
+        if not self._store_content:
+            raise Unavailable("postgres is unavailable and clickhouse does not store message "
+                              "text (clickhouse.store_content = false)")
+
+    async def load_thread(self, tid: str) -> ThreadRow | None:
+        return await self._store.fetch_thread(tid)
+
+    async def load_messages(self, tid: str, lo: int, hi: int) -> list[MessageRow]:
+        self._need_content()
+        return await self._store.fetch_messages(tid, lo, hi)
+
+    async def load_message(self, tid: str, mid: str) -> MessageRow | None:
+        self._need_content()
+        return await self._store.fetch_message(tid, mid)
+
+    async def load_state(self, key: str) -> StateRow | None:
+        raise Unavailable("postgres is unavailable; state entries are not served from clickhouse")
+
+    async def persist(self, kind: str, doc: bytes) -> None:
+        raise Unavailable("postgres is unavailable; clickhouse is read-only")

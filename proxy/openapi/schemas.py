@@ -1,21 +1,19 @@
-"""The OpenAPI 3.1 document of the API, served at /openapi.json; each operation reads as a few
-facts (success responses, error statuses, parameters, body). tests/test_openapi.py fails when
-a registered route is missing here and checks the body schemas against model.py. Size limits
-shown are the defaults (settings.Api); a deployment may configure others."""
+"""The OpenAPI document's building blocks and components: schemas of every body, parameter,
+header and error response. Size limits shown are the defaults (settings.Api); a deployment may
+configure others."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from proxy.backends import SINKS
 from proxy.keys import ID_PATTERN
+from proxy.model import DEFAULT_PAGE, MAX_CURSOR, MAX_PAGE, TTL_MAX_S
 from proxy.settings import Api
 
 Schema = dict[str, Any]
 
 LIMITS = Api()
-MAX_PAGE = 1000  # routes.MAX_PAGE (not imported: nothing imports the api)
-MAX_CURSOR = 2**53  # routes._page_query
-TTL_MAX_S = 10 * 365 * 86400  # model.parse_state
 NO_NUL = "^[^\\u0000]*$"
 JSON = "application/json"
 STR: Schema = {"type": "string"}
@@ -122,7 +120,8 @@ def parameters() -> Schema:
         "tid": param("tid", "path", ident, f"Thread id {invalid}"),
         "mid": param("mid", "path", ident, f"Message id {invalid}"),
         "key": param("key", "path", ident, f"State key {invalid}"),
-        "limit": param("limit", "query", {**integer(1, MAX_PAGE), "default": 50}, "Page size."),
+        "limit": param("limit", "query", {**integer(1, MAX_PAGE), "default": DEFAULT_PAGE},
+                       "Page size."),
         "before": param("before", "query", integer(1, MAX_CURSOR),
                         f"The page of messages just below seq `before`. {one}"),
         "after": param("after", "query", integer(0, MAX_CURSOR),
@@ -139,7 +138,7 @@ def parameters() -> Schema:
 
 
 def headers() -> Schema:
-    tiers = ["redis", "postgres", "clickhouse"]
+    tiers = ["redis", *(s.tier for s in SINKS)]
     return {
         "ETag": {"description": "The entity's version, quoted (`\"3\"`).", "schema": STR},
         "X-Tier": {"description": "The store that served it. `clickhouse`: a degraded, "
@@ -217,9 +216,9 @@ def ops_schemas() -> Schema:
     return {
         "Health": obj({"status": const("ok")}),
         "Readiness": obj({"ready": BOOL, "problems": {"type": "array", "items": STR}}),
-        "Status": obj({"tiers": obj({t: tier for t in ("redis", "postgres", "clickhouse")},
+        "Status": obj({"tiers": obj({t: tier for t in ("redis", *(s.tier for s in SINKS))},
                                     "redis", description="A store without a sink: absent."),
-                       "sinks": obj({"pg": sink, "ch": sink}, "",
+                       "sinks": obj({s.name: sink for s in SINKS}, "",
                                     description="One per configured sink."),
                        "dead_letters": dead}),
         "ReplayResult": obj({"replayed": integer(0)}),
@@ -257,149 +256,3 @@ def ws_schemas() -> Schema:
     }
 
 
-WS_PROTOCOL = """\
-Upgrade to a WebSocket; every frame is a text frame holding one JSON object. With api.token
-set, send the bearer header, or (browsers cannot) `?token=<token>` on this path only.
-
-Client to server (`WsClientMessage`):
-- `{"op": "subscribe", "thread_id": ..., "after_seq": N}`: the thread's events from now on;
-  with `after_seq`, first every message with seq > N (resume with no gap).
-- `{"op": "unsubscribe", "thread_id": ...}`, `{"op": "ping"}`
-
-Server to client (`WsServerMessage`):
-- `{"type": "message.created"|"message.updated"|"message.deleted", "thread_id", "seq", "message"}`
-- `{"type": "thread.created"|"thread.updated"|"thread.deleted", "thread_id", "last_seq", "thread"}`
-- `{"type": "subscribed", "thread_id", "last_seq"}`, `{"type": "pong"}`
-- `{"type": "error", "code", "message"}` (the socket stays open). Codes: malformed,
-  unknown_op, invalid_field, not_found, too_many_subscriptions, unavailable.
-
-Close codes: 1001 when the sidecar shuts down; 4008 when the client reads too slowly.
-"""
-
-
-STATS = """\
-From ClickHouse (so as fresh as X-Staleness-S says), over the latest version of each message:
-`messages` counts live ones (created minus deleted), `by_role` splits them by role,
-`content_bytes` sums their UTF-8 text, `first_at`/`last_at` are the creation times of the first
-and last live message (null without any). 404: no event of the thread, or it is deleted.
-"""
-
-
-# ---- paths
-
-
-def v1_paths() -> Schema:
-    entity, write = ["ETag", "X-Tier"], ["If-Match", "X-Durability"]
-    thread, message, state = ref("Thread"), ref("Message"), ref("StateEntry")
-
-    def ok(description: str, schema: Schema, created: str = "") -> dict[str, Schema]:
-        out = {"200": response(description, schema, entity)}
-        return {"201": response(created, schema, entity), **out} if created else out
-
-    def at(*names: str) -> list[Schema]:
-        return [ref(n, "parameters") for n in names]
-
-    return {
-        "/v1/threads/{tid}": {
-            "parameters": at("tid"),
-            "put": operation("putThread", "Create or replace a thread",
-                             ok("Replaced.", thread, "Created."),
-                             "400 401 409 412 413 415 422 500 503", params=write,
-                             body="ThreadInput"),
-            "get": operation("getThread", "A thread, with last_seq", ok("The thread.", thread),
-                             "401 404 422 500 503"),
-            "delete": operation("deleteThread", "Tombstone a thread", ok("The tombstone.", thread),
-                                "400 401 404 412 422 500 503", params=write),
-        },
-        "/v1/threads/{tid}/messages": {
-            "parameters": at("tid"),
-            "post": operation("appendMessage", "Append a message",
-                              ok("Same message_id and body again: the original.", message,
-                                 "Appended with the thread's next seq."),
-                              "400 401 404 409 413 415 422 500 503", params=["X-Durability"],
-                              body="MessageInput"),
-            "get": operation("listMessages", "A page of messages, ordered by seq",
-                             {"200": response("The page.", ref("MessagePage"), ["X-Tier"])},
-                             "400 401 404 422 500 503", params=["limit", "before", "after"],
-                             description="Without a cursor: the latest page."),
-        },
-        "/v1/threads/{tid}/messages/{mid}": {
-            "parameters": at("tid", "mid"),
-            "get": operation("getMessage", "One message", ok("The message.", message),
-                             "401 404 422 500 503"),
-            "patch": operation("patchMessage", "Edit a message", ok("The new version.", message),
-                               "400 401 404 412 413 415 422 500 503", params=write,
-                               body="MessagePatch"),
-            "delete": operation("deleteMessage", "Tombstone a message (its seq stays)",
-                                ok("The tombstone.", message), "400 401 404 412 422 500 503",
-                                params=write),
-        },
-        "/v1/threads/{tid}/stats": {"parameters": at("tid"), "get": operation(
-            "getThreadStats", "Message counts and sizes of a thread",
-            {"200": response("The statistics.", ref("ThreadStats"),
-                             ["X-Tier", "X-Staleness-S"])}, "401 404 422 500 503",
-            description=STATS)},
-        "/v1/state/{key}": {
-            "parameters": at("key"),
-            "put": operation("putState", "Write a state entry", ok("Replaced.", state, "Created."),
-                             "400 401 412 413 415 422 500 503", params=write, body="StateInput"),
-            "get": operation("getState", "A state entry", ok("The entry.", state),
-                             "401 404 422 500 503"),
-            "delete": operation("deleteState", "Delete a state entry", ok("The tombstone.", state),
-                                "400 401 404 412 422 500 503", params=write),
-        },
-        "/v1/status": {"get": operation(
-            "getStatus", "Tiers, circuit states, backlog and lag per sink, dead letters",
-            {"200": response("The status.", ref("Status"))}, "401 500 503")},
-        "/v1/admin/dead-letters/replay": {"post": operation(
-            "replayDeadLetters", "Put dead-lettered entries back into their shard's log",
-            {"200": response("How many were replayed.", ref("ReplayResult"))}, "401 500 503")},
-        "/v1/ws": {"get": operation(
-            "webSocket", "Subscribe to threads' events",
-            {"101": response("Switching Protocols: the socket is open.")}, "400 401 500 503",
-            description=WS_PROTOCOL)},
-    }
-
-
-def probe_paths() -> Schema:
-    metrics_port = [{"url": "http://{host}:9750", "description": "the metrics port",
-                     "variables": {"host": {"default": "localhost"}}}]
-    exposition = {"description": "Text exposition format.",
-                  "content": {"text/plain": {"schema": STR}}}
-    return {
-        "/healthz": {"get": operation("healthz", "Liveness",
-                                      {"200": response("Alive.", ref("Health"))}, public=True)},
-        "/readyz": {"get": operation(
-            "readyz", "Readiness: started, not draining, workers alive, Redis answering",
-            {"200": response("Ready.", ref("Readiness")),
-             "503": response("Not ready; `problems` says why.", ref("Readiness"))},
-            public=True)},
-        "/openapi.json": {"get": operation(
-            "openapi", "This document", {"200": response("OpenAPI 3.1.", {"type": "object"})},
-            public=True)},
-        "/metrics": {"servers": metrics_port, "get": operation(
-            "metrics", "Prometheus metrics (on the metrics port only)", {"200": exposition},
-            public=True)},
-    }
-
-
-def document() -> Schema:
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "tierproxy", "version": "1", "description": "Write-behind storage "
-                 "sidecar. Every error is `{\"error\": {\"code\", \"message\", \"detail\"}}`."},
-        "servers": [{"url": "http://127.0.0.1:8750", "description": "the API (loopback)"}],
-        "paths": {**v1_paths(), **probe_paths()},
-        "components": {
-            "schemas": {**input_schemas(), **entity_schemas(), **ops_schemas(),
-                        **ws_schemas()},
-            "parameters": parameters(),
-            "headers": headers(),
-            "responses": error_responses(),
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "Needed on /v1 when api.token is set."}},
-        },
-    }
-
-
-DOCUMENT: Schema = document()

@@ -1,22 +1,39 @@
-"""PostgreSQL, the system of record: schema, set-based idempotent upserts, and the reads the
-read-through path needs. The only module (with fallback.py) that knows asyncpg."""
+"""PostgreSQL, the system of record: the schema, set-based idempotent upserts (the flusher's
+sink), the point reads of read-through (the hot tier's backing) and write-through for
+`X-Durability: persisted`. The only module that knows asyncpg.
+
+Concurrent identical misses share one query upstream (the hot tier's single-flight); here, an
+open circuit answers at once instead of waiting on a dead database."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
 
+from proxy import metrics
+from proxy.backends import (
+    PG,
+    MessageRow,
+    PoisonError,
+    StateRow,
+    ThreadRow,
+    message_row,
+    state_row,
+    thread_row,
+)
+from proxy.circuit import Circuit
+from proxy.errors import Unavailable
 from proxy.failpoints import Failpoints
-from proxy.sinks import PoisonError
-from proxy.writelog import Entry
+from proxy.model import Change
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 LOCK_ID = 0x7469_6572  # advisory lock serialising migrations across sidecars ("tier")
 
 MIGRATIONS: list[str] = [
@@ -142,33 +159,36 @@ class Rows:
     state: list[list[Any]]
 
     @classmethod
-    def of(cls, entries: Sequence[Entry]) -> Rows:
+    def of(cls, docs: Iterable[tuple[str, bytes]]) -> Rows:
+        """From (kind, doc) pairs: 't' thread, 'm' message, 's' state; the doc carries the
+        version. Raises PoisonError on a doc that is not one."""
         rows = cls([[] for _ in range(8)], [[] for _ in range(10)], {}, [[] for _ in range(6)])
         try:
-            for e in entries:
-                rows._add(e, orjson.loads(e.doc))
+            for kind, doc in docs:
+                rows._add(kind, orjson.loads(doc))
         except (KeyError, ValueError, TypeError) as err:
             raise PoisonError(f"undecodable log entry: {err!r}") from err
         return rows
 
-    def _add(self, e: Entry, d: dict[str, Any]) -> None:
-        if e.kind == "t":
+    def _add(self, kind: str, d: dict[str, Any]) -> None:
+        if kind == "t":
             values = [d["thread_id"], d["title"], d["owner_id"],
                       orjson.dumps(d["metadata"]).decode(), _ts(d["created_at"]),
-                      _ts(d["updated_at"]), e.version, d["deleted"]]
+                      _ts(d["updated_at"]), int(d["version"]), d["deleted"]]
             _append(self.threads, values)
-        elif e.kind == "m":
+        elif kind == "m":
             values = [d["message_id"], d["thread_id"], d["seq"], d["role"], d["content"],
                       orjson.dumps(d["metadata"]).decode(), _ts(d["created_at"]),
-                      _ts(d["updated_at"]), e.version, d["deleted"]]
+                      _ts(d["updated_at"]), int(d["version"]), d["deleted"]]
             _append(self.messages, values)
-            self.last_seq[e.thread_id] = max(self.last_seq.get(e.thread_id, 0), d["seq"])
-        elif e.kind == "s":
+            tid = d["thread_id"]
+            self.last_seq[tid] = max(self.last_seq.get(tid, 0), d["seq"])
+        elif kind == "s":
             value = None if d["deleted"] else orjson.dumps(d["value"]).decode()
-            _append(self.state, [d["key"], value, e.version, _ts(d["expires_at"]),
+            _append(self.state, [d["key"], value, int(d["version"]), _ts(d["expires_at"]),
                                  _ts(d["updated_at"]), d["deleted"]])
         else:
-            raise ValueError(f"unknown entity kind {e.kind!r}")
+            raise ValueError(f"unknown entity kind {kind!r}")
 
 
 def _append(columns: list[list[Any]], values: list[Any]) -> None:
@@ -184,9 +204,11 @@ class PostgresStore:
         self._failpoints = failpoints
 
     @classmethod
-    async def open(cls, url: str, pool_min: int, pool_max: int, timeout_s: float,
+    async def open(cls, url: str, pool_max: int, timeout_s: float,
                    failpoints: Failpoints) -> PostgresStore:
-        pool = await asyncpg.create_pool(url, min_size=pool_min, max_size=pool_max,
+        """The pool is lazy (no connection at start), so a sidecar starts while PostgreSQL
+        is down."""
+        pool = await asyncpg.create_pool(url, min_size=0, max_size=pool_max,
                                          command_timeout=timeout_s, timeout=timeout_s)
         return cls(pool, failpoints)
 
@@ -197,9 +219,9 @@ class PostgresStore:
         async with self._pool.acquire() as conn:
             await apply_migrations(conn)
 
-    async def upsert(self, entries: Sequence[Entry]) -> None:
-        """One transaction for the whole batch; entries must be unique per entity."""
-        rows = Rows.of(entries)
+    async def upsert(self, docs: Iterable[tuple[str, bytes]]) -> None:
+        """One transaction for the whole batch of (kind, doc); unique per entity."""
+        rows = Rows.of(docs)
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 await self._write(conn, rows)
@@ -250,13 +272,68 @@ class PostgresStore:
 class PostgresSink:
     """The flusher's view of PostgreSQL."""
 
-    name = "pg"
+    info = PG
 
     def __init__(self, store: PostgresStore) -> None:
         self._store = store
 
-    async def write(self, entries: list[Entry]) -> None:
-        await self._store.upsert(entries)
+    async def write(self, changes: list[Change]) -> None:
+        await self._store.upsert((c.kind, c.doc) for c in changes)
 
-    async def close(self) -> None:
-        """The store is shared with the read path; the app closes it."""
+
+_KINDS = {"thread": "t", "message": "m", "state": "s"}
+_DOWN = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+         asyncpg.CannotConnectNowError)
+
+
+class PostgresBacking:
+    """backends.Backing on PostgreSQL: read-through and write-through."""
+
+    tier = PG.tier
+
+    def __init__(self, store: PostgresStore, circuit: Circuit) -> None:
+        self._store = store
+        self._circuit = circuit
+
+    async def _query(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """One query, unless the circuit is open (then 503 at once, no waiting on timeouts)."""
+        if not self._circuit.allows():
+            raise Unavailable("postgres is unavailable (circuit open)",
+                              retry_after_s=max(1.0, self._circuit.wait_s()))
+        metrics.READ_THROUGH.labels(self.tier).inc()
+        try:
+            result = await fn()
+        except _DOWN as e:
+            self._circuit.failure()
+            raise Unavailable(f"postgres: {e or type(e).__name__}") from e
+        self._circuit.success()
+        return result
+
+    async def load_thread(self, tid: str) -> ThreadRow | None:
+        r = await self._query(lambda: self._store.fetch_thread(tid))
+        if r is None:
+            return None
+        return thread_row(**{**r, "metadata": orjson.loads(r["metadata"])})
+
+    async def load_messages(self, tid: str, lo: int, hi: int) -> list[MessageRow]:
+        rows = await self._query(lambda: self._store.fetch_messages(tid, lo, hi))
+        return [_message(r) for r in rows]
+
+    async def load_message(self, tid: str, mid: str) -> MessageRow | None:
+        r = await self._query(lambda: self._store.fetch_message(tid, mid))
+        return _message(r) if r else None
+
+    async def load_state(self, key: str) -> StateRow | None:
+        r = await self._query(lambda: self._store.fetch_state(key))
+        if r is None:
+            return None
+        value = orjson.loads(r["value"]) if r["value"] is not None else None
+        return state_row(**{**r, "value": value})
+
+    async def persist(self, kind: str, doc: bytes) -> None:
+        """Write-through of one change, idempotent with its later flush (same version)."""
+        await self._query(lambda: self._store.upsert([(_KINDS[kind], doc)]))
+
+
+def _message(r: dict[str, Any]) -> MessageRow:
+    return message_row(**{**r, "metadata": orjson.loads(r["metadata"])})

@@ -1,0 +1,80 @@
+"""What the embedded servers share: ports that survive restarts, locating binaries in their
+wheels, children that die with the sidecar, log tails for error messages."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+HOST = "127.0.0.1"
+PORT_FILE = "port"  # the chosen port, so a restart keeps the URLs clients were given
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        # Same option the servers set, so a port in TIME_WAIT after a kill counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def remembered_port(port_file: Path) -> int:
+    """The port a previous run stored, if still free; otherwise a new free one."""
+    try:
+        port = int(port_file.read_text())
+    except (OSError, ValueError):
+        return free_port()
+    return port if port_is_free(port) else free_port()
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} not readable)"
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"embedded mode needs {name!r}: pip install 'tierproxy[embedded]'")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    """A preexec_fn that SIGTERMs the child when we die, so a kill -9'd sidecar leaves no server.
+
+    Linux ties this to the forking *thread*: start servers from a thread that lives as long as
+    the process (the main thread), or they are stopped when that thread exits.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork, not in the child
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return arm
+
+

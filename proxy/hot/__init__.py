@@ -1,0 +1,36 @@
+"""The hot tier: reads and writes Redis, one room per entity. Each write is one script call
+that checks, stores and logs; what Redis no longer holds (expired after a flush, older than a
+thread's window) is read through the backing (PostgreSQL) and cached again.
+
+    hot.threads   get, put, delete            hot.pages     page
+    hot.messages  append, get, edit, delete   hot.state     get, put, delete
+    hot.release   the flush acknowledgement (cache policy: unflushed counts, TTLs, windows)
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from proxy.backends import Backing
+from proxy.hot.core import Core, Result
+from proxy.hot.messages import Messages
+from proxy.hot.pages import Page, Pages, page_range
+from proxy.hot.release import Release
+from proxy.hot.state import States
+from proxy.hot.threads import Threads
+from proxy.settings import Settings
+from proxy.writelog import Backlog
+
+__all__ = ["HotTier", "Page", "Result", "page_range"]
+
+
+class HotTier:
+    def __init__(self, client: aioredis.Redis, settings: Settings, backing: Backing,
+                 backlog: Backlog, degraded: Backing | None = None) -> None:
+        core = Core(client, settings, backing, backlog, degraded)
+        self.backlog = backlog
+        self.threads = Threads(core)
+        self.messages = Messages(core, self.threads)
+        self.pages = Pages(core, self.threads, self.messages)
+        self.state = States(core)
+        self.release = Release(core)

@@ -1,0 +1,85 @@
+"""What every room of the hot tier shares: the Redis scripts, the shard of an id, admission
+under backpressure, reads below Redis, and the one retry ladder of a script call."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+
+from proxy import keys
+from proxy.backends import Backing
+from proxy.errors import Backpressure, Unavailable
+from proxy.flights import SingleFlight
+from proxy.redisconn import Scripts
+from proxy.settings import Settings
+from proxy.writelog import Backlog
+
+T = TypeVar("T")
+MAX_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Result:
+    """A doc and the tier that served it; `created` tells 201 from 200 on writes."""
+
+    doc: bytes
+    tier: str = "redis"
+    created: bool = False
+
+
+class Core:
+    def __init__(self, client: aioredis.Redis, settings: Settings, backing: Backing,
+                 backlog: Backlog, degraded: Backing | None) -> None:
+        self.redis = client
+        self.settings = settings
+        self.backing = backing
+        self.degraded = degraded  # read-only, when the backing is down
+        self.backlog = backlog
+        self.flights = SingleFlight()
+        self._scripts = Scripts(client)
+
+    async def run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
+        return await self._scripts.run(name, keys_, args)
+
+    def shard(self, entity_id: str) -> int:
+        return keys.shard_of(entity_id, self.settings.redis.shards)
+
+    def thread_keys(self, tid: str) -> list[str]:
+        """thread, messages, window, log: the keys of the thread scripts, in that order."""
+        s = self.shard(tid)
+        return [keys.thread(s, tid), keys.messages(s, tid), keys.window(s, tid), keys.log(s)]
+
+    @property
+    def ttl_ms(self) -> int:
+        return self.settings.cache.ttl_s * 1000
+
+    def admit(self) -> None:
+        """Refuse a write while the write-behind backlog is over its bound."""
+        if self.backlog.entries >= self.settings.flush.max_backlog:
+            raise Backpressure(f"write-behind backlog is full ({self.backlog.entries} entries)",
+                               retry_after_s=1.0)
+
+    async def below(self, load: Callable[[], Awaitable[T]],
+                    degraded: Callable[[Backing], Awaitable[T]]) -> tuple[T, str]:
+        """A read below Redis: from the backing (which caches it again), else, while the
+        backing is unavailable, from the degraded tier, read-only (never cached: it may be
+        stale, and writes must not build on it)."""
+        try:
+            return await load(), self.backing.tier
+        except Unavailable:
+            if self.degraded is None:
+                raise
+            return await degraded(self.degraded), self.degraded.tier
+
+
+async def settle(what: str, attempt: Callable[[], Awaitable[T | None]]) -> T:
+    """Call `attempt` until it returns a result. None means "again": the script found Redis
+    without what it needs (and the attempt filled it in), or lost a race it may retry."""
+    for _ in range(MAX_ATTEMPTS):
+        result = await attempt()
+        if result is not None:
+            return result
+    raise Unavailable(f"{what}: gave up after {MAX_ATTEMPTS} attempts")

@@ -1,0 +1,166 @@
+"""Messages in Redis: a hash per thread (docs, versions and fingerprints, unflushed counts) and
+the window, a sorted set of the newest messages by seq. Appends assign the thread's next seq in
+the script; edits are a compare-and-set on the version. What left Redis is read through from
+PostgreSQL and cached again (the window, or the cold cache below it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from proxy import keys, model
+from proxy.backends import MessageRow
+from proxy.errors import Conflict, NotFound, PreconditionFailed
+from proxy.flights import KeyedLocks
+from proxy.hot.core import Core, Result, settle
+from proxy.hot.threads import Threads
+
+Edit = Callable[[dict[str, Any], int], dict[str, Any]]
+
+
+class Messages:
+    def __init__(self, core: Core, threads: Threads) -> None:
+        self._c = core
+        self._threads = threads
+        self._edits = KeyedLocks()
+
+    # ---- append
+
+    async def append(self, tid: str, m: model.MessageInput, persisted: bool = False) -> Result:
+        self._c.admit()
+        mid = m.message_id or model.new_id()
+        checked = "0" if m.message_id else "1"  # a new id cannot be in PostgreSQL
+        body, fp = model.message_body(tid, mid, m, model.now_ms()), m.fingerprint()
+        ks = self._c.thread_keys(tid)
+
+        async def attempt() -> Result | None:
+            nonlocal checked
+            out = await self._c.run("message_append", ks, [
+                tid, mid, body, fp, keys.events(self._c.shard(tid)), model.now_ms(), checked])
+            status = out[0].decode()
+            if status == "MISS":
+                if await self._threads.fill(tid) is None:
+                    raise NotFound(f"thread {tid} not found")
+                return None
+            if status == "CHECK":  # the id may be in PostgreSQL only
+                checked = "1"
+                row = await self._c.backing.load_message(tid, mid)
+                return None if row is None else _duplicate(row.fingerprint == fp, row.doc, mid)
+            if status == "GONE":
+                raise NotFound(f"thread {tid} was deleted")
+            if status in ("DUP", "CONFLICT"):
+                doc = out[1] if status == "DUP" else b""
+                if status == "DUP" and not doc:
+                    doc = (await self.get(tid, mid, include_deleted=True)).doc
+                return _duplicate(status == "DUP", doc, mid)
+            if persisted:
+                await self._c.backing.persist("message", out[1])
+            return Result(out[1], created=True)
+
+        return await settle(f"thread {tid}", attempt)
+
+    # ---- one message
+
+    async def get(self, tid: str, mid: str, include_deleted: bool = False) -> Result:
+        s = self._c.shard(tid)
+        doc = await self._c.run("get_message", [keys.messages(s, tid), keys.cold(s, tid),
+                                                keys.thread(s, tid)], [mid])
+        if doc == b"GONE":
+            raise NotFound(f"thread {tid} was deleted")
+        tier = "redis"
+        if doc is None:
+            row, tier = await self._c.below(
+                lambda: self._c.flights.do(("m", tid, mid), lambda: self._load(tid, mid)),
+                lambda b: b.load_message(tid, mid))
+            if row is None:
+                raise NotFound(f"message {mid} not found in thread {tid}")
+            doc = row.doc
+        # Parsed, not searched: metadata may hold a "deleted": true of its own.
+        if not include_deleted and orjson.loads(doc)["deleted"]:
+            raise NotFound(f"message {mid} was deleted")
+        return Result(doc, tier)
+
+    async def _load(self, tid: str, mid: str) -> MessageRow | None:
+        row = await self._c.backing.load_message(tid, mid)
+        if row is not None:
+            await self.refill([row], tid)
+        return row
+
+    async def refill(self, rows: list[MessageRow], tid: str) -> None:
+        """Cache messages read through: in the window if they extend it, else the cold cache."""
+        s = self._c.shard(tid)
+        args: list[Any] = [self._c.ttl_ms, self._c.settings.redis.window]
+        for r in rows:
+            args += [r.mid, r.seq, r.version, r.fingerprint, r.doc]
+        await self._c.run("fill_messages", self._c.thread_keys(tid)[:3] + [keys.cold(s, tid)],
+                          args)
+
+    # ---- edits and tombstones
+
+    async def edit(self, tid: str, mid: str, patch: model.MessagePatch, if_match: str,
+                   persisted: bool = False) -> Result:
+        return await self._update(tid, mid, if_match, persisted,
+                                  lambda d, ms: model.edited_message(d, patch.fields, ms))
+
+    async def delete(self, tid: str, mid: str, if_match: str, persisted: bool = False) -> Result:
+        return await self._update(tid, mid, if_match, persisted, model.deleted_message)
+
+    async def _update(self, tid: str, mid: str, if_match: str, persisted: bool,
+                      change: Edit) -> Result:
+        """Read, change, compare-and-set on the version; retried on a lost race unless the
+        client named the version it expects (then the race is its 412)."""
+        self._c.admit()
+        # Edits of one message take turns in this process, so concurrent edits do not spend
+        # their retries losing the compare-and-set to each other (only to other sidecars).
+        async with self._edits.hold((tid, mid)):
+            return await settle(f"message {mid}",
+                                lambda: self._compare_and_set(tid, mid, if_match, persisted,
+                                                              change))
+
+    async def _compare_and_set(self, tid: str, mid: str, if_match: str, persisted: bool,
+                               change: Edit) -> Result | None:
+        current = orjson.loads((await self.get(tid, mid)).doc)
+        version = str(current["version"])
+        if if_match and if_match != version:
+            raise PreconditionFailed(f"message {mid} is at version {version}",
+                                     {"version": version})
+        ms = model.now_ms()
+        new = change(current, ms)
+        doc = orjson.dumps(new)
+        event = "message.deleted" if new["deleted"] else "message.updated"
+        ks = self._c.thread_keys(tid) + [keys.cold(self._c.shard(tid), tid)]
+        out = await self._c.run("message_update", ks, [
+            tid, mid, version, doc, new["version"], event, keys.events(self._c.shard(tid)),
+            ms, new["seq"]])
+        status = out[0].decode()
+        if status == "OK":
+            if persisted:
+                await self._c.backing.persist("message", doc)
+            return Result(doc)
+        if status == "MISS":
+            await self._fill_meta(tid, mid)
+        elif status == "GONE":
+            raise NotFound(f"thread {tid} was deleted")
+        elif if_match:
+            raise PreconditionFailed(f"message {mid} changed meanwhile",
+                                     {"version": out[1].decode()})
+        return None
+
+    async def _fill_meta(self, tid: str, mid: str) -> None:
+        """Give Redis the doc and version of a message only PostgreSQL holds, so the edit can
+        be checked and applied atomically."""
+        if await self._threads.fill(tid) is None:
+            raise NotFound(f"thread {tid} not found")
+        row = await self._c.backing.load_message(tid, mid)
+        if row is None:
+            raise NotFound(f"message {mid} not found in thread {tid}")
+        await self._c.run("fill_meta", self._c.thread_keys(tid)[:2],
+                          [mid, row.version, row.fingerprint, row.doc])
+
+
+def _duplicate(same: bool, doc: bytes, mid: str) -> Result:
+    if not same:
+        raise Conflict(f"message {mid} exists with a different body")
+    return Result(doc)

@@ -1,0 +1,82 @@
+"""Threads in Redis: one hash per thread (doc, version, last seq, tombstone, unflushed count),
+read through from PostgreSQL when it left Redis."""
+
+from __future__ import annotations
+
+import orjson
+
+from proxy import keys, model
+from proxy.backends import ThreadRow
+from proxy.errors import Conflict, NotFound, PreconditionFailed
+from proxy.hot.core import Core, Result, settle
+from proxy.redisconn import redis_call
+
+
+class Threads:
+    def __init__(self, core: Core) -> None:
+        self._c = core
+
+    async def get(self, tid: str) -> Result:
+        t = self._c.thread_keys(tid)[0]
+        doc, seq, deleted = await redis_call(lambda: self._c.redis.hmget(t, "doc", "seq", "del"))
+        tier = "redis"
+        if doc is None:
+            row, tier = await self._c.below(lambda: self.fill(tid), lambda b: b.load_thread(tid))
+            if row is None:
+                raise NotFound(f"thread {tid} not found")
+            doc, seq, deleted = row.doc, str(row.last_seq).encode(), b"1" if row.deleted else b"0"
+        if deleted == b"1":
+            raise NotFound(f"thread {tid} was deleted")
+        return Result(with_last_seq(doc, int(seq)), tier)
+
+    async def fill(self, tid: str) -> ThreadRow | None:
+        """Load the thread from the backing into Redis (one load for concurrent misses)."""
+        async def load() -> ThreadRow | None:
+            row = await self._c.backing.load_thread(tid)
+            if row is not None:
+                await self._c.run("fill_thread", self._c.thread_keys(tid)[:3], [
+                    row.doc, row.version, row.created_at, row.last_seq, int(row.deleted),
+                    self._c.ttl_ms])
+            return row
+
+        return await self._c.flights.do(("t", tid), load)
+
+    async def put(self, tid: str, t: model.ThreadInput, if_match: str,
+                  persisted: bool = False) -> Result:
+        return await self._write(tid, t, if_match, "put", persisted)
+
+    async def delete(self, tid: str, if_match: str, persisted: bool = False) -> Result:
+        return await self._write(tid, model.ThreadInput("", "", {}), if_match, "del", persisted)
+
+    async def _write(self, tid: str, t: model.ThreadInput, if_match: str, op: str,
+                     persisted: bool) -> Result:
+        self._c.admit()
+        ks, new_ok = self._c.thread_keys(tid), "0"
+
+        async def attempt() -> Result | None:
+            nonlocal new_ok
+            ms = model.now_ms()
+            out = await self._c.run("thread_put", ks, [
+                model.thread_body(tid, t, op == "del", ms), orjson.dumps(model.iso(ms)),
+                if_match, new_ok, op, keys.events(self._c.shard(tid)), ms, tid])
+            status = out[0].decode()
+            if status == "MISS":  # not in Redis: PostgreSQL has it, or it is new
+                new_ok = "0" if await self.fill(tid) else "1"
+                return None
+            if status == "GONE":
+                raise (NotFound if op == "del" else Conflict)(f"thread {tid} was deleted")
+            if status == "NOTFOUND":
+                raise NotFound(f"thread {tid} not found")
+            if status == "PRECONDITION":
+                raise PreconditionFailed(f"thread {tid} is at version {out[1].decode()}",
+                                         {"version": out[1].decode()})
+            doc = with_last_seq(out[2], int(out[3]))
+            if persisted:
+                await self._c.backing.persist("thread", doc)
+            return Result(doc, created=status == "CREATED")
+
+        return await settle(f"thread {tid}", attempt)
+
+
+def with_last_seq(doc: bytes, last_seq: int) -> bytes:
+    return doc[:-1] + b',"last_seq":' + str(last_seq).encode() + b"}"
