@@ -77,7 +77,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(client.aclose)
         consumers = connect(s, s.redis.url, 2 * s.redis.shards + 8)
         stack.push_async_callback(consumers.aclose)
-        log = WriteLog(client, s.redis.shards, GROUPS)
+        log = WriteLog(client, s.redis.shards, GROUPS, failpoints)
         await log.check_eviction_policy()
         await log.ensure_groups()
         app[REDIS] = client
@@ -92,27 +92,30 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         # 3. The request path: the hot tier over its backings, analytics, push.
         hot = app[routes.HOT] = HotTier(
             client, s, PostgresBacking(pg_store, circuits[PG.name]), Backlog(),
-            ClickHouseBacking(ch_store, s.clickhouse.store_content))
+            ClickHouseBacking(ch_store, s.clickhouse.store_content), failpoints)
         app[routes.ANALYTICS] = ch_store
         hub = app[routes.HUB] = WebSocketHub(s, hot)
         # 4. Background work, stopped first on exit (final flush within the deadline).
         workers = Workers(health)
         stack.push_async_callback(workers.stop, s.shutdown.deadline_s)
         workers.start("ws-hub", hub.run)
-        consumer, consumer_log = consumer_name(), WriteLog(consumers, s.redis.shards, GROUPS)
+        consumer = consumer_name()
+        consumer_log = WriteLog(consumers, s.redis.shards, GROUPS, failpoints)
         cfg = _flush_config(s)
         pg = Flusher(consumer_log, PostgresSink(pg_store), circuits[PG.name], cfg, consumer,
                      s.flush.max_inflight, hot.release, failpoints)
-        workers.start("flusher-pg", lambda: _prepared(pg_store.migrate, SCHEMA_ERRORS,
-                                                      "postgres schema", pg.run), pg.stop)
+        workers.start("flusher-pg", lambda: _prepared(
+            pg_store.migrate, SCHEMA_ERRORS, "postgres schema",
+            pg.run if PG.name in s.flush.sink_names else _nothing), pg.stop)
         ch = Flusher(consumer_log, ClickHouseSink(ch_store, consumer, s.clickhouse.store_content,
                                                   failpoints),
                      circuits[CH.name], dataclasses.replace(
                          cfg, max_batch=s.clickhouse.max_batch,
                          max_delay_ms=s.clickhouse.interval_ms),
                      consumer, 1, log.ack_changes, failpoints)
-        workers.start("flusher-ch", lambda: _prepared(ch_store.create_schema, (Unavailable,),
-                                                      "clickhouse schema", ch.run), ch.stop)
+        if CH.name in s.flush.sink_names:
+            workers.start("flusher-ch", lambda: _prepared(ch_store.create_schema, (Unavailable,),
+                                                          "clickhouse schema", ch.run), ch.stop)
         monitor = app[routes.MONITOR] = Monitor(log, circuits, hot.backlog,
                                                 s.flush.trim_interval_s, consumer,
                                                 2 * s.flush.claim_idle_ms)
@@ -142,6 +145,10 @@ async def _prepared(prepare: Callable[[], Awaitable[None]],
                 logger.warning("%s not applied yet (%s), retrying", what, e)
             await asyncio.sleep(delay)
     await run()
+
+
+async def _nothing() -> None:
+    """A flusher this sidecar does not run (flush.sinks)."""
 
 
 async def _drain(app: web.Application) -> None:

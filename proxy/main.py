@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy import failpoints
 from proxy import settings as config
+from proxy.backends import SINKS
 from proxy.settings import ConfigError, Settings
 
 logger = logging.getLogger("proxy")
@@ -50,6 +51,11 @@ def load_settings(args: argparse.Namespace) -> Settings:
         failpoints.parse(s.debug.failpoint)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    known = {sink.name for sink in SINKS}
+    for name in s.flush.sink_names:
+        if name not in known:
+            raise ConfigError(f"flush.sinks: unknown sink {name!r} (known: "
+                              f"{', '.join(sorted(known))})")
     return s
 
 

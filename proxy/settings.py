@@ -82,6 +82,11 @@ class Flush:
     backoff_max_ms: int = 5000
     max_backlog: int = 200_000
     trim_interval_s: float = 1.0
+    sinks: str = "pg,ch"
+
+    @property
+    def sink_names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.sinks.split(",") if n.strip())
 
 
 @dataclass(frozen=True)

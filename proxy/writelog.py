@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from proxy import keys
+from proxy.failpoints import Failpoints
 from proxy.model import Change
 from proxy.redisconn import redis_call
 
@@ -60,8 +61,10 @@ class Backlog:
 
 
 class WriteLog:
-    def __init__(self, client: aioredis.Redis, shards: int, groups: tuple[str, ...]) -> None:
+    def __init__(self, client: aioredis.Redis, shards: int, groups: tuple[str, ...],
+                 failpoints: Failpoints) -> None:
         self._r = client
+        self._failpoints = failpoints
         self.shards = shards
         self.groups = groups  # every consumer group (one per sink)
         # A blocking read must return well within the socket timeout, or an idle stream looks
@@ -166,6 +169,7 @@ class WriteLog:
             floor = low if floor is None else min(floor, low, key=_id_key)
         if floor is None:
             return 0
+        await self._failpoints.hit("before-trim")
         return int(await redis_call(lambda: self._r.xtrim(stream, minid=floor, approximate=False)))
 
     async def backlog(self, shard: int, group: str) -> ShardBacklog:
@@ -243,7 +247,10 @@ class WriteLog:
         """Re-queue every dead letter (after a fix) for the group that gave up on it, and
         remove it from the dead-letter stream."""
         stream, dlq, moved = keys.log(shard), keys.dead_letters(shard), 0
-        for dl_id, fields in await redis_call(lambda: self._r.xrange(dlq, count=10_000)):
+        letters = await redis_call(lambda: self._r.xrange(dlq, count=10_000))
+        if letters:
+            await self._failpoints.hit("before-replay-move")
+        for dl_id, fields in letters:
             original = {k: v for k, v in fields.items()
                         if k not in (b"error", b"group", b"source_id")}
             pipe = self._r.pipeline(transaction=True)

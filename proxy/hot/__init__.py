@@ -12,6 +12,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from proxy.backends import Backing
+from proxy.failpoints import Failpoints
 from proxy.hot.core import Core, Result
 from proxy.hot.messages import Messages
 from proxy.hot.pages import Page, Pages, page_range
@@ -26,8 +27,8 @@ __all__ = ["HotTier", "Page", "Result", "page_range"]
 
 class HotTier:
     def __init__(self, client: aioredis.Redis, settings: Settings, backing: Backing,
-                 backlog: Backlog, degraded: Backing | None = None) -> None:
-        core = Core(client, settings, backing, backlog, degraded)
+                 backlog: Backlog, degraded: Backing | None, failpoints: Failpoints) -> None:
+        core = Core(client, settings, backing, backlog, degraded, failpoints)
         self.backlog = backlog
         self.threads = Threads(core)
         self.messages = Messages(core, self.threads)

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from proxy import keys
 from proxy.backends import Backing
 from proxy.errors import Backpressure, Unavailable
+from proxy.failpoints import Failpoints
 from proxy.flights import SingleFlight
 from proxy.redisconn import Scripts
 from proxy.settings import Settings
@@ -32,8 +33,9 @@ class Result:
 
 class Core:
     def __init__(self, client: aioredis.Redis, settings: Settings, backing: Backing,
-                 backlog: Backlog, degraded: Backing | None) -> None:
+                 backlog: Backlog, degraded: Backing | None, failpoints: Failpoints) -> None:
         self.redis = client
+        self.failpoints = failpoints
         self.settings = settings
         self.backing = backing
         self.degraded = degraded  # read-only, when the backing is down

@@ -84,6 +84,7 @@ class Messages:
 
     async def _load(self, tid: str, mid: str) -> MessageRow | None:
         row = await self._c.backing.load_message(tid, mid)
+        await self._c.failpoints.hit("after-load-before-fill")
         if row is not None:
             await self.refill([row], tid)
         return row

@@ -65,6 +65,7 @@ class Pages:
 
     async def _load(self, tid: str, lo: int, hi: int) -> list[MessageRow]:
         rows = await self._c.backing.load_messages(tid, lo, hi)
+        await self._c.failpoints.hit("after-load-before-fill")
         if rows:
             await self._messages.refill(rows, tid)
         return rows

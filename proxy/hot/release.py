@@ -18,6 +18,7 @@ class Release:
         """Ack `changes` (committed to the sink of `group`) and release their cached keys."""
         if not changes:
             return
+        await self._c.failpoints.hit("before-release")
         key_list = [keys.log(shard)]
         index: dict[tuple[str, str], int] = {}
         args: list[Any] = [group, self._c.ttl_ms, self._c.settings.redis.window, model.now_ms()]

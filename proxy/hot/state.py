@@ -29,6 +29,7 @@ class States:
     async def _load(self, key: str) -> StateRow | None:
         """A live entry from below, cached again; None if absent, deleted or expired."""
         row = await self._c.backing.load_state(key)
+        await self._c.failpoints.hit("after-load-before-fill")
         if row is None or row.deleted or _expired(row.expires_at_ms):
             return None
         await self._c.run("fill_state", [keys.state(self._c.shard(key), key)], [

@@ -33,6 +33,7 @@ class Threads:
         """Load the thread from the backing into Redis (one load for concurrent misses)."""
         async def load() -> ThreadRow | None:
             row = await self._c.backing.load_thread(tid)
+            await self._c.failpoints.hit("after-load-before-fill")
             if row is not None:
                 await self._c.run("fill_thread", self._c.thread_keys(tid)[:3], [
                     row.doc, row.version, row.created_at, row.last_seq, int(row.deleted),
