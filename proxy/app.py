@@ -118,7 +118,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                                                           "clickhouse schema", ch.run), ch.stop)
         monitor = app[routes.MONITOR] = Monitor(log, circuits, hot.backlog,
                                                 s.flush.trim_interval_s, consumer,
-                                                2 * s.flush.claim_idle_ms)
+                                                2 * s.flush.claim_idle_ms, s.flush.max_lag_s)
         workers.start("monitor", monitor.run, monitor.stop)
         health.started = True
         yield
@@ -165,9 +165,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readiness(app: web.Application) -> web.Response:
-    """Ready = started, not draining, no worker dead, Redis answering."""
+    """Ready = started, not draining, no worker dead or stuck, Redis answering."""
     health = app[HEALTH]
     problems = list(health.failed)
+    monitor = app.get(routes.MONITOR)
+    if monitor is not None:
+        problems += monitor.stuck()
     if not health.started:
         problems.append("starting")
     if health.draining:

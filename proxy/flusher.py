@@ -124,6 +124,9 @@ class Flusher:
                                    backoff.attempt)
                 await self._sleep(delay)
                 await _quietly(self._log.ensure_groups())  # Redis may have lost them
+            except Exception:  # a bug or a reply we do not know: log, count, go on
+                self._unexpected(f"reader of shard {shard}", backoff)
+                await self._sleep(backoff.delay_s())
         with contextlib.suppress(Unavailable):  # the final flush: no wait for new entries
             while batch := await self._log.read(shard, self.name, self._consumer,
                                                 self._cfg.max_batch, None):
@@ -148,8 +151,20 @@ class Flusher:
         return batch
 
     async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once on stop. asyncio.timeout, not wait_for: on Python 3.11
+        wait_for may swallow a cancellation (gh-86296), and the task would not end."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+
+    def _unexpected(self, where: str, backoff: Backoff) -> None:
+        """An error no branch expected: counted always, logged with its traceback (at the
+        backoff's pace, so a persistent one cannot flood the log)."""
+        metrics.WORKER_ERRORS.labels(f"flusher-{self.name}").inc()
+        backoff.failed()
+        if backoff.should_log:
+            logger.exception("%s %s: unexpected error (attempt %d); the entries stay pending",
+                             self.name, where, backoff.attempt)
 
     async def _claim(self, shard: int) -> list[Delivery]:
         claimed = await self._log.claim_idle(shard, self.name, self._consumer,
@@ -160,13 +175,18 @@ class Flusher:
         return claimed
 
     async def _write_loop(self) -> None:
+        backoff = self._cfg.backoff()
         while (first := await self._queue.get()) is not None:
             handoffs, last = await self._gather(first)
             try:
                 await self._flush(handoffs)
+                backoff.reset()
             except Unavailable as e:  # acks failed: the entries stay pending and are claimed
                 logger.warning("%s: could not acknowledge a batch (%s); it will be claimed",
                                self.name, e)
+            except Exception:  # not acked: the entries stay pending and are claimed
+                self._unexpected("writer", backoff)
+                await self._sleep(backoff.delay_s())
             finally:
                 for h in handoffs:
                     h.done.set()
@@ -248,7 +268,8 @@ class Flusher:
         back, and the batches held by the other writers should not wait out their backoff."""
         if seconds > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._recovered.wait(), seconds)
+                async with asyncio.timeout(seconds):
+                    await self._recovered.wait()
 
     async def _try_write(self, unique: list[Change]) -> set[str]:
         try:

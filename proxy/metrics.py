@@ -33,6 +33,9 @@ ACK_TO_COMMIT = Histogram("tierproxy_ack_to_commit_seconds",
                           buckets=_FAST + (30.0, 60.0))
 RECLAIMED = Counter("tierproxy_reclaimed_entries_total",
                     "Pending entries claimed from idle consumers", ["sink"])
+WORKER_ERRORS = Counter("tierproxy_worker_errors_total",
+                        "Unexpected errors in background workers (each logged and retried)",
+                        ["worker"])
 READ_THROUGH = Counter("tierproxy_read_through_total", "Reads served below Redis", ["tier"])
 
 WS_CONNECTIONS = Gauge("tierproxy_ws_connections", "Open WebSocket connections")

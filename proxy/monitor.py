@@ -35,8 +35,10 @@ class Snapshot:
 
 class Monitor:
     def __init__(self, log: WriteLog, circuits: Mapping[str, Circuit], backlog: Backlog,
-                 interval_s: float, consumer: str, dead_consumer_idle_ms: int) -> None:
+                 interval_s: float, consumer: str, dead_consumer_idle_ms: int,
+                 max_lag_s: float) -> None:
         self._log = log
+        self._max_lag_s = max_lag_s
         self._circuits = circuits
         self._backlog = backlog
         self._interval_s = interval_s
@@ -56,7 +58,8 @@ class Monitor:
                     logger.warning("monitor: redis unavailable: %s", e)
                 self.snapshot.redis = "down"
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._interval_s)
+                async with asyncio.timeout(self._interval_s):
+                    await self._stopping.wait()
 
     def stop(self) -> None:
         """End the loop after the refresh in hand (shutdown need not wait for a cancel)."""
@@ -94,7 +97,27 @@ class Monitor:
         sinks = {name: {"circuit": self._circuits[name].state, "backlog": st.backlog,
                         "lag_s": round(st.lag_s, 3), "dead_letters": st.dead_letters}
                  for name, st in self.snapshot.sinks.items()}
-        return {"tiers": tiers, "sinks": sinks}
+        return {"tiers": tiers, "sinks": sinks, "degraded": self.degraded()}
+
+    def stuck(self) -> list[str]:
+        """Sinks behind by more than flush.max_lag_s although they answer (circuit closed):
+        their flushers are not keeping up, which readiness must say."""
+        return [f"{name}: oldest unflushed entry {st.lag_s:.0f} s old > flush.max_lag_s"
+                for name, st in self.snapshot.sinks.items()
+                if st.lag_s > self._max_lag_s and self._circuits[name].state == "closed"]
+
+    def degraded(self) -> list[str]:
+        """Everything that is not as it should be, in words (empty: all well)."""
+        out = [] if self.snapshot.redis != "down" else ["redis: down"]
+        for name, st in self.snapshot.sinks.items():
+            if self._circuits[name].state != "closed":
+                out.append(f"{name}: circuit {self._circuits[name].state}")
+            if st.lag_s > self._max_lag_s:
+                out.append(f"{name}: oldest unflushed entry {st.lag_s:.0f} s old "
+                           "> flush.max_lag_s")
+            if st.dead_letters:
+                out.append(f"{name}: {st.dead_letters} dead letters")
+        return out
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, str]]:
         out: list[dict[str, str]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,7 +16,11 @@ from proxy.settings import Settings
 
 T = TypeVar("T")
 SCRIPTS = Path(__file__).parent / "scripts"
-_UNAVAILABLE_REPLIES = ("MISCONF", "OOM", "READONLY", "LOADING", "MASTERDOWN", "NOGROUP")
+# Replies that mean Redis cannot take the command now (not that the command is wrong): a 503
+# on the request path, a retry with backoff in the background. Inside a script's error (Redis
+# 6.2 wraps them: "Error running script ...: -NOREPLICAS ...") they follow a dash.
+_UNAVAILABLE = re.compile(r"(?:^|-)(MISCONF|OOM|READONLY|LOADING|MASTERDOWN|NOGROUP|NOREPLICAS"
+                          r"|BUSY|CLUSTERDOWN|TRYAGAIN|NOTREADY)\b")
 
 
 def connect(settings: Settings, url: str, max_connections: int | None = None) -> aioredis.Redis:
@@ -35,7 +40,7 @@ async def redis_call(make: Callable[[], Awaitable[T]]) -> T:
     except (rexc.ConnectionError, rexc.TimeoutError, OSError) as e:
         raise Unavailable(f"redis: {e or type(e).__name__}") from e
     except rexc.ResponseError as e:
-        if str(e).startswith(_UNAVAILABLE_REPLIES):
+        if _UNAVAILABLE.search(str(e)):
             raise Unavailable(f"redis: {e}") from e
         raise
 

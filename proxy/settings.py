@@ -82,6 +82,7 @@ class Flush:
     backoff_max_ms: int = 5000
     max_backlog: int = 200_000
     trim_interval_s: float = 1.0
+    max_lag_s: float = 300.0
     sinks: str = "pg,ch"
 
     @property
@@ -152,7 +153,7 @@ _POSITIVE = {
     "postgres.pool_max", "postgres.command_timeout_s",
     "clickhouse.max_batch", "clickhouse.interval_ms", "flush.max_batch", "flush.max_delay_ms",
     "flush.max_inflight", "flush.max_attempts", "flush.claim_idle_ms", "flush.backoff_base_ms",
-    "flush.backoff_max_ms", "flush.max_backlog", "flush.trim_interval_s",
+    "flush.backoff_max_ms", "flush.max_backlog", "flush.trim_interval_s", "flush.max_lag_s",
     "circuit.failure_threshold", "circuit.open_s", "cache.ttl_s", "ws.queue_size",
     "ws.max_subscriptions", "shutdown.deadline_s",
 }

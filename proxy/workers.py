@@ -1,5 +1,7 @@
 """Background workers and readiness: every background task has this one owner, which starts
-it, turns readiness red if it dies, and on exit stops, awaits and if need be cancels it."""
+it, restarts it with backoff if it dies (logged with its traceback, counted in
+tierproxy_worker_errors_total, readiness red until it runs again), and on exit stops, awaits
+and if need be cancels it."""
 
 from __future__ import annotations
 
@@ -8,6 +10,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from proxy import metrics
+from proxy.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +53,12 @@ class _Worker:
 
 
 class Workers:
-    def __init__(self, health: Health) -> None:
+    def __init__(self, health: Health, restart_base_s: float = 0.1,
+                 restart_max_s: float = 10.0) -> None:
         self._health = health
         self._workers: list[_Worker] = []
+        self._restart = (restart_base_s, restart_max_s)
+        self._stopping = False
 
     def start(self, name: str, run: Callable[[], Awaitable[None]],
               stop: Callable[[], None] | None = None) -> None:
@@ -59,18 +67,29 @@ class Workers:
         self._workers.append(_Worker(task, stop))
 
     async def _guard(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await run()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("background worker %s crashed", name)
+        backoff = Backoff(*self._restart)
+        while True:
+            try:
+                await run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                metrics.WORKER_ERRORS.labels(name).inc()
+                logger.exception("background worker %s crashed; restarting", name)
+            if self._stopping:
+                return
             self._health.failed.append(name)
+            try:
+                await asyncio.sleep(backoff.failed())
+            finally:
+                self._health.failed.remove(name)
 
     async def stop(self, deadline_s: float) -> None:
         """Ask every worker to finish, give them what is left of deadline_s since the drain
         began, then cancel the rest; in reverse start order."""
         workers, self._workers = self._workers[::-1], []
+        self._stopping = True
         for w in workers:
             if w.stop is None:
                 w.task.cancel()

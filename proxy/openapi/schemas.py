@@ -220,6 +220,11 @@ def ops_schemas() -> Schema:
                                     "redis", description="A store without a sink: absent."),
                        "sinks": obj({s.name: sink for s in SINKS}, "",
                                     description="One per configured sink."),
+                       "degraded": {"type": "array", "items": STR,
+                                    "description": "What is not as it should be, in words "
+                                                   "(a store down, a circuit open, a sink "
+                                                   "behind flush.max_lag_s, dead letters); "
+                                                   "empty: all well."},
                        "dead_letters": dead}),
         "ReplayResult": obj({"replayed": integer(0)}),
         "ThreadStats": obj({"thread_id": STR, "messages": integer(0),

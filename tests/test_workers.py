@@ -1,0 +1,86 @@
+"""No background worker dies silently (ARCHITECTURE invariant 9): an unexpected error in a
+flusher is logged, counted and retried with the batch left pending; a Redis that refuses writes
+(NOREPLICAS, BUSY, ...) is a 503 on the request path and a retry in the background; a flusher
+that falls behind while its sink is healthy turns readiness red."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+
+from proxy import metrics
+from proxy.app import FAILPOINTS
+from tests.conftest import AppClient, Servers, make_settings
+from tests.helpers import append, body, error, wait_for
+
+Client = TestClient[Any, Any]
+
+
+def worker_errors(worker: str) -> float:
+    return metrics.WORKER_ERRORS.labels(worker)._value.get()
+
+
+async def landed(pg: asyncpg.Connection, tid: str, count: int) -> bool:
+    rows = await pg.fetchval("SELECT count(*) FROM messages WHERE thread_id = $1", tid)
+    return bool(rows == count)
+
+
+async def test_an_unexpected_flusher_error_is_counted_and_the_batch_retried(
+        client: Client, pg: asyncpg.Connection) -> None:
+    before = worker_errors("flusher-pg")
+    client.app[FAILPOINTS].set("after-read:raise")  # every batch fails with a bug-like error
+    await body(await client.put("/v1/threads/w1", json={}), 201)
+    for i in range(5):
+        await append(client, "w1", f"m{i}")
+    await wait_for(lambda: _true(worker_errors("flusher-pg") > before))
+    assert await pg.fetchval("SELECT count(*) FROM messages") == 0
+    client.app[FAILPOINTS].set("")  # fixed: the batch left pending is flushed after all
+    await wait_for(lambda: landed(pg, "w1", 5), timeout_s=20)
+
+
+async def test_a_redis_refusing_writes_is_503_and_the_flusher_resumes(
+        client: Client, redis: aioredis.Redis, pg: asyncpg.Connection) -> None:
+    await body(await client.put("/v1/threads/w2", json={}), 201)
+    await append(client, "w2", "before")
+    await redis.config_set("min-replicas-to-write", 1)  # every write: NOREPLICAS
+    try:
+        resp = await client.post("/v1/threads/w2/messages", json={"role": "u", "content": "x"})
+        await error(resp, 503, "unavailable")
+        assert resp.headers["Retry-After"]
+    finally:
+        await redis.config_set("min-replicas-to-write", 0)
+    await append(client, "w2", "after")
+    await wait_for(lambda: landed(pg, "w2", 2), timeout_s=20)
+    ready = await client.get("/readyz")
+    assert ready.status == 200, await ready.text()
+
+
+@pytest.fixture
+async def lagging(client_for: AppClient, servers: Servers) -> Client:
+    """A sidecar whose PostgreSQL flusher parks on its first batch, with a 1 s lag bound."""
+    s = make_settings(servers, debug={"failpoint": "after-read:sleep"},
+                      shutdown={"deadline_s": 0.1}, flush={"max_lag_s": 1.0})
+    return await client_for(s)
+
+
+async def test_a_flusher_that_falls_behind_turns_readiness_red(lagging: Client) -> None:
+    assert (await lagging.get("/readyz")).status == 200
+    await body(await lagging.put("/v1/threads/w3", json={}), 201)
+
+    async def red() -> Any:
+        resp = await lagging.get("/readyz")
+        return resp.status == 503 and await resp.json()
+
+    readiness = await wait_for(red, timeout_s=15)
+    assert any("pg" in p and "flush.max_lag_s" in p for p in readiness["problems"]), readiness
+    status = await body(await lagging.get("/v1/status"), 200)
+    assert status["sinks"]["pg"]["lag_s"] > 1.0
+    assert any("pg" in d for d in status["degraded"]), status
+
+
+async def _true(value: bool) -> bool:
+    return value
