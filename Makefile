@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench loadtest wrk clean
 
 install: $(VENV)/.installed
 
@@ -23,8 +23,25 @@ lint: install
 	$(BIN)/ruff check proxy tests loadtests
 	$(BIN)/mypy
 
-bench: install
-	$(BIN)/python loadtests/bench.py
+# A few minutes: every target against its baseline, one Markdown table at the end (also in
+# .bench/results.md). More: make bench BENCH_ARGS="--repetitions 3" (see --help, --list).
+bench: install wrk
+	$(BIN)/python loadtests/bench.py $(BENCH_ARGS)
+
+# Locust headless against `tierproxy serve` on the embedded default (in a temporary data
+# directory, stopped after); CSV and HTML reports in .bench/locust/.
+LOADTEST_USERS ?= 50
+LOADTEST_SPAWN_RATE ?= 10
+LOADTEST_TIME ?= 60s
+loadtest: install
+	$(BIN)/python loadtests/loadtest.py --users $(LOADTEST_USERS) \
+		--spawn-rate $(LOADTEST_SPAWN_RATE) --run-time $(LOADTEST_TIME)
+
+# The bench's saturation client (the Debian package), installed when it is missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { echo "wrk not found: installing the Debian package"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
 
 clean:
 	rm -rf $(VENV) .tierproxy .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -58,7 +58,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.start:
-        with harness.temporary_stack(token=args.token, bare=False) as stack:
+        with harness.temporary_stack(token=args.token, baselines=False) as stack:
             assert stack.sidecar is not None
             result = measure(stack.sidecar, args)
     else:

@@ -1,15 +1,19 @@
 """What the load scripts share: the servers under test, the load client process, test data.
 
 - `Stack`: embedded Redis + PostgreSQL (unless URLs are given), a tierproxy sidecar
-  subprocess (`python -m proxy serve`) and the bare aiohttp baseline (`bare_server.py`), all
-  under one temporary directory; stopped in reverse order on exit, errors and Ctrl-C included.
-  `stop_postgres`/`start_postgres` make a PostgreSQL outage; `metrics_url` is the sidecar's
-  Prometheus endpoint.
+  subprocess (`python -m proxy serve`) and the baselines (`baselines=True`): the bare
+  aiohttp server (`bare_server.py`, the ceiling) and the old way (`oldway_server.py`, one
+  synchronous PostgreSQL transaction per append) on the local PostgreSQL and on one that
+  takes 20 ms per transaction; all under one temporary directory, stopped in reverse order
+  on exit, errors and Ctrl-C included. `restart_sidecar`/`kill_sidecar` replace the sidecar
+  (a paused flusher, a crash); `extra_sidecar` runs another on the same Redis and
+  PostgreSQL; `memory` watches the RSS of every sidecar process the stack started.
 - `run_load`: runs `loadgen.py` in its own process and samples the servers' CPU during its
-  measured window, so a result says whether the server or the client was the limit.
+  measured window, so a result says whether the server or the client was the limit
+  (`wrkload.run_wrk` does the same with wrk).
 - `prepare_threads`: creates the threads (and messages) a scenario needs before it is timed.
 
-Used by bench.py, append_latency.py and tests/test_loadtests.py; not by the locustfile
+Used by bench.py, the other load scripts and tests/test_loadtests.py; not by the locustfile
 (Locust runs on gevent and must not import asyncio servers).
 """
 
@@ -27,7 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +42,7 @@ import aiohttp
 import orjson
 import psutil
 from loadgen import Spec
+from procs import MemoryWatch, TreeMeter
 
 from proxy.embedded import PostgresServer, RedisServer, free_port
 from proxy.embedded import clickhouse_url as chdb_url
@@ -46,6 +51,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LOADGEN = HERE / "loadgen.py"
 BARE_SERVER = HERE / "bare_server.py"
+OLDWAY_SERVER = HERE / "oldway_server.py"
+SLOW_PG_MS = 20  # the old way's loaded PostgreSQL: pg_sleep(0.02) in every transaction
 _READY_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 15.0
 _SIDECAR_SHUTDOWN_S = 2.0
@@ -77,13 +84,31 @@ def _get_ok(url: str) -> bool:
         return False
 
 
+def _descendants(pid: int) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        children: list[psutil.Process] = psutil.Process(pid).children(recursive=True)
+        return children
+    return []
+
+
+def _kill_all(procs: Sequence[psutil.Process]) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=_STOP_TIMEOUT_S)
+
+
 class Service:
-    """A server subprocess with its output in a log file; ready when `ready_url` answers 200."""
+    """A server subprocess with its output in a log file; ready when `ready_url` answers 200.
+    It may be a process tree (a supervisor and its workers): stopping it stops them all."""
 
     def __init__(self, name: str, argv: Sequence[str], log: Path, ready_url: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 ready_timeout_s: float = _READY_TIMEOUT_S) -> None:
         self.name, self.argv, self.log, self.ready_url, self.env = name, argv, log, ready_url, env
+        self.ready_timeout_s = ready_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
+        self._deadline = 0.0
 
     @property
     def pid(self) -> int:
@@ -92,24 +117,44 @@ class Service:
         return self._proc.pid
 
     def start(self) -> None:
-        with open(self.log, "wb") as out:
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (several start faster side by side)."""
+        with open(self.log, "ab") as out:
             self._proc = subprocess.Popen(
                 list(self.argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=REPO,
                 env=self.env, preexec_fn=_die_with_parent())
-        deadline = time.monotonic() + _READY_TIMEOUT_S
+        self._deadline = time.monotonic() + self.ready_timeout_s
+
+    def wait_ready(self) -> None:
+        """Until `ready_url` answers 200; stops the process and raises if it exits first or
+        takes longer than ready_timeout_s from its launch."""
+        proc = self._proc
+        if proc is None:
+            raise HarnessError(f"{self.name}: not launched")
         while not _get_ok(self.ready_url):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                code = self._proc.poll()
+            if proc.poll() is not None or time.monotonic() > self._deadline:
+                code = proc.poll()
                 self.stop()
                 raise HarnessError(f"{self.name} not ready at {self.ready_url} (exit code "
                                    f"{code}); {self.log} tail:\n{_tail(self.log)}")
             time.sleep(0.05)
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting (stop() then waits): several stop faster side by side."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited in time; always reaps the process."""
+        """SIGTERM, then SIGKILL if it has not exited in time; always reaps the process.
+        Descendants still alive once it has exited (a supervisor that did not stop its
+        workers) are killed."""
         proc = self._proc
-        if proc is None:
-            return
+        if proc is None or proc.returncode is not None:
+            return  # never started, or stopped and reaped (its pid may be another's now)
+        children = _descendants(proc.pid)
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -117,16 +162,50 @@ class Service:
             except subprocess.TimeoutExpired:
                 proc.kill()
         proc.wait()
+        _kill_all([c for c in children if c.is_running()])
+
+    def kill(self) -> None:
+        """SIGKILL the process and every descendant at once, like a crashed pod: no cleanup,
+        no final flush."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        children = _descendants(proc.pid)
+        proc.kill()
+        _kill_all(children)
+        proc.wait()
 
 
 @dataclass(frozen=True)
 class Target:
-    """A server the load client can hit, and the processes whose CPU its answers cost."""
+    """A server the load client can hit, and the process trees whose CPU its answers cost."""
 
     name: str
     url: str
     cpu_pids: dict[str, int]
     headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """One `tierproxy serve` subprocess (or process tree) and where it answers."""
+
+    name: str
+    service: Service
+    port: int
+    metrics_port: int
+
+    @property
+    def pid(self) -> int:
+        return self.service.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
 
 def _sidecar_env(redis_url: str, postgres_url: str, ch_url: str, token: str) -> dict[str, str]:
@@ -135,33 +214,39 @@ def _sidecar_env(redis_url: str, postgres_url: str, ch_url: str, token: str) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIERPROXY_")}
     env.update(TIERPROXY_REDIS_URL=redis_url, TIERPROXY_POSTGRES_URL=postgres_url,
                TIERPROXY_CLICKHOUSE_URL=ch_url, TIERPROXY_API_TOKEN=token,
-               # Shutdown is not measured; an idle sidecar currently waits out the whole
-               # deadline on SIGTERM (its monitor loop never ends), so keep that short.
+               TIERPROXY_LOG_LEVEL="warning",
+               # Shutdown is not measured: keep a sidecar's final flush deadline short.
                TIERPROXY_SHUTDOWN_DEADLINE_S=str(_SIDECAR_SHUTDOWN_S))
     return env
 
 
 class Stack:
-    """Redis, PostgreSQL, the sidecar and (if `bare`) the baseline server, under `root`.
+    """Redis, PostgreSQL, the sidecar and (if `baselines`) the bare aiohttp server and the
+    old way on the local and on the 20 ms PostgreSQL, under `root`.
 
     Give `redis_url`/`postgres_url`/`clickhouse_url` to use running servers instead of the
     embedded ones (Redis and PostgreSQL are started here; chDB is a directory).
     """
 
     def __init__(self, root: Path, *, token: str = "", redis_url: str = "",
-                 postgres_url: str = "", clickhouse_url: str = "", bare: bool = True) -> None:
+                 postgres_url: str = "", clickhouse_url: str = "",
+                 baselines: bool = True) -> None:
         self.root = root.resolve()
         self.token = token
         self.redis_url = redis_url
         self.postgres_url = postgres_url
         self.clickhouse_url = clickhouse_url
-        self.with_bare = bare
+        self.with_baselines = baselines
         self.redis_pid: int | None = None
         self.postgres_pid: int | None = None
-        self.postgres: PostgresServer | None = None  # the embedded one (stop/start_postgres)
-        self.metrics_url = ""  # the sidecar's Prometheus endpoint
-        self.sidecar: Target | None = None
+        self.sidecar: Target | None = None  # the main sidecar, as the load client sees it
         self.bare: Target | None = None
+        self.oldway: Target | None = None
+        self.oldway_slow: Target | None = None
+        self.memory = MemoryWatch(self._sidecar_roots, self._sidecar_ports)
+        self._main: Sidecar | None = None
+        self._sidecars: dict[str, Sidecar] = {}  # every sidecar running now, by name
+        self._services: list[Service] = []  # every server subprocess started, to stop on exit
         self._exit = ExitStack()
 
     def __enter__(self) -> Stack:
@@ -187,63 +272,127 @@ class Stack:
             postgres.start()
             self._exit.callback(postgres.stop)
             self.postgres_url, self.postgres_pid = postgres.url, postgres.pid
-            self.postgres = postgres
         # chDB runs inside the sidecar process: its inserts and merges use the sidecar's CPU,
         # which an external ClickHouse (--clickhouse-url) would not.
         self.clickhouse_url = self.clickhouse_url or chdb_url(self.root)
-        self.sidecar = self._start_sidecar()
-        if self.with_bare:
-            self.bare = self._start_bare()
+        # Launched side by side, then waited for: Python servers take a while to import.
+        sidecar = self.start_sidecar("sidecar", wait=False)
+        baselines = self._baselines() if self.with_baselines else {}
+        for service, _url in baselines.values():
+            service.launch()
+            self._exit.callback(service.stop)
+            self._services.append(service)
+        for service in [sidecar.service] + [service for service, _ in baselines.values()]:
+            service.wait_ready()
+        self._set_main(sidecar)
+        for name, (service, url) in baselines.items():  # the old way's database is its cost
+            databases = self._servers() if name != "bare" else {}
+            setattr(self, name, Target(name, url, {name: service.pid, **databases}))
+        self.memory.start()
+        self._exit.callback(self.memory.stop)
+        self._exit.callback(self._terminate_all)  # runs first on exit (last registered)
+
+    def _terminate_all(self) -> None:
+        """SIGTERM every server at once; each one's stop callback then waits for it."""
+        for service in self._services:
+            service.terminate()
+
+    @property
+    def metrics_url(self) -> str:
+        """The main sidecar's Prometheus endpoint."""
+        return self.main_sidecar().metrics_url
 
     @property
     def server_pids(self) -> dict[str, int]:
         """The processes that keep working after a run (flushing): settle() waits for them."""
         return self.sidecar.cpu_pids if self.sidecar else {}
 
-    def stop_postgres(self, mode: str = "fast") -> None:
-        """Stop the embedded PostgreSQL (an outage: the sidecar goes on acknowledging writes,
-        its backlog grows). Only for the embedded server, not one given by URL."""
-        self._embedded_postgres().stop(mode)
-
-    def start_postgres(self) -> None:
-        """Start the embedded PostgreSQL again (same port and data); returns once it accepts
-        connections. CPU meters made afterwards follow the new postmaster."""
-        postgres = self._embedded_postgres()
-        postgres.start()
-        self.postgres_pid = postgres.pid
-        if self.sidecar is not None and self.postgres_pid is not None:
-            self.sidecar.cpu_pids["postgres"] = self.postgres_pid
-
-    def _embedded_postgres(self) -> PostgresServer:
-        if self.postgres is None:
-            raise HarnessError("PostgreSQL was given by URL: the harness cannot stop or start it")
-        return self.postgres
-
-    def _service(self, service: Service) -> Service:
-        service.start()
-        self._exit.callback(service.stop)
-        return service
-
-    def _start_sidecar(self) -> Target:
-        port, metrics_port = free_port(), free_port()
-        url = f"http://127.0.0.1:{port}"
-        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        argv = [sys.executable, "-m", "proxy", "serve", "--port", str(port),
-                "--metrics-port", str(metrics_port), "--data-dir", str(self.root / "sidecar")]
-        env = _sidecar_env(self.redis_url, self.postgres_url, self.clickhouse_url, self.token)
-        proc = self._service(Service("tierproxy", argv, self.root / "sidecar.log",
-                                     f"{url}/readyz", env))
+    def _servers(self) -> dict[str, int]:
         servers = {"redis": self.redis_pid, "postgres": self.postgres_pid}
-        pids = {"sidecar": proc.pid} | {k: v for k, v in servers.items() if v is not None}
-        return Target("sidecar", url, pids, auth_headers(self.token))
+        return {k: v for k, v in servers.items() if v is not None}
 
-    def _start_bare(self) -> Target:
+    def main_sidecar(self) -> Sidecar:
+        if self._main is None:
+            raise HarnessError("the main sidecar is not running")
+        return self._main
+
+    def _set_main(self, sidecar: Sidecar | None) -> None:
+        self._main = sidecar
+        self.sidecar = None if sidecar is None else Target(
+            "sidecar", sidecar.url, {"sidecar": sidecar.pid, **self._servers()},
+            auth_headers(self.token))
+
+    def _sidecar_roots(self) -> Mapping[str, int]:
+        return {name: s.pid for name, s in list(self._sidecars.items())}
+
+    def _sidecar_ports(self) -> Mapping[str, int]:
+        return {name: s.port for name, s in list(self._sidecars.items())}
+
+    def start_sidecar(self, name: str, env: Mapping[str, str] | None = None, port: int = 0,
+                      metrics_port: int = 0, wait: bool = True) -> Sidecar:
+        """Start a sidecar on this stack's Redis, PostgreSQL and ClickHouse, with `env`
+        added to its environment (e.g. TIERPROXY_DEBUG_FAILPOINT); its log is <root>/<name>.log.
+        Returns once it is ready, unless not `wait` (then call its service's wait_ready()).
+        stop_sidecar() stops it; so does leaving the stack."""
+        port, metrics_port = port or free_port(), metrics_port or free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "proxy", "serve", "--port", str(port),
+                "--metrics-port", str(metrics_port),
+                "--data-dir", str(self.root / name)]
+        full_env = {**_sidecar_env(self.redis_url, self.postgres_url, self.clickhouse_url,
+                                   self.token), **(env or {})}
+        service = Service(name, argv, self.root / f"{name}.log", f"{url}/readyz", full_env)
+        service.launch()
+        self._exit.callback(service.stop)  # a no-op once stopped
+        self._services.append(service)
+        if wait:
+            service.wait_ready()
+        sidecar = Sidecar(name, service, port, metrics_port)
+        self._sidecars[name] = sidecar
+        return sidecar
+
+    def stop_sidecar(self, sidecar: Sidecar, kill: bool = False) -> None:
+        """SIGTERM (or with `kill`, SIGKILL of the whole tree) and forget it."""
+        self._sidecars.pop(sidecar.name, None)
+        if sidecar is self._main:
+            self._set_main(None)
+        if kill:
+            sidecar.service.kill()
+        else:
+            sidecar.service.stop()
+
+    def restart_sidecar(self, env: Mapping[str, str] | None = None, kill: bool = False) -> None:
+        """Replace the main sidecar by one with `env` added, on the same ports and data
+        directory (the same URLs for the scenarios); `kill`: SIGKILL the old one (a crash)."""
+        old = self.main_sidecar()
+        self.stop_sidecar(old, kill=kill)
+        self._set_main(self.start_sidecar("sidecar", env, old.port, old.metrics_port))
+
+    @contextlib.contextmanager
+    def extra_sidecar(self, name: str) -> Iterator[Sidecar]:
+        """Another sidecar on the same servers (own data directory, own chDB) while inside."""
+        sidecar = self.start_sidecar(name, {"TIERPROXY_CLICKHOUSE_URL":
+                                            chdb_url(self.root / name)})
+        try:
+            yield sidecar
+        finally:
+            self.stop_sidecar(sidecar)
+
+    def _baseline(self, name: str, argv: Sequence[str]) -> tuple[Service, str]:
+        """The service of a baseline server (not launched yet) and its URL."""
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        argv = [sys.executable, str(BARE_SERVER), "--port", str(port)]
-        proc = self._service(Service("bare aiohttp", argv, self.root / "bare.log",
-                                     f"{url}/readyz"))
-        return Target("bare", url, {"bare": proc.pid})
+        return Service(name, [*argv, "--port", str(port)], self.root / f"{name}.log",
+                       f"{url}/readyz"), url
+
+    def _baselines(self) -> dict[str, tuple[Service, str]]:
+        def oldway(name: str, sleep_ms: int) -> tuple[Service, str]:
+            return self._baseline(name, [sys.executable, str(OLDWAY_SERVER), "--postgres-url",
+                                         self.postgres_url, "--schema", name,
+                                         "--sleep-ms", str(sleep_ms)])
+
+        return {"bare": self._baseline("bare", [sys.executable, str(BARE_SERVER)]),
+                "oldway": oldway("oldway", 0), "oldway_slow": oldway("oldway_slow", SLOW_PG_MS)}
 
 
 @contextlib.contextmanager
@@ -274,42 +423,15 @@ def stop_on_sigterm() -> None:
 # ---- the load client
 
 
-class _CpuMeter:
-    """CPU used by some process trees, and by the whole machine, between start() and stop(),
-    in % of one core. A tree is a process and its children at start() (PostgreSQL's backends).
-    The machine figure exposes load we did not start: other jobs on the box are noise."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self._roots = pids
-        self._procs: dict[str, list[psutil.Process]] = {}
-        self._start: dict[str, float] = {}
-        self._t0 = 0.0
-
-    def _now(self) -> dict[str, float]:
-        m = psutil.cpu_times()
-        busy = m.user + m.nice + m.system + m.irq + m.softirq + getattr(m, "steal", 0.0)
-        out = {"machine": busy}
-        for name, procs in self._procs.items():
-            out[name] = 0.0
-            for proc in procs:
-                with contextlib.suppress(psutil.Error):
-                    times = proc.cpu_times()
-                    out[name] += times.user + times.system
-        return out
-
-    def start(self) -> None:
-        self._procs = {}
-        for name, pid in self._roots.items():
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(pid)
-                self._procs[name] = [root, *root.children(recursive=True)]
-        self._start, self._t0 = self._now(), time.perf_counter()
-
-    def stop(self) -> dict[str, float]:
-        wall = time.perf_counter() - self._t0
-        end = self._now()
-        return {name: round(100.0 * (end[name] - self._start[name]) / wall, 1)
-                for name in end if name in self._start and wall > 0}
+def with_others(cpu: dict[str, float], extra: float = 0.0) -> dict[str, float]:
+    """Replace `machine` (a TreeMeter's whole-machine figure) by `others`: what processes
+    we did not measure used (another job on the box, if large); `extra` is CPU of ours
+    already in `machine` but not in `cpu` (the client)."""
+    out = dict(cpu)
+    if "machine" in out:
+        machine = out.pop("machine")
+        out["others"] = round(max(0.0, machine - sum(out.values()) - extra), 1)
+    return out
 
 
 def settle(pids: dict[str, int], below_pct: float = 10.0, window_s: float = 0.5,
@@ -317,8 +439,8 @@ def settle(pids: dict[str, int], below_pct: float = 10.0, window_s: float = 0.5,
     """Wait until these processes together use less than `below_pct` of a core (the sidecar
     flushing what the previous run wrote would skew the next run); return the seconds waited."""
     started = time.monotonic()
-    meter = _CpuMeter(pids)
     while time.monotonic() - started < timeout_s:
+        meter = TreeMeter(pids)
         meter.start()
         time.sleep(window_s)
         used = meter.stop()
@@ -330,10 +452,10 @@ def settle(pids: dict[str, int], below_pct: float = 10.0, window_s: float = 0.5,
 
 def run_load(target: Target, spec: Spec) -> dict[str, Any]:
     """Run loadgen.py against `target` and return its summary plus `cpu_pct`: % of one core
-    used in the measured window by each server process and by the client."""
+    used in the measured window by each server process tree and by the client."""
     spec = dataclasses.replace(spec, base_url=target.url,
                                headers={**spec.headers, **target.headers})
-    meter = _CpuMeter(target.cpu_pids)
+    meter = TreeMeter(target.cpu_pids)
     cpu: dict[str, float] = {}
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
@@ -353,13 +475,13 @@ def run_load(target: Target, spec: Spec) -> dict[str, Any]:
         stderr = err.read().decode(errors="replace")
     if result is None or proc.returncode != 0:
         raise HarnessError(f"load client failed (exit {proc.returncode}):\n{stderr[-3000:]}")
-    cpu["client"] = round(100.0 * result["client_cpu_s"] / spec.duration_s, 1)
-    if "machine" in cpu:  # what the rest of the machine used meanwhile (noise, if large)
-        cpu["others"] = round(max(0.0, cpu.pop("machine") - sum(cpu.values())), 1)
-    return {**result, "target": target.name, "cpu_pct": cpu}
+    client = round(100.0 * result["client_cpu_s"] / spec.duration_s, 1)
+    cpu = with_others(cpu, client)
+    cpu["client"] = client
+    return {**result, "target": target.name, "cpu_pct": cpu, "cpu_s": meter.cpu_s}
 
 
-def _read_result(proc: subprocess.Popen[bytes], meter: _CpuMeter,
+def _read_result(proc: subprocess.Popen[bytes], meter: TreeMeter,
                  cpu: dict[str, float]) -> dict[str, Any] | None:
     assert proc.stdout is not None
     for line in proc.stdout:

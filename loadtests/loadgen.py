@@ -11,9 +11,13 @@ Protocol on stdout, for the harness: the line `measuring` when the measured wind
 - closed: `concurrency` workers, each sends its next request when the previous one answered;
   a request counts when it completes inside the window. This finds the throughput ceiling.
 - open: requests are fired at `rate` per second whatever the server does (no coordinated
-  omission: a slow answer does not delay the next request); a request counts when it was fired
-  inside the window. `lag` is how late the client fired it: if that grows, the client, not the
-  server, is the limit and the result says so.
+  omission: a slow answer does not delay the next request); a request counts when it was due
+  inside the window, and its latency runs from the time it was due (scheduled), not from when
+  the client got round to sending it, as wrk2 does. `lag` is how late the client sent it: if
+  that grows, the client, not the server, is the limit and the result says so.
+
+A body holding `{n}` gets a unique id there in each request (`id_prefix` + the request
+number): a message id the server must take as a new idempotency key every time.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ class Spec:
     base_url: str
     method: str
     path: str
-    body: str | None = None  # sent as application/json
+    body: str | None = None  # sent as application/json; `{n}` becomes a unique id
+    id_prefix: str = "id"  # unique ids are <id_prefix>-<request number>
     keys: int = 1
     headers: dict[str, str] = field(default_factory=dict)
     mode: str = "closed"  # closed | open
@@ -79,21 +84,29 @@ class Client:
         self.urls = [URL(base + spec.path.replace("{k}", str(k)), encoded=True)
                      for k in range(spec.keys)]
         self.body = spec.body.encode() if spec.body is not None else None
+        self.unique = spec.body is not None and "{n}" in spec.body
         self.headers = {**spec.headers, **({"Content-Type": "application/json"} if self.body
                                            is not None else {})}
+
+    def body_of(self, n: int) -> bytes | None:
+        if self.unique:
+            assert self.spec.body is not None
+            return self.spec.body.replace("{n}", f"{self.spec.id_prefix}-{n}").encode()
+        return self.body
 
     async def send(self, n: int) -> str | None:
         """One request; None when it succeeded, else what went wrong."""
         try:
             async with self.session.request(self.spec.method, self.urls[n % len(self.urls)],
-                                            data=self.body, headers=self.headers) as resp:
+                                            data=self.body_of(n), headers=self.headers) as resp:
                 await resp.read()
                 return None if resp.status < 400 else f"http {resp.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             return type(e).__name__
 
-    async def timed(self, n: int, rec: Recorder, counts: Any) -> None:
-        start = time.perf_counter()
+    async def timed(self, n: int, rec: Recorder, counts: Any, due: float | None = None) -> None:
+        """One request, timed from `due` (open loop: when it was scheduled) or from now."""
+        start = time.perf_counter() if due is None else due
         error = await self.send(n)
         end = time.perf_counter()
         if not counts(start, end):
@@ -132,7 +145,7 @@ async def open_loop(client: Client, rec: Recorder, t0: float) -> None:
             continue
         if rec.inside(due):
             rec.lags.append(now - due)
-        task = asyncio.create_task(client.timed(n, rec, counts))
+        task = asyncio.create_task(client.timed(n, rec, counts, due))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         n += 1

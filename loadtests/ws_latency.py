@@ -4,8 +4,9 @@
     python loadtests/ws_latency.py --subscribers 200 --rate 1000 --duration 20
 
 Starts embedded Redis + PostgreSQL and two sidecar subprocesses (`python -m proxy serve`,
-through harness.Service), opens the WebSockets (half on each sidecar, round-robin over the
-threads) and appends at a fixed rate, alternating sidecars. Reported:
+through harness.Stack), opens the WebSockets (half on each sidecar, round-robin over the
+threads) and appends at a fixed rate, alternating sidecars. bench.py runs the same as its
+`ws_delivery` scenario, on its own stack (`delivery`). Reported:
 
 - `write_ms`: the appends' own latency (POST sent → 201 received);
 - `write_to_push_ms`: POST sent → a subscriber receives the frame (client clock);
@@ -17,7 +18,9 @@ threads) and appends at a fixed rate, alternating sidecars. Reported:
 - `server_ack_to_sent_ms_bucket_bound`: the sidecars' `tierproxy_ws_delivery_seconds`
   histogram (`ts` → frame written to the socket), as the bound of the bucket holding p50/p99;
 
-and whether every subscriber got every seq of its thread once and in order.
+and whether every subscriber got every seq of its thread once and in order (the writes start
+once every subscription is confirmed; a seq still missing 10 s after the last write counts
+as out of order or missing).
 """
 
 from __future__ import annotations
@@ -26,25 +29,21 @@ import argparse
 import asyncio
 import itertools
 import os
-import re
 import sys
-import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import harness
+import observe
 import orjson
-import psutil
+from harness import Sidecar, Stack
+from procs import TreeMeter
 
-from proxy.embedded import PostgresServer, RedisServer, clickhouse_url, free_port
-
-_BUCKET = re.compile(r'^tierproxy_ws_delivery_seconds_bucket\{le="([^"]+)"\} (\S+)$', re.M)
+SUBSCRIBE_TIMEOUT_S = 30.0
+DELIVERY_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -54,13 +53,6 @@ class Options:
     rate: float = 500.0
     duration_s: float = 10.0
     warmup_s: float = 2.0
-
-
-@dataclass
-class Sidecar:
-    url: str
-    metrics_url: str
-    pid: int
 
 
 @dataclass
@@ -74,7 +66,8 @@ class Tally:
     write_errors: list[str] = field(default_factory=list)
     write_ms: list[float] = field(default_factory=list)
     ids: Iterator[int] = field(default_factory=itertools.count)
-    cpu_pct: list[float] = field(default_factory=list)  # sidecar 1, sidecar 2, this client
+    run: str = field(default_factory=lambda: f"{time.time_ns():x}")  # ids unique per run
+    cpu_pct: dict[str, float] = field(default_factory=dict)  # each sidecar's tree, this client
     measuring: bool = False
 
 
@@ -86,40 +79,13 @@ def percentile(values: Sequence[float], q: float) -> float:
 # ---- servers
 
 
-def start_sidecar(exit_stack: ExitStack, root: Path, name: str, redis_url: str,
-                  postgres_url: str) -> Sidecar:
-    port, metrics_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERPROXY_")}
-    env.update(TIERPROXY_REDIS_URL=redis_url, TIERPROXY_POSTGRES_URL=postgres_url,
-               TIERPROXY_CLICKHOUSE_URL=clickhouse_url(root / name), TIERPROXY_LOG_LEVEL="warning")
-    argv = [sys.executable, "-m", "proxy", "serve", "--port", str(port), "--metrics-port",
-            str(metrics_port), "--data-dir", str(root / name)]
-    service = harness.Service(name, argv, root / f"{name}.log", f"{url}/readyz", env)
-    service.start()
-    exit_stack.callback(service.stop)
-    return Sidecar(url, f"http://127.0.0.1:{metrics_port}/metrics", service.pid)
-
-
-def start_servers(exit_stack: ExitStack, root: Path) -> list[Sidecar]:
-    redis = RedisServer(root / "redis")
-    redis.start()
-    exit_stack.callback(redis.stop)
-    postgres = PostgresServer(root / "postgres")
-    postgres.start()
-    exit_stack.callback(postgres.stop)
-    return [start_sidecar(exit_stack, root, f"sidecar{i}", redis.url, postgres.url)
-            for i in (1, 2)]
-
-
 def delivery_buckets(sidecars: Sequence[Sidecar]) -> dict[float, float]:
     """The cumulative delivery-latency buckets, summed over the sidecars."""
     total: dict[float, float] = {}
     for sidecar in sidecars:
-        with urllib.request.urlopen(sidecar.metrics_url, timeout=5) as resp:
-            text = resp.read().decode()
-        for le, count in _BUCKET.findall(text):
-            total[float(le)] = total.get(float(le), 0.0) + float(count)
+        for le, count in observe.histogram_buckets(observe.fetch(sidecar.metrics_url),
+                                                   "tierproxy_ws_delivery_seconds").items():
+            total[le] = total.get(le, 0.0) + count
     return total
 
 
@@ -142,6 +108,7 @@ class Subscriber:
     def __init__(self, tid: str, sent_at: dict[str, float], tally: Tally) -> None:
         self.tid, self._sent_at, self._tally = tid, sent_at, tally
         self.last_seq = 0
+        self.subscribed = asyncio.Event()
 
     async def run(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         await ws.send_str(orjson.dumps({"op": "subscribe", "thread_id": self.tid}).decode())
@@ -151,6 +118,7 @@ class Subscriber:
     def on_frame(self, ev: dict[str, Any], now: float, wall: float) -> None:
         if ev["type"] == "subscribed":
             self.last_seq = ev["last_seq"]
+            self.subscribed.set()
         if ev["type"] != "message.created":
             return
         if ev["seq"] != self.last_seq + 1:
@@ -169,7 +137,7 @@ async def write_at_rate(session: aiohttp.ClientSession, sidecars: Sequence[Sidec
     start, n = time.perf_counter(), 0
     while time.perf_counter() < until:
         sidecar, tid = next(targets)
-        mid = f"lt{next(tally.ids)}"
+        mid = f"lt{tally.run}-{next(tally.ids)}"
         task = asyncio.create_task(append(session, sidecar, tid, mid, sent_at, tally))
         pending.add(task)
         task.add_done_callback(pending.discard)
@@ -196,20 +164,24 @@ async def append(session: aiohttp.ClientSession, sidecar: Sidecar, tid: str, mid
         tally.write_errors.append(repr(e))
 
 
-async def measure(o: Options, sidecars: Sequence[Sidecar]) -> dict[str, Any]:
+async def measure(o: Options, sidecars: Sequence[Sidecar],
+                  headers: dict[str, str]) -> dict[str, Any]:
     tids = [f"wslat-{i}" for i in range(o.threads)]
-    await harness.prepare_threads(harness.Target("sidecar", sidecars[0].url, {}), tids)
+    await harness.prepare_threads(harness.Target("sidecar", sidecars[0].url, {}, headers), tids)
     tally = Tally()
     sent_at = tally.sent_at
     subs = [Subscriber(tids[i % o.threads], sent_at, tally) for i in range(o.subscribers)]
     conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn) as session:
+    async with aiohttp.ClientSession(connector=conn, headers=headers) as session:
         sockets = [await session.ws_connect(f"{sidecars[i % 2].url}/v1/ws")
                    for i in range(o.subscribers)]
         readers = [asyncio.create_task(sub.run(ws)) for sub, ws in zip(subs, sockets, strict=True)]
         try:
+            # Delivery to established subscriptions is what is measured: all of them first.
+            await asyncio.wait_for(asyncio.gather(*(s.subscribed.wait() for s in subs)),
+                                   SUBSCRIBE_TIMEOUT_S)
             written, before, after = await timed_writes(o, session, sidecars, tids, sent_at, tally)
-            await wait_delivered(subs, tids, sidecars, session)
+            tally.out_of_order += await wait_delivered(subs, tids, sidecars, session)
         finally:
             for ws in sockets:
                 await ws.close()
@@ -223,28 +195,30 @@ async def timed_writes(o: Options, session: aiohttp.ClientSession, sidecars: Seq
     await write_at_rate(session, sidecars, tids, o.rate, time.perf_counter() + o.warmup_s,
                         sent_at, tally)
     before = await asyncio.to_thread(delivery_buckets, sidecars)
-    cpu = [psutil.Process(s.pid) for s in sidecars] + [psutil.Process()]
-    cpu_before = [p.cpu_times() for p in cpu]
+    meter = TreeMeter({s.name: s.pid for s in sidecars} | {"client": os.getpid()})
+    meter.start()
     tally.measuring = True
     written = await write_at_rate(session, sidecars, tids, o.rate,
                                   time.perf_counter() + o.duration_s, sent_at, tally)
     tally.measuring = False
-    tally.cpu_pct = [round(100 * (a.user + a.system - b.user - b.system) / o.duration_s, 1)
-                     for a, b in zip((p.cpu_times() for p in cpu), cpu_before, strict=True)]
+    cpu = meter.stop()
+    tally.cpu_pct = {k: v for k, v in cpu.items() if k != "machine"}
     after = await asyncio.to_thread(delivery_buckets, sidecars)
     return written, before, after
 
 
 async def wait_delivered(subs: Sequence[Subscriber], tids: Sequence[str],
-                         sidecars: Sequence[Sidecar], session: aiohttp.ClientSession) -> None:
-    """Until every subscriber has its thread's last seq (or 10 s)."""
+                         sidecars: Sequence[Sidecar], session: aiohttp.ClientSession) -> int:
+    """Until every subscriber has its thread's last seq (or DELIVERY_TIMEOUT_S); returns
+    how many seqs are still missing then (summed over the subscribers)."""
     last = {}
     for tid in tids:
         async with session.get(f"{sidecars[0].url}/v1/threads/{tid}") as resp:
             last[tid] = (await resp.json())["last_seq"]
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + DELIVERY_TIMEOUT_S
     while any(s.last_seq < last[s.tid] for s in subs) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    return sum(max(0, last[s.tid] - s.last_seq) for s in subs)
 
 
 def report(o: Options, tally: Tally, written: int, before: dict[float, float],
@@ -255,8 +229,7 @@ def report(o: Options, tally: Tally, written: int, before: dict[float, float],
     ts2p = [wall * 1000 - ts for _, _, wall, ts in tally.pushes]
     return {
         "subscribers": o.subscribers, "threads": o.threads, "sidecars": 2,
-        "cpu_pct_of_a_core": dict(zip(("sidecar1", "sidecar2", "client"), tally.cpu_pct,
-                                      strict=False)),
+        "cpu_pct_of_a_core": tally.cpu_pct,
         "load_average_1m": round(os.getloadavg()[0], 2), "cores": os.cpu_count(),
         "writes": written, "writes_per_s": round(written / o.duration_s, 1),
         "write_errors": len(tally.write_errors), "first_errors": tally.write_errors[:3],
@@ -275,6 +248,22 @@ def report(o: Options, tally: Tally, written: int, before: dict[float, float],
     }
 
 
+def figures(result: dict[str, Any]) -> dict[str, float]:
+    """report()'s numbers as flat bench figures: `ack_to_push_p99_ms`, `cpu_client_pct`..."""
+    out: dict[str, float] = {"write_errors": result["write_errors"],
+                             "order_errors": result["out_of_order_or_missing"]}
+    for key, value in result.items():
+        if key == "cpu_pct_of_a_core":
+            out |= {f"cpu_{name}_pct": pct for name, pct in value.items()}
+        elif isinstance(value, dict):
+            stem = key.removesuffix("_bucket_bound").removesuffix("_ms")
+            out |= {f"{stem}_{q}_ms": float(v) for q, v in value.items()}
+        elif isinstance(value, int | float) and key not in ("write_errors",
+                                                           "out_of_order_or_missing"):
+            out[key] = float(value)
+    return out
+
+
 def parse_args(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--subscribers", type=int, default=Options.subscribers)
@@ -286,13 +275,18 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     return Options(a.subscribers, a.threads, a.rate, a.duration, a.warmup)
 
 
+def delivery(stack: Stack, o: Options) -> dict[str, Any]:
+    """The measurement on `stack`: its main sidecar and a second one started for it."""
+    with stack.extra_sidecar("sidecar2") as second:
+        return asyncio.run(measure(o, [stack.main_sidecar(), second],
+                                   harness.auth_headers(stack.token)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     o = parse_args(argv)
     harness.stop_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="tierproxy-ws-", ignore_cleanup_errors=True) as tmp, \
-            ExitStack() as exit_stack:
-        sidecars = start_servers(exit_stack, Path(tmp))
-        result = asyncio.run(measure(o, sidecars))
+    with harness.temporary_stack(baselines=False) as stack:
+        result = delivery(stack, o)
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     ok = result["out_of_order_or_missing"] == 0 and result["write_errors"] == 0
     return 0 if ok else 1
