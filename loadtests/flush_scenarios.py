@@ -14,8 +14,8 @@ One repetition (the bench runs it once whatever --repetitions says: it takes a w
   acknowledged), and 100,000 appends go to 100 threads through the API (wrk, as fast as the
   sidecar answers). Then it is replaced by a sidecar with the default settings, which drains
   the backlog (and stays, for the scenarios that follow). Once it is ready, its
-  `tierproxy_flushed_rows_total` counters are polled every 100 ms and /v1/status every
-  0.5 s, until both backlogs are 0.
+  `tierproxy_flushed_rows_total` counters are polled every 100 ms until each has reached the
+  backlog the first sidecar's /v1/status counted for its sink.
   drain_rows_per_s = rows flushed to PostgreSQL between the first poll and the first poll that
   saw the last one, over that time (what it flushed while starting up, before the first poll,
   is out of both); peak_rows_per_s is the best 1 s of that series. ClickHouse drains its own
@@ -50,7 +50,6 @@ Figures = dict[str, float]
 BACKLOG = 100_000
 THREADS = 100
 COUNTER_POLL_S = 0.1  # the metrics page: rendering it costs the sidecar ~2 ms of CPU
-STATUS_EVERY = 5  # counter polls per /v1/status poll
 PEAK_WINDOW_S = 1.0
 DRAIN_TIMEOUT_S = 300.0
 PAUSED = {"TIERPROXY_FLUSH_SINKS": ""}  # a sidecar that flushes nothing: the backlog grows
@@ -157,27 +156,35 @@ async def _counters(http: aiohttp.ClientSession, metrics_url: str) -> tuple[floa
             observe.counter_value(text, "tierproxy_flushed_rows_total", "ch"))
 
 
-async def poll_drain(stack: Stack) -> Drain:
-    """Poll the main sidecar's flushed-rows counters until /v1/status shows both backlogs
-    at 0 (it is refreshed every flush.trim_interval_s: polling it often would only cost the
-    sidecar CPU). The counters start at 0 with the sidecar."""
+async def poll_drain(stack: Stack, backlog: dict[str, int]) -> Drain:
+    """Poll the main sidecar's flushed-rows counters (they start at 0 with it) until each
+    sink's reaches its `backlog`: every entry is a row of its own (new threads, new messages;
+    nothing to coalesce). Not /v1/status: a sidecar that just started reports a backlog of
+    0 until its monitor's first pass."""
     target = stack.sidecar
     assert target is not None
     drain, meter = Drain(), TreeMeter(target.cpu_pids)
     meter.start()
     t0 = time.perf_counter()
     async with aiohttp.ClientSession(headers=target.headers) as http:
-        for n in range(int(DRAIN_TIMEOUT_S / COUNTER_POLL_S)):
+        while time.perf_counter() - t0 < DRAIN_TIMEOUT_S:
             pg, ch = await _counters(http, stack.metrics_url)
             drain.series.append((time.perf_counter() - t0, pg, ch))
-            if n % STATUS_EVERY == STATUS_EVERY - 1 and n * COUNTER_POLL_S > 1.0:
-                sinks = await observe.sinks_status(http, target)
-                if observe.backlog(sinks, "pg") == 0 and observe.backlog(sinks, "ch") == 0:
-                    drain.cpu, drain.cpu_s = harness.with_others(meter.stop()), meter.cpu_s
-                    return drain
+            if pg >= backlog["pg"] and ch >= backlog["ch"]:
+                drain.cpu, drain.cpu_s = harness.with_others(meter.stop()), meter.cpu_s
+                return drain
             await asyncio.sleep(COUNTER_POLL_S)
-    raise harness.HarnessError(f"backlog not drained {DRAIN_TIMEOUT_S:g} s after the restart: "
-                               f"last counters (s, pg, ch) {drain.series[-1]}")
+    raise harness.HarnessError(f"backlog {backlog} not drained {DRAIN_TIMEOUT_S:g} s after the "
+                               f"restart: last counters (s, pg, ch) {drain.series[-1]}")
+
+
+async def _backlog(target: Target, entries: int) -> dict[str, int]:
+    """Each sink's backlog once the monitor has counted at least `entries` in it."""
+    async with aiohttp.ClientSession(headers=target.headers) as http:
+        await observe.wait_status(http, target, lambda s: all(
+            observe.backlog(s, n) >= entries for n in ("pg", "ch")), f"a backlog of {entries}")
+        sinks = await observe.sinks_status(http, target)
+    return {name: observe.backlog(sinks, name) for name in ("pg", "ch")}
 
 
 async def _count_present(url: str, tids: list[str]) -> int:
@@ -207,10 +214,11 @@ def drain_backlog(stack: Stack, rows: int, tag: str, connections: int) -> Figure
     try:
         assert stack.sidecar is not None
         figures = write_backlog(stack.sidecar, tag, rows, connections)
+        acked = figures["backlog_requests"] - figures["backlog_errors"]
+        backlog = asyncio.run(_backlog(stack.sidecar, int(acked) + THREADS))
     finally:
         stack.restart_sidecar()  # default settings: it drains, and stays for what follows
-    drain = asyncio.run(poll_drain(stack))
-    acked = figures["backlog_requests"] - figures["backlog_errors"]
+    drain = asyncio.run(poll_drain(stack, backlog))
     present = asyncio.run(_count_present(stack.postgres_url,
                                          [f"{tag}-t{i}" for i in range(THREADS)]))
     pg_rows, pg_s = drain.done(1)
