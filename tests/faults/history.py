@@ -8,6 +8,9 @@ Every op ends as one of:
 
 A 5xx is definite about the answer but not about the write: the request timeout answers 503
 after the Lua script may have run, so the checker lets 5xx ops land or not, like info ops.
+
+Labels in brackets are ARCHITECTURE.md's invariants, as in the nemesis checker (checker.py:
+FAULTS.md's I1 is [1], I2 and I3 are [2], I4 is [9]).
 """
 
 from __future__ import annotations
@@ -265,7 +268,7 @@ def _stored_version(stored: Stored, kind: str, entity: str) -> tuple[int | None,
 
 
 def version_problems(history: History, stored: Stored) -> list[str]:
-    """I1 (every ok version landed) and I3 (stored = the highest acked version, or one an
+    """[1] (every ok version landed) and [2] (stored = the highest acked version, or one an
     uncertain op may have written: each uncertain op adds at most one version)."""
     out = []
     for (kind, entity), ops in _by_entity(history).items():
@@ -275,14 +278,14 @@ def version_problems(history: History, stored: Stored) -> list[str]:
         version, value = _stored_version(stored, kind, entity)
         if version is None:
             if acked:
-                out.append(f"I1 lost: {kind} {entity} acked at v{top}, not in postgres")
+                out.append(f"[1] lost: {kind} {entity} acked at v{top}, not in postgres")
             continue
         if not top <= version <= top + uncertain:
-            out.append(f"I3: {kind} {entity} stored at v{version}, acked up to v{top} "
+            out.append(f"[2]: {kind} {entity} stored at v{version}, acked up to v{top} "
                        f"with {uncertain} uncertain ops: {_brief(ops)}")
         last = next((o for o in acked if o.version == version), None)
         if last is not None and kind != "t" and last.value != value:
-            out.append(f"I3: {kind} {entity} v{version} holds {value!r}, acked {last.value!r}")
+            out.append(f"[2]: {kind} {entity} v{version} holds {value!r}, acked {last.value!r}")
     return out
 
 
@@ -292,7 +295,7 @@ def _brief(ops: list[Op]) -> str:
 
 
 def seq_problems(history: History, stored: Stored) -> list[str]:
-    """I2: (thread, seq) unique, seqs gapless 1..last_seq per thread, acked seqs kept, and no
+    """[2]: (thread, seq) unique, seqs gapless 1..last_seq per thread, acked seqs kept, and no
     message that no op may have written."""
     out = []
     appends = {o.id: o for o in history.ops if o.kind == "append"}
@@ -301,23 +304,23 @@ def seq_problems(history: History, stored: Stored) -> list[str]:
         per_thread[tid].append(seq)
         op = appends.get(mid)
         if op is None or not (op.outcome == OK or op.uncertain):
-            out.append(f"I2: message {mid} in postgres was never written (op: {op})")
+            out.append(f"[2]: message {mid} in postgres was never written (op: {op})")
         elif op.outcome == OK and (op.thread_id, op.seq) != (tid, seq):
-            out.append(f"I2: message {mid} acked at {op.thread_id}#{op.seq}, stored {tid}#{seq}")
+            out.append(f"[2]: message {mid} acked at {op.thread_id}#{op.seq}, stored {tid}#{seq}")
     for tid in sorted({o.thread_id for o in history.ops if o.thread_id}):
         seqs = sorted(per_thread.get(tid, []))
         if seqs != list(range(1, len(seqs) + 1)):
             dupes = len(seqs) - len(set(seqs))
-            out.append(f"I2: thread {tid} seqs not 1..{len(seqs)} ({dupes} duplicates, "
+            out.append(f"[2]: thread {tid} seqs not 1..{len(seqs)} ({dupes} duplicates, "
                        f"max {seqs[-1] if seqs else 0})")
         last_seq = stored.threads.get(tid, (0, 0))[1]
         if seqs and last_seq != len(seqs):
-            out.append(f"I2: thread {tid} last_seq {last_seq}, messages 1..{len(seqs)}")
+            out.append(f"[2]: thread {tid} last_seq {last_seq}, messages 1..{len(seqs)}")
     return out
 
 
 async def log_problems(r: aioredis.Redis, shards: int, groups: Sequence[str]) -> list[str]:
-    """I4: no pending entry and nothing undelivered, per group and shard."""
+    """[9] (the backlog drains): no pending entry and nothing undelivered, per group and shard."""
     out = []
     for shard in range(shards):
         stream = keys.log(shard)
@@ -326,14 +329,14 @@ async def log_problems(r: aioredis.Redis, shards: int, groups: Sequence[str]) ->
         info = {_text(g["name"]): g for g in await r.xinfo_groups(stream)}
         for group in groups:
             if group not in info:
-                out.append(f"I4: shard {shard} has no group {group}")
+                out.append(f"[9]: shard {shard} has no group {group}")
                 continue
             pending = (await r.xpending(stream, group))["pending"]
             last = _text(info[group]["last-delivered-id"])
             ms, _, seq = last.partition("-")
             undelivered = await r.xrange(stream, min=f"{ms}-{int(seq) + 1}", count=1)
             if pending or undelivered:
-                out.append(f"I4: shard {shard} group {group}: {pending} pending, "
+                out.append(f"[9]: shard {shard} group {group}: {pending} pending, "
                            f"{'some' if undelivered else 'no'} undelivered entries")
     return out
 
@@ -351,8 +354,9 @@ class Verdict:
 
 async def check(history: History, pg_url: str, redis_url: str, shards: int, *,
                 deadline_s: float = 15.0, groups: Sequence[str] = GROUPS) -> Verdict:
-    """Poll PostgreSQL and the log until I1–I4 hold, or fail at the deadline with what does
-    not hold. A stored version above every acked one never converges: it fails at the end."""
+    """Poll PostgreSQL and the log until [1], [2] and [9] hold, or fail at the deadline with
+    what does not hold. A stored version above every acked one never converges: it fails at
+    the end."""
     started = time.monotonic()
     conn = await asyncpg.connect(pg_url)
     r = aioredis.Redis.from_url(redis_url)
