@@ -1,0 +1,510 @@
+"""The nemesis history checker: what every recorded answer must satisfy, given every other.
+
+Labels are ARCHITECTURE.md's invariants 1-10 (see LABELS; FAULTS.md's I1-I5 map onto them:
+I1 -> 1, I2 -> 2 and 7, I3 -> 2, I4 -> 9, I5 -> 9) plus `api` for answers README.md
+specifies that no invariant covers.
+
+Allowances, i.e. what the contract lets an answer be:
+
+- ok (2xx) is what happened; fail with a 4xx happened not at all; info (no answer) and 5xx
+  (the request timeout answers 503 after the script may have run) may or may not have landed,
+  at any time after they were sent. Nothing here treats an uncertain op as having happened
+  before anything; it may only explain an answer (a 404 after an uncertain delete).
+- "Before" is real time in this one process: a write acknowledged (ended) before a read was
+  sent (started) must be visible to it, through any sidecar (5); a version any answer showed
+  must never be followed by an older one (8; degraded answers excepted).
+- Versions of one entity count up by one per write, so two acknowledged writes never share
+  one (2), and a compare-and-set that succeeded on If-Match v answers v + 1 (api).
+- Degraded reads, `X-Tier: clickhouse` (only while PostgreSQL is down, from a ClickHouse that
+  may lag), are exempt from 5 and 8, and a 404 answered while PostgreSQL was down (or within
+  3 s of its restart, while circuits close again) may be one of them (sidecar 0 reads its
+  lagging chDB; 1 and 2 answer 503).
+- A 404 of a thread, message or state entry is right only if it may have been absent: it was
+  never acknowledged before, or a delete (not refused with a 4xx) was sent before the answer
+  came, or (state) a TTL it was given may have run out by then. State TTLs are checked against
+  the `expires_at` the sidecar answered (same machine, same clock): a read sent after it must
+  not see the entry (5).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from tests.faults.nemesis import MIN_POISON_ACKS, FaultEvent
+from tests.faults.workload import (
+    MESSAGE_WRITES,
+    STATE_WRITES,
+    THREAD_WRITES,
+    WRITES,
+    Op,
+    Probe,
+)
+
+LABELS = {
+    "1": "acknowledged writes are never lost",
+    "2": "one row per entity version in PostgreSQL; seq unique, gapless; no regression",
+    "3": "the log is trimmed only below every group's unacknowledged entries",
+    "4": "unflushed data never has a TTL",
+    "5": "read-your-writes through any sidecar; deleted or expired stays gone",
+    "6": "poison entries are dead-lettered, visible, never block the shard",
+    "7": "ClickHouse rows exactly once",
+    "8": "no refill (or read) goes back to an older version or seq",
+    "9": "no worker dies silently; health and status honest; the backlog drains",
+    "api": "answers as README.md documents them",
+}
+DEGRADED_GRACE_S = 3.0
+Entity = tuple[str, str]
+
+
+@dataclass
+class Violations:
+    """Violations by label; a repeat of the same text (a sampler seeing one fault again) is
+    counted, not listed again."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+    repeats: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def add(self, label: str, text: str) -> None:
+        assert label in LABELS, label
+        if not self.repeats[(label, text)]:
+            self.items.append((label, text))
+        self.repeats[(label, text)] += 1
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(label for label, _ in self.items).items()))
+
+    def report(self, cap: int = 60) -> str:
+        """Per label its meaning and count, then up to `cap` violations, the labels taking
+        turns (so one noisy invariant does not hide the others)."""
+        lines = [f"  [{k}] {n:5d}  {LABELS[k]}" for k, n in self.counts().items()]
+        queues = [[f"[{k}] {text}{self._times(k, text)}" for label, text in self.items
+                   if label == k] for k in self.counts()]
+        turns = [t for row in itertools.zip_longest(*queues) for t in row if t is not None]
+        return "\n".join([*lines, *turns[:cap]])
+
+    def _times(self, label: str, text: str) -> str:
+        n = self.repeats[(label, text)]
+        return f" (seen {n} times)" if n > 1 else ""
+
+
+def entity_of(op: Op) -> Entity | None:
+    if op.kind in MESSAGE_WRITES or op.kind == "get_message":
+        return ("m", op.entity) if op.entity else None
+    if op.kind in THREAD_WRITES or op.kind in ("get_thread", "page"):
+        return ("t", op.thread_id)
+    if op.kind in STATE_WRITES or op.kind == "get_state":
+        return ("s", op.entity)
+    return None
+
+
+def claim(op: Op) -> int | None:
+    """The version an acknowledged write made (an append answered 200 made none)."""
+    if not op.ok:
+        return None
+    if op.kind in ("append", "append_anon", "retry"):
+        return 1 if op.status == 201 else None
+    return op.version if op.kind in WRITES else None
+
+
+class Timeline:
+    """Values known at times: the highest one known strictly before t."""
+
+    def __init__(self) -> None:
+        self._points: list[tuple[float, int]] = []
+        self._ends: list[float] = []
+        self._max: list[int] = []
+
+    def add(self, at: float, value: int) -> None:
+        self._points.append((at, value))
+
+    def seal(self) -> None:
+        self._points.sort()
+        self._ends = [t for t, _ in self._points]
+        self._max = list(itertools.accumulate((v for _, v in self._points), max))
+
+    def before(self, t: float) -> int:
+        i = bisect.bisect_left(self._ends, t)
+        return self._max[i - 1] if i else 0
+
+
+def _timelines() -> defaultdict[Any, Timeline]:
+    return defaultdict(Timeline)
+
+
+@dataclass
+class Index:
+    """The history by entity."""
+
+    ops: list[Op]
+    degraded: list[tuple[float, float]]  # PostgreSQL outages, widened by the grace
+    writes: dict[Entity, list[Op]] = field(default_factory=lambda: defaultdict(list))
+    claims: dict[Entity, list[tuple[int, Op]]] = field(default_factory=lambda: defaultdict(list))
+    acked: defaultdict[Entity, Timeline] = field(default_factory=_timelines)
+    acked_seq: defaultdict[str, Timeline] = field(default_factory=_timelines)
+    seen: defaultdict[Entity, Timeline] = field(default_factory=_timelines)
+    seen_seq: defaultdict[str, Timeline] = field(default_factory=_timelines)
+    thread_gone: dict[str, float] = field(default_factory=dict)  # acked delete: its end
+    deletes: dict[Entity, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    @classmethod
+    def of(cls, ops: list[Op], events: list[FaultEvent]) -> Index:
+        degraded = [(e.began, e.ended + DEGRADED_GRACE_S) for e in events
+                    if e.fault.kind == "pg-stop"]
+        index = cls(ops, degraded)
+        for op in ops:
+            index._add(op)
+        for timeline in [*index.acked.values(), *index.acked_seq.values(),
+                         *index.seen.values(), *index.seen_seq.values()]:
+            timeline.seal()
+        for starts in index.deletes.values():
+            starts.sort()
+        return index
+
+    def _add(self, op: Op) -> None:
+        entity = entity_of(op)
+        if entity is None:
+            return
+        if op.kind in WRITES:
+            self._add_write(op, entity)
+        if op.ok and op.tier != "clickhouse":
+            self._add_seen(op, entity)
+
+    def _add_write(self, op: Op, entity: Entity) -> None:
+        self.writes[entity].append(op)
+        version = claim(op)
+        if version is not None:
+            self.claims[entity].append((version, op))
+            self.acked[entity].add(op.ended, version)
+        if op.ok and op.kind in ("append", "append_anon", "retry"):
+            self.acked_seq[op.thread_id].add(op.ended, int(op.doc["seq"]))
+        if op.kind.startswith("delete") and (op.ok or op.uncertain):
+            self.deletes[entity].append(op.started)
+        if op.kind == "delete_thread" and op.ok:
+            self.thread_gone[op.thread_id] = min(op.ended, self.thread_gone.get(op.thread_id,
+                                                                                op.ended))
+
+    def _add_seen(self, op: Op, entity: Entity) -> None:
+        doc = op.doc
+        if op.kind == "page":
+            for item in doc["items"]:
+                self.seen[("m", item["message_id"])].add(op.ended, int(item["version"]))
+        elif "version" in doc:
+            self.seen[entity].add(op.ended, int(doc["version"]))
+        seq = doc.get("last_seq", doc.get("seq"))
+        if op.thread_id and seq is not None:
+            self.seen_seq[op.thread_id].add(op.ended, int(seq))
+
+    # ---- questions the checks ask
+
+    def gone_before(self, tid: str, t: float) -> bool:
+        """The thread's delete was acknowledged before t."""
+        return tid in self.thread_gone and self.thread_gone[tid] < t
+
+    def maybe_deleted(self, entity: Entity, by: float) -> bool:
+        """A delete of the entity (not refused) was sent before `by`."""
+        starts = self.deletes.get(entity, [])
+        return bool(starts) and starts[0] < by
+
+    def degraded_during(self, op: Op) -> bool:
+        return any(op.started < end and op.ended > start for start, end in self.degraded)
+
+    def may_be_absent(self, op: Op, entity: Entity, tid: str) -> bool:
+        """A 404 is right: never acknowledged before, or a delete sent before the answer
+        (of the entity or its thread), or a degraded read."""
+        return (self.acked[entity].before(op.started) == 0
+                or self.maybe_deleted(entity, op.ended)
+                or bool(tid) and self.maybe_deleted(("t", tid), op.ended)
+                or self.degraded_during(op))
+
+
+def check_history(ops: list[Op], events: list[FaultEvent], out: Violations) -> Index:
+    index = Index.of(ops, events)
+    check_claims(index, out)
+    check_seqs(ops, out)
+    for op in ops:
+        if op.kind in WRITES:
+            check_write_answer(index, op, out)
+        elif op.kind in ("get_thread", "page", "get_message", "get_state"):
+            check_read(index, op, out)
+    return index
+
+
+def check_claims(index: Index, out: Violations) -> None:
+    """2: one version, one write."""
+    for entity, claims in index.claims.items():
+        by_version: dict[int, list[Op]] = defaultdict(list)
+        for version, op in claims:
+            by_version[version].append(op)
+        for version, ops in sorted(by_version.items()):
+            if len(ops) > 1:
+                out.add("2", f"{_name(entity)} v{version} was acknowledged to {len(ops)} "
+                        f"writes: " + " | ".join(o.brief() for o in ops[:3]))
+
+
+def check_seqs(ops: list[Op], out: Violations) -> None:
+    """2: a message keeps one seq; a seq belongs to one message."""
+    seqs: dict[str, set[int]] = defaultdict(set)
+    owners: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for op in ops:
+        if op.ok and op.kind in MESSAGE_WRITES and "seq" in op.doc:
+            seqs[op.entity].add(int(op.doc["seq"]))
+            owners[(op.thread_id, int(op.doc["seq"]))].add(op.entity)
+    for mid, found in seqs.items():
+        if len(found) > 1:
+            out.add("2", f"message {mid} was answered with seqs {sorted(found)}")
+    for (tid, seq), mids in owners.items():
+        if len(mids) > 1:
+            out.add("2", f"thread {tid} seq {seq} was given to {sorted(mids)}: seq reused")
+
+
+def check_write_answer(index: Index, op: Op, out: Violations) -> None:
+    tid = op.thread_id
+    if op.ok and tid and index.gone_before(tid, op.started):
+        out.add("5", f"a write was accepted on thread {tid} after its delete was "
+                f"acknowledged: {op.brief()}")
+    if op.kind == "conflict" and op.ok:
+        out.add("api", f"another body under an existing message id was accepted: {op.brief()}")
+    if op.kind in ("append", "retry") and op.status == 409:
+        out.add("api", f"an append sent again with the same id and body got 409 (README: "
+                f"200 with the original): {op.brief()}")
+    if op.ok and op.if_match is not None and op.version != op.if_match + 1:
+        out.add("api", f"If-Match {op.if_match} succeeded at v{op.version}: {op.brief()}")
+    if op.status == 404:
+        _check_write_404(index, op, out)
+    if op.kind == "put_thread" and op.status == 409 and not index.maybe_deleted(
+            ("t", tid), op.ended):
+        out.add("api", f"PUT of a live thread answered 409: {op.brief()}")
+
+
+def _check_write_404(index: Index, op: Op, out: Violations) -> None:
+    entity = entity_of(op)
+    if entity is None or op.kind == "delete_thread":
+        return
+    if op.kind in ("append", "retry", "append_anon", "conflict", "put_thread"):
+        entity = ("t", op.thread_id)
+    if op.kind == "delete_state":
+        if not may_be_absent_state(index, op):
+            out.add("5", f"DELETE of a live state entry answered 404, deleting nothing: "
+                    f"{op.brief()}")
+    elif not index.may_be_absent(op, entity, op.thread_id):
+        out.add("5", f"{_name(entity)} is live but a write to it answered 404: {op.brief()}")
+
+
+def check_read(index: Index, op: Op, out: Violations) -> None:
+    entity = entity_of(op)
+    if entity is None or op.tier == "clickhouse":
+        return
+    if op.ok and op.thread_id and index.gone_before(op.thread_id, op.started):
+        out.add("5", f"thread {op.thread_id} was deleted (acknowledged) before this read, "
+                f"which still served it: {op.brief()}")
+        return
+    if op.status == 404:
+        absent = (may_be_absent_state(index, op) if entity[0] == "s"
+                  else index.may_be_absent(op, entity, op.thread_id))
+        if not absent:
+            out.add("5", f"{_name(entity)} was acknowledged and never deleted, yet not found:"
+                    f" {op.brief()}")
+    elif op.ok:
+        {"page": _check_page, "get_state": _check_state_doc}.get(op.kind, _check_doc)(
+            index, op, entity, out)
+
+
+def _check_doc(index: Index, op: Op, entity: Entity, out: Violations) -> None:
+    _check_version(index, op, entity, int(op.doc["version"]), out)
+    if op.kind == "get_message":
+        _check_content(index, op, entity, op.doc, out)
+    if op.kind == "get_thread":
+        _check_last_seq(index, op, int(op.doc["last_seq"]), out)
+
+
+def _check_version(index: Index, op: Op, entity: Entity, version: int,
+                   out: Violations) -> None:
+    acked, seen = index.acked[entity].before(op.started), index.seen[entity].before(op.started)
+    if version < acked:
+        out.add("5", f"{_name(entity)} served at v{version}, but v{acked} was acknowledged "
+                f"before the read: {op.brief()}")
+    elif version < seen:
+        out.add("8", f"{_name(entity)} served at v{version}, but v{seen} was served before "
+                f"the read: {op.brief()}")
+
+
+def _check_last_seq(index: Index, op: Op, last_seq: int, out: Violations) -> None:
+    acked = index.acked_seq[op.thread_id].before(op.started)
+    seen = index.seen_seq[op.thread_id].before(op.started)
+    if last_seq < acked:
+        out.add("5", f"thread {op.thread_id} served with last_seq {last_seq}, but seq {acked} "
+                f"was acknowledged before the read: {op.brief()}")
+    elif last_seq < seen:
+        out.add("8", f"thread {op.thread_id} served with last_seq {last_seq}, but {seen} was "
+                f"served before the read: {op.brief()}")
+
+
+def _check_content(index: Index, op: Op, entity: Entity, doc: dict[str, Any],
+                   out: Violations) -> None:
+    """The doc at version v is the one acknowledged at v."""
+    for version, write in index.claims.get(entity, []):
+        if version == int(doc["version"]) and written_content(write) != _doc_content(doc):
+            out.add("2", f"{_name(entity)} v{version} served as {_doc_content(doc)!r}, "
+                    f"acknowledged as {written_content(write)!r}: {op.brief()}")
+
+
+def _check_page(index: Index, op: Op, entity: Entity, out: Violations) -> None:
+    doc, params = op.doc, op.params or {}
+    last = int(doc["last_seq"])
+    _check_last_seq(index, op, last, out)
+    lo, hi = page_range(params, last)
+    seqs = [int(item["seq"]) for item in doc["items"]]
+    if seqs != list(range(lo, hi + 1)):
+        # 5 if a missing seq was acknowledged before the read, else 2 (a gap or a repeat)
+        acked = index.acked_seq[op.thread_id].before(op.started)
+        label = "5" if set(range(lo, min(hi, acked) + 1)) - set(seqs) else "2"
+        out.add(label, f"page of thread {op.thread_id} should hold seqs {lo}..{hi}, holds "
+                f"{seqs}: {op.brief()}")
+    for item in doc["items"]:
+        mentity = ("m", item["message_id"])
+        _check_version(index, op, mentity, int(item["version"]), out)
+        _check_content(index, op, mentity, item, out)
+
+
+def page_range(params: dict[str, str], last: int) -> tuple[int, int]:
+    """The seqs a page must hold (README: no cursor = the latest `limit`)."""
+    limit = int(params.get("limit", "50"))
+    if "after" in params:
+        after = int(params["after"])
+        return after + 1, min(last, after + limit)
+    hi = min(int(params["before"]) - 1, last) if "before" in params else last
+    return max(1, hi - limit + 1), hi
+
+
+def _check_state_doc(index: Index, op: Op, entity: Entity, out: Violations) -> None:
+    _check_version(index, op, entity, int(op.doc["version"]), out)
+    _check_content(index, op, entity, op.doc, out)
+    expires = _ms(op.doc.get("expires_at"))
+    if expires is not None and expires < op.wall_started * 1000 - 1:
+        out.add("5", f"state {op.entity} served {op.wall_started * 1000 - expires:.0f} ms "
+                f"after it expired: {op.brief()}")
+
+
+def may_be_absent_state(index: Index, op: Op) -> bool:
+    """A state entry may be absent at `op` if nothing was acknowledged before it, or if the
+    last acknowledged write or any write (not refused) sent before the answer with a newer or
+    unknown version is a delete or has a TTL that may have run out by the answer."""
+    entity = ("s", op.entity)
+    top = index.acked[entity].before(op.started)
+    if top == 0 or index.degraded_during(op):
+        return True
+    return any(_absent_after(w, op) for w in index.writes.get(entity, [])
+               if w.started < op.ended and (w.ok or w.uncertain)
+               and (w.version is None or w.version >= top))
+
+
+def _absent_after(write: Op, op: Op) -> bool:
+    if write.kind == "delete_state":
+        return True
+    ttl = (write.body or {}).get("ttl")
+    if ttl is None:
+        return False
+    earliest = (write.wall_started + ttl) * 1000  # an uncertain write's soonest expiry
+    expires = _ms(write.doc.get("expires_at")) if write.ok else earliest
+    return expires is not None and expires <= op.wall_ended * 1000 + 1
+
+
+def written_content(op: Op) -> Any:
+    """What a write stored: message text, state value (None for deletes)."""
+    if op.kind in ("delete_message", "delete_state"):
+        return None
+    body = op.body or {}
+    return body.get("value") if op.kind in STATE_WRITES else body.get("content")
+
+
+def _doc_content(doc: dict[str, Any]) -> Any:
+    if doc.get("deleted"):
+        return None
+    return doc["value"] if "key" in doc else doc.get("content")
+
+
+def _ms(iso: str | None) -> float | None:
+    return None if not iso else datetime.fromisoformat(iso).timestamp() * 1000
+
+
+def _name(entity: Entity) -> str:
+    return {"t": "thread", "m": "message", "s": "state"}[entity[0]] + " " + entity[1]
+
+
+# ---- health and poison, from the probes
+
+
+def check_health(probes: list[Probe], events: list[FaultEvent], ops: list[Op],
+                 out: Violations) -> None:
+    for ev in events:
+        if ev.fault.kind == "redis-restart":
+            _ready_during_redis_outage(probes, ev, out)
+        elif ev.fault.kind == "pg-stop":
+            _status_during_pg_outage(probes, events, ev, out)
+        elif ev.fault.kind == "poison":
+            _dead_letters_visible(probes, ops, ev, out)
+
+
+def _ready_during_redis_outage(probes: list[Probe], ev: FaultEvent, out: Violations) -> None:
+    for p in _within(probes, "ready", ev.active, ev.healed):
+        if p.status == 200:
+            out.add("9", f"s{p.sidecar} /readyz said ready at {p.started:.2f} while Redis was "
+                    f"down ({ev})")
+
+
+def _status_during_pg_outage(probes: list[Probe], events: list[FaultEvent], ev: FaultEvent,
+                             out: Violations) -> None:
+    status = [p for p in _within(probes, "status", ev.active, ev.healed) if p.postgres]
+    down_seen: set[int] = set()
+    for p in status:
+        if p.postgres != "up":
+            down_seen.add(p.sidecar)
+        elif p.sidecar in down_seen:
+            out.add("9", f"s{p.sidecar} /v1/status said postgres up at {p.started:.2f}, after "
+                    f"saying down, while it was still stopped ({ev})")
+    redis_down = any(e.fault.kind == "redis-restart" and e.began < ev.healed
+                     and e.ended > ev.active for e in events)
+    late = [p for p in status if p.started > ev.active + 2.0]
+    if ev.healed - ev.active >= 3.0 and late and not down_seen and not redis_down:
+        out.add("9", f"no sidecar's /v1/status said postgres down during a "
+                f"{ev.healed - ev.active:.1f} s outage ({ev})")
+
+
+def _dead_letters_visible(probes: list[Probe], ops: list[Op], ev: FaultEvent,
+                          out: Violations) -> None:
+    acked = [o for o in ops if o.ok and ev.active <= o.started < ev.healed and o.poison]
+    if len(acked) < MIN_POISON_ACKS:
+        return
+    if not any(p.dead_letters for p in _within(probes, "status", ev.active, ev.healed)):
+        out.add("6", f"{len(acked)} poison writes were acknowledged, but /v1/status never "
+                f"showed a dead letter while the constraint held ({ev})")
+
+
+def _within(probes: Iterable[Probe], what: str, start: float, end: float) -> list[Probe]:
+    return sorted((p for p in probes if p.what == what and start <= p.started
+                   and p.ended <= end), key=lambda p: p.started)
+
+
+def probe_summary(probes: list[Probe], events: list[FaultEvent]) -> list[str]:
+    """What the probes saw while each Redis, PostgreSQL or poison fault was in effect (a
+    check on the checks: an outage nobody saw would make the health checks vacuous)."""
+    lines = []
+    for ev in events:
+        kind = ev.fault.kind
+        if kind == "redis-restart":
+            seen = Counter(p.status for p in _within(probes, "ready", ev.active, ev.healed))
+            lines.append(f"{kind} at {ev.active:.2f}: /readyz answers {dict(seen)}")
+        elif kind == "pg-stop":
+            seen = Counter(p.postgres for p in _within(probes, "status", ev.active, ev.healed))
+            lines.append(f"{kind} at {ev.active:.2f}: /v1/status postgres {dict(seen)}")
+        elif kind == "poison":
+            most = max((p.dead_letters or 0 for p in _within(probes, "status", ev.active,
+                                                             ev.healed)), default=0)
+            lines.append(f"{kind} at {ev.active:.2f}: up to {most} dead letters in /v1/status")
+    return lines

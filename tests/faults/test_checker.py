@@ -1,0 +1,152 @@
+"""The nemesis checker checked: small histories it must flag (and the allowances it must keep
+quiet about), and the sampler seeing a trim past pending entries, a TTL on unflushed data and
+a stale refill in a real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from proxy import keys
+from tests.conftest import Servers
+from tests.faults.checker import Violations, check_history
+from tests.faults.conftest import SHARDS
+from tests.faults.history import FAIL, INFO, OK
+from tests.faults.nemesis import Fault, FaultEvent
+from tests.faults.sampler import Sampler
+from tests.faults.workload import Op
+
+WALL = 1_800_000_000.0  # wall clock of the synthetic histories: started + WALL
+
+
+def op(kind: str, entity: str, at: tuple[float, float], status: int | None = 200,
+       doc: dict[str, Any] | None = None, tid: str = "", **fields: Any) -> Op:
+    outcome = INFO if status is None else OK if status < 300 else FAIL
+    return Op(0, kind, 0, tid, entity, "X", "/", started=at[0], ended=at[1],
+              wall_started=WALL + at[0], wall_ended=WALL + at[1], outcome=outcome,
+              status=status, doc=doc, tier="redis" if status and status < 300 else None,
+              **fields)
+
+
+def state(version: int, value: str = "x", expires_at: float | None = None) -> dict[str, Any]:
+    expires = (datetime.fromtimestamp(expires_at, UTC).isoformat() if expires_at is not None
+               else None)
+    return {"key": "k", "version": version, "value": value, "expires_at": expires,
+            "deleted": False}
+
+
+def labels(ops: list[Op], events: list[FaultEvent] | None = None) -> list[str]:
+    out = Violations()
+    check_history(ops, events or [], out)
+    return [label for label, _ in out.items]
+
+
+def test_a_read_older_than_an_acknowledged_write_is_flagged() -> None:
+    assert labels([op("put_state", "k", (0, 1), 201, state(1), body={"value": "x"}),
+                   op("put_state", "k", (1, 2), 200, state(2, "y"), body={"value": "y"}),
+                   op("get_state", "k", (3, 4), 200, state(1))]) == ["5"]
+
+
+def test_a_read_concurrent_with_a_write_may_miss_it() -> None:
+    assert labels([op("put_state", "k", (0, 1), 201, state(1), body={"value": "x"}),
+                   op("put_state", "k", (2, 4), 200, state(2, "y"), body={"value": "y"}),
+                   op("get_state", "k", (3, 5), 200, state(1))]) == []
+
+
+def test_an_older_read_after_a_newer_one_is_a_regression() -> None:
+    assert labels([op("put_state", "k", (0, 9), None, body={"value": "x"}),
+                   op("get_state", "k", (1, 2), 200, state(3)),
+                   op("get_state", "k", (3, 4), 200, state(2))]) == ["8"]
+
+
+@pytest.mark.parametrize(("ttl", "flagged"), [(None, ["5"]), (1, [])])
+def test_a_404_is_right_only_if_the_entry_may_be_gone(ttl: float | None,
+                                                       flagged: list[str]) -> None:
+    body = {"value": "x"} if ttl is None else {"value": "x", "ttl": ttl}
+    expires = None if ttl is None else WALL + 1 + ttl
+    assert labels([op("put_state", "k", (0, 1), 201, state(1, expires_at=expires), body=body),
+                   op("get_state", "k", (5, 6), 404)]) == flagged
+
+
+def test_an_uncertain_delete_or_a_postgres_outage_explains_a_404() -> None:
+    put = op("put_state", "k", (0, 1), 201, state(1), body={"value": "x"})
+    assert labels([put, op("delete_state", "k", (2, 3), None), op("get_state", "k", (4, 5),
+                                                                   404)]) == []
+    outage = FaultEvent(Fault(0, "pg-stop", -1, 1), began=3, active=3, healed=4, ended=4.5)
+    assert labels([put, op("get_state", "k", (4, 5), 404)], [outage]) == []
+
+
+def test_an_expired_entry_served_is_flagged() -> None:
+    assert labels([op("get_state", "k", (5, 6), 200, state(1, expires_at=WALL + 4))]) == ["5"]
+
+
+def test_one_seq_for_two_messages_and_two_creations_of_one_are_flagged() -> None:
+    def append(mid: str, seq: int, at: float) -> Op:
+        return op("append", mid, (at, at + 1), 201, {"message_id": mid, "seq": seq,
+                                                     "version": 1}, tid="t")
+    assert labels([append("a", 3, 0), append("b", 3, 2)]) == ["2"]
+    assert sorted(labels([append("a", 3, 0), append("a", 4, 2)])) == ["2", "2"]
+
+
+def test_a_deleted_threads_message_served_and_a_lost_if_match_are_flagged() -> None:
+    gone = op("delete_thread", "t", (0, 1), 200, {"version": 2, "deleted": True}, tid="t")
+    read = op("get_message", "a", (2, 3), 200, {"message_id": "a", "seq": 1, "version": 1,
+                                               "content": "x", "deleted": False}, tid="t")
+    assert labels([gone, read]) == ["5"]
+    assert labels([op("put_state", "k", (0, 1), 200, state(5), if_match=3,
+                      body={"value": "x"})]) == ["api"]
+
+
+def test_a_page_with_a_gap_is_flagged() -> None:
+    items = [{"seq": s, "message_id": f"m{s}", "version": 1, "content": "x", "deleted": False}
+             for s in (1, 3)]
+    page = op("page", "t", (0, 1), 200, {"last_seq": 3, "items": items}, tid="t",
+              params={"after": "0", "limit": "3"})
+    assert labels([page]) == ["2"]
+
+
+# ---- the sampler, on real servers
+
+
+@pytest.fixture
+async def sampler(servers: Servers, redis: aioredis.Redis,
+                  pg: asyncpg.Connection) -> Any:
+    found = Violations()
+    sampler = Sampler(servers.redis_url, servers.postgres_url, SHARDS, found.add)
+    yield sampler, found
+    await sampler.stop()
+
+
+async def test_the_sampler_sees_a_trim_past_entries_not_yet_acknowledged(
+        sampler: Any, redis: aioredis.Redis, pg: asyncpg.Connection) -> None:
+    s, found = sampler
+    stream = keys.log(0)
+    for group in ("pg", "ch"):
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    ids = [await redis.xadd(stream, {"k": "s"}) for _ in range(3)]
+    await redis.xreadgroup("pg", "c", {stream: ">"}, count=2)  # two pending in pg
+    await s.sample(pg)  # remembers ch's oldest undelivered entry
+    assert found.items == []
+    await redis.xtrim(stream, minid=ids[2], approximate=False)
+    await s.sample(pg)
+    assert [label for label, _ in found.items] == ["3", "3", "3"], found.items
+
+
+async def test_the_sampler_sees_a_ttl_on_unflushed_data_and_a_stale_refill(
+        sampler: Any, redis: aioredis.Redis, pg: asyncpg.Connection) -> None:
+    s, found = sampler
+    key = keys.state(keys.shard_of("k", SHARDS), "k")
+    await pg.execute("INSERT INTO state_entries (key, value, version) VALUES ('k', '1', 5)")
+    await redis.hset(key, mapping={"v": "5", "del": "0", "pend": "0"})
+    await s.sample(pg)
+    assert found.items == []
+    await redis.hset(key, "v", "6")
+    await redis.pexpire(key, 60_000)  # v6 is not in PostgreSQL
+    await s.sample(pg)
+    await redis.hset(key, "v", "4")  # older than PostgreSQL's v5
+    await s.sample(pg)
+    assert [label for label, _ in found.items] == ["4", "8"], found.items

@@ -1,0 +1,224 @@
+"""Issue 8's randomized race-and-fault test: three sidecars on shared Redis, PostgreSQL and
+ClickHouse under random operations and random faults; after healing, the history checker looks
+for lost, regressed, duplicated or resurrected writes by itself (checker.py, endstate.py,
+sampler.py; labels are ARCHITECTURE.md's invariants).
+
+    make test                                  the short run, seed DEFAULT_SEED, 30 s
+    make soak SEED=7 DURATION=600              a long run (SEED=random: a fresh one)
+    TIERPROXY_NEMESIS_SEED=7 TIERPROXY_NEMESIS_DURATION_S=30 .venv/bin/pytest \
+        tests/faults/test_nemesis.py -s       the same seed again
+
+The run prints its seed, fault schedule and op counts, and on failure every violation (capped
+per invariant). The same seed replays the same schedule and the same op mix (timing makes
+runs alike, not identical).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import sys
+import time
+from collections import Counter
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import Servers
+from tests.faults import endstate, nemesis
+from tests.faults.checker import (
+    Index,
+    Violations,
+    check_health,
+    check_history,
+    probe_summary,
+)
+from tests.faults.cluster import SIDECARS, Cluster
+from tests.faults.conftest import SHARDS
+from tests.faults.sampler import Sampler
+from tests.faults.workload import Caller, Knowledge, Op, Prober, Workload
+from tests.sidecar import clickhouse_query
+
+DEFAULT_SEED = 20261201
+_SEED = os.environ.get("TIERPROXY_NEMESIS_SEED", "")
+SEED = random.SystemRandom().randrange(2**31) if _SEED == "random" else int(_SEED or
+                                                                              DEFAULT_SEED)
+DURATION_S = float(os.environ.get("TIERPROXY_NEMESIS_DURATION_S") or 30)
+HEAL_DEADLINE_S = 20.0
+STALL_REPORT_S = 120.0  # past the duration: before the test's timeout (150 s past it)
+AFTER_HEAL_S = 2.0  # the load goes on this long after the last fault healed
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int
+    duration_s: float
+    clients: int = 8
+    rate_per_s: float = 120.0
+    threads: int = 24
+    state_keys: int = 16
+    hot: int = 3
+
+    def knowledge(self) -> Knowledge:
+        return Knowledge([f"t{i}" for i in range(self.threads)],
+                         [f"k{i}" for i in range(self.state_keys)], self.hot,
+                         max_deleted_threads=self.threads // 4)
+
+    def rerun(self) -> str:
+        return (f"TIERPROXY_NEMESIS_SEED={self.seed} TIERPROXY_NEMESIS_DURATION_S="
+                f"{self.duration_s:g} .venv/bin/pytest tests/faults/test_nemesis.py -s  "
+                f"(or: make soak SEED={self.seed} DURATION={self.duration_s:g})")
+
+
+@pytest.mark.timeout(DURATION_S + 150)
+async def test_nemesis_finds_no_lost_regressed_duplicated_or_resurrected_write(
+        servers: Servers, pg: asyncpg.Connection, tmp_path: Path) -> None:
+    if servers.postgres is None:
+        pytest.skip("external PostgreSQL: the nemesis stops and starts it")
+    cfg = Config(SEED, DURATION_S)
+    faults = nemesis.schedule(cfg.seed, cfg.duration_s, SIDECARS)
+    print(f"\nnemesis seed {cfg.seed}, {cfg.duration_s:g} s; rerun: {cfg.rerun()}\nschedule:\n"
+          + "\n".join(f"  {f}" for f in faults))
+    await nemesis.poison_constraints(servers.postgres_url, add=False)
+    cluster = Cluster(tmp_path, servers.postgres, servers.postgres_url)
+    out, history = Violations(), []
+    stalls = asyncio.create_task(report_stalls(cfg.duration_s + STALL_REPORT_S))
+    try:
+        await cluster.start()
+        async with Caller(cluster.url, history) as caller:
+            run = await drive(cfg, cluster, caller, faults, out)
+            await check_end(cfg, cluster, caller, run, out)
+    finally:
+        stalls.cancel()
+        await nemesis.poison_constraints(servers.postgres_url, add=False)
+        await cluster.close()
+    print(summary(cfg, history, run))
+    if out.items:
+        dump_history(history, tmp_path / "history.jsonl")
+        print(cluster.log_tails())
+    assert not out.items, (f"nemesis seed {cfg.seed}: {len(out.items)} violations\n"
+                           f"{out.report()}\nrerun: {cfg.rerun()}")
+
+
+async def report_stalls(after_s: float) -> None:
+    """A run that overstays is hung somewhere: print every task's stack before the test's
+    timeout ends it (pytest-timeout shows threads, not tasks)."""
+    await asyncio.sleep(after_s)
+    print(f"nemesis: still running {after_s:g} s after the start; its tasks:")
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}")
+        task.print_stack(limit=8, file=sys.stdout)
+
+
+@dataclass
+class Run:
+    history: list[Op]
+    events: list[nemesis.FaultEvent]
+    prober: Prober
+    samples: int
+    ready: list[int]  # the sidecars ready after healing
+    index: Index | None = None
+
+
+async def drive(cfg: Config, cluster: Cluster, caller: Caller, faults: list[nemesis.Fault],
+                out: Violations) -> Run:
+    """Setup, then the load and the faults for the duration, then heal and drain."""
+    know = cfg.knowledge()
+    for tid in know.threads:
+        op = await caller.send(Op(-1, "put_thread", 0, tid, tid, "PUT", f"/v1/threads/{tid}",
+                                  body={"title": "setup"}))
+        assert op.ok, f"setup: {op.brief()}"
+    sampler = Sampler(cluster.redis_url, cluster.postgres_url, SHARDS, out.add)
+    prober = Prober(cluster.url, cluster.size)
+    load = Workload(caller, know, cfg.seed, cfg.clients, cluster.size, cfg.rate_per_s)
+    chaos = nemesis.Nemesis(cluster, faults, know, prober, caller)
+    async with AsyncExitStack() as stack:  # stopped in reverse: faults, load, probes
+        sampler.start()
+        stack.push_async_callback(sampler.stop)
+        prober.start()
+        stack.push_async_callback(prober.stop)
+        load.start()
+        stack.push_async_callback(load.stop)
+        chaos.start(time.monotonic())
+        stack.push_async_callback(chaos.stop)
+        await asyncio.sleep(cfg.duration_s)  # the run's length
+        await chaos.stop()
+        await asyncio.sleep(AFTER_HEAL_S)
+        await load.stop()
+        ready = await heal(cluster, caller, out)
+    return Run(caller.history, chaos.events, prober, sampler.samples, ready)
+
+
+async def heal(cluster: Cluster, caller: Caller, out: Violations) -> list[int]:
+    """9: every sidecar ready, every group caught up, dead letters replayed and flushed.
+    Returns the sidecars that are ready."""
+    r = aioredis.Redis.from_url(cluster.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    deadline, next_replay = time.monotonic() + HEAL_DEADLINE_S, 0.0
+    try:
+        while True:
+            answers = [await caller.send(Op(-3, "ready", i, "", "", "GET", "/readyz"))
+                       for i in range(cluster.size)]
+            ready = [o.sidecar for o in answers if o.ok]
+            problems = await endstate.backlog(r, SHARDS) + [
+                f"s{o.sidecar} not ready: {o.brief()}" for o in answers if not o.ok]
+            if not problems or time.monotonic() > deadline:
+                if problems:
+                    out.add("9", f"not healed {HEAL_DEADLINE_S:g} s after the faults: "
+                            + "; ".join(problems[:8]))
+                return ready
+            if any("dead letters" in p for p in problems) and ready and \
+                    time.monotonic() > next_replay:
+                await caller.send(Op(-1, "replay", ready[0], "", "", "POST",
+                                     "/v1/admin/dead-letters/replay"))
+                next_replay = time.monotonic() + 2.0
+            await asyncio.sleep(0.3)  # polling for the drain
+    finally:
+        await r.aclose()
+
+
+async def check_end(cfg: Config, cluster: Cluster, caller: Caller, run: Run,
+                    out: Violations) -> None:
+    """The history, the health probes, PostgreSQL, reads through every sidecar, then (with
+    sidecar 0 stopped: its chDB is single-process) ClickHouse."""
+    writes = list(run.history)
+    run.index = check_history(writes, run.events, out)
+    check_health(run.prober.probes, run.events, writes, out)
+    conn = await asyncpg.connect(cluster.postgres_url)
+    try:
+        pg = await endstate.read_pg(conn)
+    finally:
+        await conn.close()
+    endstate.check_pg(run.index, pg, out)
+    finals = await endstate.final_reads(caller, run.ready, pg, cfg.seed)
+    endstate.check_final_reads(finals, pg, out)
+    for i in range(cluster.size):
+        await cluster.stop(i)
+    rows = await asyncio.to_thread(clickhouse_query, cluster.clickhouse_url,
+                                   endstate.EVENTS_SQL)
+    endstate.check_clickhouse(rows, pg, out)
+
+
+def dump_history(history: list[Op], path: Path) -> None:
+    """Every op as one JSON line, for digging into a failure (the path is printed)."""
+    with path.open("wb") as f:
+        for op in history:
+            f.write(orjson.dumps(dataclasses.asdict(op)) + b"\n")
+    print(f"history: {path}")
+
+
+def summary(cfg: Config, history: list[Op], run: Run) -> str:
+    counts = Counter(f"{o.kind}:{o.outcome}" for o in history if o.client >= 0)
+    lines = [f"nemesis seed {cfg.seed}: {sum(counts.values())} ops, {run.samples} samples, "
+             f"{len(run.prober.probes)} probes", "faults run:"]
+    lines += [f"  {e}" for e in run.events]
+    lines += ["what the probes saw:", *(f"  {line}" for line in
+                                        probe_summary(run.prober.probes, run.events))]
+    lines += ["ops:", "  " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))]
+    return "\n".join(lines)
