@@ -19,6 +19,16 @@ run: install
 test: install
 	$(BIN)/pytest
 
+# The nemesis (tests/faults/test_nemesis.py) for DURATION seconds: random ops and faults on
+# three sidecars, then the history check. The same SEED replays the same fault schedule and
+# op mix; SEED=random draws one (printed). make test runs it short (30 s, a fixed seed).
+SEED ?= random
+DURATION ?= 600
+.PHONY: soak
+soak: install
+	TIERPROXY_NEMESIS_SEED=$(SEED) TIERPROXY_NEMESIS_DURATION_S=$(DURATION) \
+		$(BIN)/pytest tests/faults/test_nemesis.py -s -p no:cacheprovider
+
 lint: install
 	$(BIN)/ruff check proxy tests loadtests
 	$(BIN)/mypy
