@@ -45,11 +45,11 @@ def parse(spec: str) -> dict[str, _Armed]:
     armed: dict[str, _Armed] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, rest = part.partition(":")
-        action, _, seconds = rest.partition(":")
-        if name not in NAMES or action not in ACTIONS or (seconds and action != "sleep"):
+        action, timed, seconds = rest.partition(":")
+        if name not in NAMES or action not in ACTIONS or (timed and action != "sleep"):
             raise ValueError(f"debug.failpoint: {part!r} is not <{'|'.join(NAMES)}>:"
                              f"<{'|'.join(ACTIONS)}>[:<seconds> for sleep]")
-        armed[name] = _Armed(action, _seconds(part, seconds) if seconds else PARKED_S)
+        armed[name] = _Armed(action, _seconds(part, seconds) if timed else PARKED_S)
     return armed
 
 

@@ -304,10 +304,10 @@ class Flusher:
         return dead
 
     async def _dead_letter(self, shard: int, entry_id: str, reason: str) -> None:
-        logger.error("%s shard %d: entry %s moved to dead letters: %s", self.name, shard,
-                     entry_id, reason)
-        await self._log.dead_letter(shard, self.name, entry_id, reason)
-        metrics.DEAD_LETTERS.labels(self.name).inc()
+        if await self._log.dead_letter(shard, self.name, entry_id, reason):
+            logger.error("%s shard %d: entry %s moved to dead letters: %s", self.name, shard,
+                         entry_id, reason)
+            metrics.DEAD_LETTERS.labels(self.name).inc()
 
 
 _CIRCUIT_VALUE = {"closed": 0, "half_open": 1, "open": 2}

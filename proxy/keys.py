@@ -27,6 +27,9 @@ Log entry (XADD to `log(s)`):
     g  (replayed dead letters only) the one consumer group it is meant for
 Dead letter (XADD to `dead_letters(s)`): the entry's fields plus
     error  why it was given up    group  the group that gave up    source_id  its log entry id
+Load fence `fence(s, kind, id)` (kind t: a thread and its messages, k: a state key): the token
+    a read-through's fill must present; release.lua deletes it on every release of the entity,
+    so a load that began before a newer version was flushed can never install what it read.
 Flushed keys get the cache TTL; a key with `pend` > 0 never has one.
 """
 
@@ -67,6 +70,10 @@ def cold(shard: int, tid: str) -> str:
 
 def state(shard: int, key: str) -> str:
     return f"{_tag(shard)}:k:{key}"
+
+
+def fence(shard: int, kind: str, entity_id: str) -> str:
+    return f"{_tag(shard)}:lf:{kind}:{entity_id}"
 
 
 def log(shard: int) -> str:

@@ -36,6 +36,10 @@ RECLAIMED = Counter("tierproxy_reclaimed_entries_total",
 WORKER_ERRORS = Counter("tierproxy_worker_errors_total",
                         "Unexpected errors in background workers (each logged and retried)",
                         ["worker"])
+UNFLUSHED_COUNT_ERRORS = Counter(
+    "tierproxy_unflushed_count_errors_total",
+    "Acknowledged log entries whose entity had no unflushed change left to count (an alarm: "
+    "a duplicated log entry); the count stays at 0 and no key gets a TTL for it")
 READ_THROUGH = Counter("tierproxy_read_through_total", "Reads served below Redis", ["tier"])
 
 WS_CONNECTIONS = Gauge("tierproxy_ws_connections", "Open WebSocket connections")

@@ -207,8 +207,15 @@ def _version(result: Result) -> int:
     return model.version_of(result.doc)
 
 
-def _write_response(result: Result) -> web.Response:
-    return json_response(result.doc, 201 if result.created else 200, "redis", _version(result))
+def _write_response(request: web.Request, result: Result) -> web.Response:
+    """201 created / 200, or 202 when the write is stored but did not reach the durability
+    the client asked for; X-Durability says the level it did reach."""
+    status = 201 if result.created else 200
+    if _persisted(request) and result.durability != "persisted":
+        status = 202
+    resp = json_response(result.doc, status, "redis", _version(result))
+    resp.headers["X-Durability"] = result.durability
+    return resp
 
 
 # ---- threads
@@ -219,7 +226,7 @@ async def put_thread(request: web.Request) -> web.Response:
     body = model.parse_thread(await read_json(request), _limits(request))
     result = await request.app[HOT].threads.put(tid, body, _if_match(request),
                                                 _persisted(request))
-    return _write_response(result)
+    return _write_response(request, result)
 
 
 async def get_thread(request: web.Request) -> web.Response:
@@ -239,7 +246,7 @@ def _staleness(request: web.Request, resp: web.Response) -> web.Response:
 async def delete_thread(request: web.Request) -> web.Response:
     tid = _tid(request)
     result = await request.app[HOT].threads.delete(tid, _if_match(request), _persisted(request))
-    return json_response(result.doc, tier="redis", etag=_version(result))
+    return _write_response(request, result)
 
 
 # ---- messages
@@ -249,7 +256,7 @@ async def append_message(request: web.Request) -> web.Response:
     tid = _tid(request)
     body = model.parse_message(await read_json(request), _limits(request))
     result = await request.app[HOT].messages.append(tid, body, _persisted(request))
-    return _write_response(result)
+    return _write_response(request, result)
 
 
 def _page_query(request: web.Request) -> tuple[str, int, int]:
@@ -312,14 +319,14 @@ async def patch_message(request: web.Request) -> web.Response:
     patch = model.parse_patch(await read_json(request), _limits(request))
     result = await request.app[HOT].messages.edit(tid, mid, patch, _if_match(request),
                                                   _persisted(request))
-    return json_response(result.doc, tier="redis", etag=_version(result))
+    return _write_response(request, result)
 
 
 async def delete_message(request: web.Request) -> web.Response:
     tid, mid = _tid(request), _mid(request)
     result = await request.app[HOT].messages.delete(tid, mid, _if_match(request),
                                                     _persisted(request))
-    return json_response(result.doc, tier="redis", etag=_version(result))
+    return _write_response(request, result)
 
 
 # ---- state
@@ -329,7 +336,7 @@ async def put_state(request: web.Request) -> web.Response:
     key = _key(request)
     body = model.parse_state(await read_json(request), request.app[SETTINGS].api.max_body_bytes)
     result = await request.app[HOT].state.put(key, body, _if_match(request), _persisted(request))
-    return _write_response(result)
+    return _write_response(request, result)
 
 
 async def get_state(request: web.Request) -> web.Response:
@@ -340,7 +347,7 @@ async def get_state(request: web.Request) -> web.Response:
 async def delete_state(request: web.Request) -> web.Response:
     key = _key(request)
     result = await request.app[HOT].state.delete(key, _if_match(request), _persisted(request))
-    return json_response(result.doc, tier="redis", etag=_version(result))
+    return _write_response(request, result)
 
 
 # ---- operations

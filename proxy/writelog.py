@@ -15,10 +15,11 @@ from redis import exceptions as rexc
 from proxy import keys
 from proxy.failpoints import Failpoints
 from proxy.model import Change
-from proxy.redisconn import redis_call
+from proxy.redisconn import Scripts, redis_call
 
 logger = logging.getLogger(__name__)
 COUNT_CAP = 2_000  # entries one backlog measurement reads at most per side of a stream
+REPLAY_MAX = 10_000  # dead letters one replay call moves per shard
 SAFE_POLICIES = ("noeviction", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl")
 
 
@@ -64,6 +65,7 @@ class WriteLog:
     def __init__(self, client: aioredis.Redis, shards: int, groups: tuple[str, ...],
                  failpoints: Failpoints) -> None:
         self._r = client
+        self._scripts = Scripts(client)
         self._failpoints = failpoints
         self.shards = shards
         self.groups = groups  # every consumer group (one per sink)
@@ -86,18 +88,11 @@ class WriteLog:
         return not await redis_call(lambda: self._r.exists(keys.EPOCH))
 
     async def ensure_groups(self) -> None:
-        """Create every group at 0 with MKSTREAM; a group another sidecar made is fine."""
+        """Create every group at 0 with MKSTREAM, all of a shard's at once (create_groups.lua);
+        groups another sidecar made are kept."""
         await redis_call(lambda: self._r.set(keys.EPOCH, os.urandom(8).hex(), nx=True))
         for shard in range(self.shards):
-            for group in self.groups:
-                await self._create_group(keys.log(shard), group)
-
-    async def _create_group(self, stream: str, group: str) -> None:
-        try:  # through redis_call: an unreachable Redis is Unavailable, as everywhere else
-            await redis_call(lambda: self._r.xgroup_create(stream, group, id="0", mkstream=True))
-        except rexc.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+            await self._scripts.run("create_groups", [keys.log(shard)], list(self.groups))
 
     async def read(self, shard: int, group: str, consumer: str, count: int,
                    block_ms: int | None) -> list[Delivery]:
@@ -140,37 +135,23 @@ class WriteLog:
         await self.ack(shard, group, [c.entry_id for c in changes])
 
     async def remove_dead_consumers(self, shard: int, group: str, me: str,
-                                    idle_ms: int) -> None:
-        """Delete consumers idle past idle_ms whose pending list is empty (never one with
-        pending entries: that would orphan them)."""
-        try:
-            consumers = await redis_call(lambda: self._r.xinfo_consumers(keys.log(shard), group))
-        except rexc.ResponseError:  # no such stream or group: nothing to remove
-            return
-        for c in consumers:
-            name = _as_str(c["name"])
-            if name != me and c["pending"] == 0 and c["idle"] > idle_ms:
-                await redis_call(lambda n=name: self._r.xgroup_delconsumer(  # type: ignore[misc]
-                    keys.log(shard), group, n))
+                                    idle_ms: int) -> int:
+        """Delete consumers idle past idle_ms whose pending list is empty, in one step
+        (remove_consumers.lua): never one with pending entries, which would orphan them."""
+        return int(await self._scripts.run("remove_consumers", [keys.log(shard)],
+                                           [group, me, idle_ms]))
 
     async def trim(self, shard: int) -> int:
-        """Drop entries every group has acknowledged: trim to the oldest id that some group
-        still holds pending or has not yet been delivered (XTRIM MINID; never MAXLEN)."""
-        stream = keys.log(shard)
-        floor = None
-        for g in await self._groups(stream):
-            candidates = [_next_id(g["last-delivered-id"])]
-            if g["pending"]:
-                summary = await redis_call(lambda g=g: self._r.xpending(  # type: ignore[misc]
-                    stream, g["name"]))
-                if summary["min"] is not None:  # the list may have emptied since XINFO
-                    candidates.append(_as_str(summary["min"]))
-            low = min(candidates, key=_id_key)
-            floor = low if floor is None else min(floor, low, key=_id_key)
-        if floor is None:
-            return 0
+        """Drop entries every group has acknowledged (trim.lua: exact, never past an entry a
+        group holds pending or has not been delivered); -1 when a group is missing, which is
+        then created at 0, so it gets everything still in the log."""
         await self._failpoints.hit("before-trim")
-        return int(await redis_call(lambda: self._r.xtrim(stream, minid=floor, approximate=False)))
+        trimmed = int(await self._scripts.run("trim", [keys.log(shard)], list(self.groups)))
+        if trimmed < 0:
+            logger.warning("log of shard %d: a consumer group (or the log) is missing; not "
+                           "trimmed, creating what is missing at 0", shard)
+            await self.ensure_groups()
+        return trimmed
 
     async def backlog(self, shard: int, group: str) -> ShardBacklog:
         """Entries the group has not acknowledged (pending + undelivered), and the age of the
@@ -218,17 +199,12 @@ class WriteLog:
         seconds, micros = await redis_call(lambda: self._r.time())
         return int(seconds) * 1000 + int(micros) // 1000
 
-    async def dead_letter(self, shard: int, group: str, entry_id: str, error: str) -> None:
-        """Copy the entry to the shard's dead-letter stream with its error, then ack it."""
-        fields = await redis_call(lambda: self._r.xrange(keys.log(shard), min=entry_id,
-                                                         max=entry_id))
-        payload = {k: v for k, v in fields[0][1].items()} if fields else {}
-        payload.update({b"error": error.encode(), b"group": group.encode(),
-                        b"source_id": entry_id.encode()})
-        pipe = self._r.pipeline(transaction=True)
-        pipe.xadd(keys.dead_letters(shard), payload)
-        pipe.xack(keys.log(shard), group, entry_id)
-        await redis_call(pipe.execute)
+    async def dead_letter(self, shard: int, group: str, entry_id: str, error: str) -> bool:
+        """Acknowledge the entry for `group` and keep it with its error in the shard's
+        dead-letter stream (dead_letter.lua); False if another consumer acknowledged it."""
+        moved = await self._scripts.run("dead_letter", [keys.log(shard), keys.dead_letters(shard)],
+                                        [group, entry_id, error])
+        return bool(moved)
 
     async def dead_letters(self, shard: int, count: int = 100) -> list[dict[str, str]]:
         rows = await redis_call(lambda: self._r.xrange(keys.dead_letters(shard), count=count))
@@ -245,21 +221,12 @@ class WriteLog:
 
     async def replay_dead_letters(self, shard: int) -> int:
         """Re-queue every dead letter (after a fix) for the group that gave up on it, and
-        remove it from the dead-letter stream."""
-        stream, dlq, moved = keys.log(shard), keys.dead_letters(shard), 0
-        letters = await redis_call(lambda: self._r.xrange(dlq, count=10_000))
-        if letters:
-            await self._failpoints.hit("before-replay-move")
-        for dl_id, fields in letters:
-            original = {k: v for k, v in fields.items()
-                        if k not in (b"error", b"group", b"source_id")}
-            pipe = self._r.pipeline(transaction=True)
-            if original:
-                pipe.xadd(stream, {**original, b"g": fields.get(b"group", b"")})
-            pipe.xdel(dlq, dl_id)
-            await redis_call(pipe.execute)
-            moved += 1
-        return moved
+        remove it from the dead-letter stream, atomically (replay.lua)."""
+        if not await redis_call(lambda: self._r.xlen(keys.dead_letters(shard))):
+            return 0
+        await self._failpoints.hit("before-replay-move")
+        return int(await self._scripts.run("replay", [keys.dead_letters(shard), keys.log(shard)],
+                                           [REPLAY_MAX]))
 
 
 def _as_str(value: Any) -> str:

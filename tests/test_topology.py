@@ -206,8 +206,15 @@ async def evalsha(client: Any, name: str, keys_: list[str], args: list[Any]) -> 
 
 
 def thread_keys(shard: int, tid: str) -> list[str]:
+    """thread, messages, window, log, load fence: the keys of thread_put and message_append."""
     return [keys.thread(shard, tid), keys.messages(shard, tid), keys.window(shard, tid),
-            keys.log(shard)]
+            keys.log(shard), keys.fence(shard, "t", tid)]
+
+
+async def fenced(client: Any, fence: str, token: str = "tok") -> str:
+    """Register a read-through token, as the hot tier does before loading from PostgreSQL."""
+    await evalsha(client, "load_fence", [fence], [token, 60_000])
+    return token
 
 
 def message_body(tid: str, mid: str) -> str:
@@ -215,13 +222,15 @@ def message_body(tid: str, mid: str) -> str:
 
 
 async def create_thread(client: Any, shard: int, tid: str) -> None:
+    token = await fenced(client, keys.fence(shard, "t", tid))  # PostgreSQL said: new
     reply = await evalsha(client, "thread_put", thread_keys(shard, tid), [
-        '{"title":"t"}', '"2024-01-01T00:00:00Z"', "", "1", "put", keys.events(shard), 1, tid])
+        '{"title":"t"}', '"2024-01-01T00:00:00Z"', "", token, "put", keys.events(shard), 1,
+        tid])
     assert reply[0] == b"CREATED"
 
 
 def append_args(shard: int, tid: str, mid: str) -> list[Any]:
-    return [tid, mid, message_body(tid, mid), "fp", keys.events(shard), 2, "1"]
+    return [tid, mid, message_body(tid, mid), "fp", keys.events(shard), 2, "*"]
 
 
 async def exercise_scripts(client: Any, shard: int) -> None:
@@ -234,12 +243,13 @@ async def exercise_scripts(client: Any, shard: int) -> None:
     assert (await evalsha(client, "read_page", th[:3], ["latest", 0, 10]))[:5] == [
         b"OK", b"1", 1, 1, 1]
     edited = '{"seq":1,"message_id":"m1","content":"edited","version":2}'
-    assert await evalsha(client, "message_update", [*th, keys.cold(s, tid)], [
+    assert await evalsha(client, "message_update", [*th[:4], keys.cold(s, tid)], [
         tid, mid, "1", edited, "2", "message.updated", keys.events(s), 3, "1"]) == [b"OK", b"2"]
     assert await evalsha(client, "get_message", [th[1], keys.cold(s, tid), th[0]],
                          [mid]) == edited.encode()
-    assert (await evalsha(client, "state_put", [state, keys.log(s)], [
-        '{"key":"k","value":1}', "", "0", "put", 4, "", 4, "k"]))[0] == b"CREATED"
+    token = await fenced(client, keys.fence(s, "k", "k"))
+    assert (await evalsha(client, "state_put", [state, keys.log(s), keys.fence(s, "k", "k")], [
+        '{"key":"k","value":1}', "", "0,1,", "put", 4, "", 4, "k", token]))[0] == b"CREATED"
     await exercise_release(client, s, tid, mid)
     await exercise_fills(client, s)
 
@@ -252,30 +262,36 @@ async def exercise_release(client: Any, shard: int, tid: str, mid: str) -> None:
     args: list[Any] = [GROUP, TTL_MS, 200, 5]
     for entry_id, fields in entries:
         if fields[b"k"] == b"s":
-            args += [entry_id, 5, "s", ""]
+            args += [entry_id, 6, "s", ""]
         else:
             args += [entry_id, 2, "t", mid if fields[b"k"] == b"m" else ""]
-    release_keys = [keys.log(shard), *thread_keys(shard, tid)[:3], keys.state(shard, "k")]
+    cached = [*thread_keys(shard, tid)[:3], keys.state(shard, "k")]
+    release_keys = [keys.log(shard), *cached[:3], keys.fence(shard, "t", tid), cached[3],
+                    keys.fence(shard, "k", "k")]
     assert await evalsha(client, "release", release_keys, args) == 0
     assert (await client.xpending(keys.log(shard), GROUP))["pending"] == 0
-    for key in release_keys[1:]:
+    for key in cached:
         assert 0 < await client.pttl(key) <= TTL_MS, key
 
 
 async def exercise_fills(client: Any, shard: int) -> None:
     """The read-through scripts, on a thread and a state key loaded 'from PostgreSQL'."""
     tid = f"f{shard}"
-    th = thread_keys(shard, tid)[:3]
-    assert await evalsha(client, "fill_thread", th, [
-        '{"title":"f"}', "3", '"2024-01-01T00:00:00Z"', "0", "0", TTL_MS]) == 1
-    assert await evalsha(client, "fill_meta", th[:2], ["m8", "1", "fp", "{}"]) == 1
+    th, fence = thread_keys(shard, tid)[:3], keys.fence(shard, "t", tid)
+    token = await fenced(client, fence)
+    assert await evalsha(client, "fill_thread", [*th, fence], [
+        '{"title":"f"}', "3", '"2024-01-01T00:00:00Z"', "0", "0", TTL_MS, token]) == 1
+    assert await evalsha(client, "fill_meta", [*th[:2], fence],
+                         ["m8", "1", "fp", "{}", token]) == 1
     old = '{"seq":1,"message_id":"m9"}'
-    assert await evalsha(client, "fill_messages", [*th, keys.cold(shard, tid)], [
-        TTL_MS, 200, "m9", "1", "1", "fp", old]) == 0  # not adjacent to the window: cold cache
+    assert await evalsha(client, "fill_messages", [*th, keys.cold(shard, tid), fence], [
+        TTL_MS, 200, token, "m9", "1", "1", "fp", old]) == 0  # not next to the window: cold
     assert await evalsha(client, "get_message", [th[1], keys.cold(shard, tid), th[0]],
                          ["m9"]) == old.encode()
-    assert await evalsha(client, "fill_state", [keys.state(shard, "f")], [
-        '{"key":"f"}', "1", "", TTL_MS, 5]) == 1
+    state_fence = keys.fence(shard, "k", "f")
+    token = await fenced(client, state_fence)
+    assert await evalsha(client, "fill_state", [keys.state(shard, "f"), state_fence], [
+        '{"key":"f"}', "1", "", TTL_MS, 5, token]) == 1
 
 
 async def test_every_script_runs_on_the_sentinel_master(on_sentinel: Client) -> None:

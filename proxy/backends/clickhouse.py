@@ -161,6 +161,8 @@ def event_id(e: Change) -> str:
 def event_row(e: Change, instance: str, store_content: bool) -> list[Any]:
     """One events row, in COLUMNS order. Raises KeyError/ValueError/TypeError on a bad doc."""
     d = orjson.loads(e.doc)
+    if not isinstance(d, dict):
+        raise TypeError(f"the doc is not a JSON object: {e.doc[:80]!r}")
     when = _ts(d.get("updated_at"), e.ts_ms)
     tid, mid, seq, role, title, owner, text, meta = "", "", 0, "", "", "", "", "{}"
     if e.kind == "m":
@@ -183,7 +185,7 @@ def event_row(e: Change, instance: str, store_content: bool) -> list[Any]:
 
 def batch_token(rows: Sequence[Sequence[Any]]) -> str:
     """Deterministic per set of events: a retried or redelivered batch repeats it."""
-    ids = sorted(str(r[0]) for r in rows)
+    ids = sorted(f"{r[3]}/{r[0]}" for r in rows)  # message ids are unique per thread only
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 

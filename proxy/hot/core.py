@@ -3,7 +3,11 @@ under backpressure, reads below Redis, and the one retry ladder of a script call
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -14,21 +18,28 @@ from proxy.backends import Backing
 from proxy.errors import Backpressure, Unavailable
 from proxy.failpoints import Failpoints
 from proxy.flights import SingleFlight
-from proxy.redisconn import Scripts
+from proxy.redisconn import Scripts, redis_call
 from proxy.settings import Settings
 from proxy.writelog import Backlog
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_ATTEMPTS = 5
+FENCE_MS = 60_000  # a read-through's fill comes within this of its load, or is refused
+
+
+ACKNOWLEDGED, PERSISTED = "acknowledged", "persisted"
 
 
 @dataclass(frozen=True)
 class Result:
-    """A doc and the tier that served it; `created` tells 201 from 200 on writes."""
+    """A doc and the tier that served it; `created` tells 201 from 200 on writes, and
+    `durability` the level a write reached (X-Durability)."""
 
     doc: bytes
     tier: str = "redis"
     created: bool = False
+    durability: str = ACKNOWLEDGED
 
 
 class Core:
@@ -49,6 +60,22 @@ class Core:
     def shard(self, entity_id: str) -> int:
         return keys.shard_of(entity_id, self.settings.redis.shards)
 
+    def fence_key(self, kind: str, entity_id: str) -> str:
+        """The load fence of a thread ('t', with its messages) or a state key ('k')."""
+        return keys.fence(self.shard(entity_id), kind, entity_id)
+
+    @contextlib.asynccontextmanager
+    async def fenced(self, kind: str, entity_id: str) -> AsyncIterator[str]:
+        """Around a load from below and what is written into Redis based on it: the token the
+        fill (or the write) must present, registered before the load (see keys.py)."""
+        key, token = self.fence_key(kind, entity_id), os.urandom(8).hex()
+        await self.run("load_fence", [key], [token, FENCE_MS])
+        try:
+            yield token
+        finally:
+            with contextlib.suppress(Unavailable):  # else it expires with the set
+                await redis_call(lambda: self.redis.srem(key, token))
+
     def thread_keys(self, tid: str) -> list[str]:
         """thread, messages, window, log: the keys of the thread scripts, in that order."""
         s = self.shard(tid)
@@ -63,6 +90,22 @@ class Core:
         if self.backlog.entries >= self.settings.flush.max_backlog:
             raise Backpressure(f"write-behind backlog is full ({self.backlog.entries} entries)",
                                retry_after_s=1.0)
+
+    async def stored(self, kind: str, doc: bytes, persisted: bool,
+                     created: bool = False) -> Result:
+        """A write that is in Redis; with `persisted`, also committed in PostgreSQL first —
+        or, if that fails or takes too long, answered as only acknowledged (never an error:
+        the write happened, and its flush will still bring it to PostgreSQL)."""
+        if not persisted:
+            return Result(doc, created=created)
+        try:
+            async with asyncio.timeout(self.settings.api.request_timeout_s / 2):
+                await self.backing.persist(kind, doc)
+        except Exception as e:  # any failure: the answer says what happened
+            logger.warning("%s write-through not confirmed (%r): answered as acknowledged",
+                           kind, e)
+            return Result(doc, created=created)
+        return Result(doc, created=created, durability=PERSISTED)
 
     async def below(self, load: Callable[[], Awaitable[T]],
                     degraded: Callable[[Backing], Awaitable[T]]) -> tuple[T, str]:

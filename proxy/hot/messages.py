@@ -6,6 +6,7 @@ PostgreSQL and cached again (the window, or the cold cache below it)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -14,7 +15,7 @@ from proxy import keys, model
 from proxy.backends import MessageRow
 from proxy.errors import Conflict, NotFound, PreconditionFailed
 from proxy.flights import KeyedLocks
-from proxy.hot.core import Core, Result, settle
+from proxy.hot.core import PERSISTED, Core, Result, settle
 from proxy.hot.threads import Threads
 
 Edit = Callable[[dict[str, Any], int], dict[str, Any]]
@@ -31,35 +32,44 @@ class Messages:
     async def append(self, tid: str, m: model.MessageInput, persisted: bool = False) -> Result:
         self._c.admit()
         mid = m.message_id or model.new_id()
-        checked = "0" if m.message_id else "1"  # a new id cannot be in PostgreSQL
-        body, fp = model.message_body(tid, mid, m, model.now_ms()), m.fingerprint()
-        ks = self._c.thread_keys(tid)
+        body = model.message_body(tid, mid, m, model.now_ms())
+        req = _Append(tid, mid, body, m.fingerprint(), persisted)
+        # A generated id is new everywhere; a client's id may be in PostgreSQL only.
+        return await settle(f"thread {tid}",
+                            lambda: self._append_once(req, "" if m.message_id else "*"))
 
-        async def attempt() -> Result | None:
-            nonlocal checked
-            out = await self._c.run("message_append", ks, [
-                tid, mid, body, fp, keys.events(self._c.shard(tid)), model.now_ms(), checked])
-            status = out[0].decode()
-            if status == "MISS":
-                if await self._threads.fill(tid) is None:
-                    raise NotFound(f"thread {tid} not found")
-                return None
-            if status == "CHECK":  # the id may be in PostgreSQL only
-                checked = "1"
-                row = await self._c.backing.load_message(tid, mid)
-                return None if row is None else _duplicate(row.fingerprint == fp, row.doc, mid)
-            if status == "GONE":
-                raise NotFound(f"thread {tid} was deleted")
-            if status in ("DUP", "CONFLICT"):
-                doc = out[1] if status == "DUP" else b""
-                if status == "DUP" and not doc:
-                    doc = (await self.get(tid, mid, include_deleted=True)).doc
-                return _duplicate(status == "DUP", doc, mid)
-            if persisted:
-                await self._c.backing.persist("message", out[1])
-            return Result(out[1], created=True)
+    async def _append_once(self, req: _Append, checked: str) -> Result | None:
+        c, tid = self._c, req.tid
+        out = await c.run("message_append", c.thread_keys(tid) + [c.fence_key("t", tid)], [
+            tid, req.mid, req.body, req.fingerprint, keys.events(c.shard(tid)), model.now_ms(),
+            checked])
+        status = out[0].decode()
+        if status == "MISS":
+            if await self._threads.fill(tid) is None:
+                raise NotFound(f"thread {tid} not found")
+            return None
+        if status == "CHECK":
+            return None if checked else await self._check(req)  # a stale check: again
+        if status == "GONE":
+            raise NotFound(f"thread {tid} was deleted")
+        if status == "CONFLICT":
+            raise Conflict(f"message {req.mid} exists with a different body")
+        if status == "DUP":
+            doc = out[1] or (await self.get(tid, req.mid, include_deleted=True)).doc
+            return await c.stored("message", doc, req.persisted)
+        return await c.stored("message", out[1], req.persisted, created=True)
 
-        return await settle(f"thread {tid}", attempt)
+    async def _check(self, req: _Append) -> Result | None:
+        """Is the id in PostgreSQL only? Then this is a repeat; else append under the fence
+        of the load that said so (a peer's copy flushed and trimmed meanwhile moves it)."""
+        async with self._c.fenced("t", req.tid) as token:
+            row = await self._c.backing.load_message(req.tid, req.mid)
+            await self._c.failpoints.hit("after-load-before-fill")
+            if row is None:
+                return await self._append_once(req, token)
+        if row.fingerprint != req.fingerprint:
+            raise Conflict(f"message {req.mid} exists with a different body")
+        return Result(row.doc, durability=PERSISTED)  # it is in PostgreSQL
 
     # ---- one message
 
@@ -83,20 +93,22 @@ class Messages:
         return Result(doc, tier)
 
     async def _load(self, tid: str, mid: str) -> MessageRow | None:
-        row = await self._c.backing.load_message(tid, mid)
-        await self._c.failpoints.hit("after-load-before-fill")
-        if row is not None:
-            await self.refill([row], tid)
+        async with self._c.fenced("t", tid) as token:
+            row = await self._c.backing.load_message(tid, mid)
+            await self._c.failpoints.hit("after-load-before-fill")
+            if row is not None:
+                await self.refill([row], tid, token)
         return row
 
-    async def refill(self, rows: list[MessageRow], tid: str) -> None:
-        """Cache messages read through: in the window if they extend it, else the cold cache."""
+    async def refill(self, rows: list[MessageRow], tid: str, token: str) -> None:
+        """Cache messages read through (under the load fence `token`, taken before the load):
+        in the window if they extend it, else the cold cache."""
         s = self._c.shard(tid)
-        args: list[Any] = [self._c.ttl_ms, self._c.settings.redis.window]
+        args: list[Any] = [self._c.ttl_ms, self._c.settings.redis.window, token]
         for r in rows:
             args += [r.mid, r.seq, r.version, r.fingerprint, r.doc]
-        await self._c.run("fill_messages", self._c.thread_keys(tid)[:3] + [keys.cold(s, tid)],
-                          args)
+        await self._c.run("fill_messages", self._c.thread_keys(tid)[:3] + [
+            keys.cold(s, tid), self._c.fence_key("t", tid)], args)
 
     # ---- edits and tombstones
 
@@ -137,9 +149,7 @@ class Messages:
             ms, new["seq"]])
         status = out[0].decode()
         if status == "OK":
-            if persisted:
-                await self._c.backing.persist("message", doc)
-            return Result(doc)
+            return await self._c.stored("message", doc, persisted)
         if status == "MISS":
             await self._fill_meta(tid, mid)
         elif status == "GONE":
@@ -154,14 +164,20 @@ class Messages:
         be checked and applied atomically."""
         if await self._threads.fill(tid) is None:
             raise NotFound(f"thread {tid} not found")
-        row = await self._c.backing.load_message(tid, mid)
-        if row is None:
-            raise NotFound(f"message {mid} not found in thread {tid}")
-        await self._c.run("fill_meta", self._c.thread_keys(tid)[:2],
-                          [mid, row.version, row.fingerprint, row.doc])
+        async with self._c.fenced("t", tid) as token:
+            row = await self._c.backing.load_message(tid, mid)
+            await self._c.failpoints.hit("after-load-before-fill")
+            if row is None:
+                raise NotFound(f"message {mid} not found in thread {tid}")
+            await self._c.run("fill_meta", self._c.thread_keys(tid)[:2] + [
+                self._c.fence_key("t", tid)], [mid, row.version, row.fingerprint, row.doc,
+                                               token])
 
 
-def _duplicate(same: bool, doc: bytes, mid: str) -> Result:
-    if not same:
-        raise Conflict(f"message {mid} exists with a different body")
-    return Result(doc)
+@dataclass(frozen=True)
+class _Append:
+    tid: str
+    mid: str
+    body: bytes  # the new message's doc without its seq
+    fingerprint: str
+    persisted: bool

@@ -64,10 +64,11 @@ class Pages:
         return Page(tid, last, lo, hi, [r.doc for r in rows] + window_docs, tier)
 
     async def _load(self, tid: str, lo: int, hi: int) -> list[MessageRow]:
-        rows = await self._c.backing.load_messages(tid, lo, hi)
-        await self._c.failpoints.hit("after-load-before-fill")
-        if rows:
-            await self._messages.refill(rows, tid)
+        async with self._c.fenced("t", tid) as token:
+            rows = await self._c.backing.load_messages(tid, lo, hi)
+            await self._c.failpoints.hit("after-load-before-fill")
+            if rows:
+                await self._messages.refill(rows, tid, token)
         return rows
 
     async def _degraded(self, tid: str, thread: ThreadRow, mode: str, cursor: int,

@@ -28,12 +28,15 @@ class States:
 
     async def _load(self, key: str) -> StateRow | None:
         """A live entry from below, cached again; None if absent, deleted or expired."""
-        row = await self._c.backing.load_state(key)
-        await self._c.failpoints.hit("after-load-before-fill")
-        if row is None or row.deleted or _expired(row.expires_at_ms):
-            return None
-        await self._c.run("fill_state", [keys.state(self._c.shard(key), key)], [
-            row.doc, row.version, row.expires_at_ms or "", self._c.ttl_ms, model.now_ms()])
+        async with self._c.fenced("k", key) as token:
+            row = await self._c.backing.load_state(key)
+            await self._c.failpoints.hit("after-load-before-fill")
+            if row is None or row.deleted or _expired(row.expires_at_ms):
+                return None
+            await self._c.run("fill_state", [keys.state(self._c.shard(key), key),
+                                             self._c.fence_key("k", key)], [
+                row.doc, row.version, row.expires_at_ms or "", self._c.ttl_ms,
+                model.now_ms(), token])
         return row
 
     async def put(self, key: str, st: model.StateInput, if_match: str,
@@ -50,27 +53,29 @@ class States:
     async def _write(self, key: str, body: bytes, if_match: str, op: str,
                      expires: int | None, persisted: bool) -> Result:
         self._c.admit()
-        s, base = self._c.shard(key), ""
+        s = self._c.shard(key)
+        ks = [keys.state(s, key), keys.log(s), self._c.fence_key("k", key)]
 
-        async def attempt() -> Result | None:
-            nonlocal base
+        async def attempt(base: str = "", token: str = "") -> Result | None:
             ms = model.now_ms()
-            out = await self._c.run("state_put", [keys.state(s, key), keys.log(s)], [
-                body, if_match, base, op, ms, expires or "", ms, key])
+            out = await self._c.run("state_put", ks, [
+                body, if_match, base, op, ms, expires or "", ms, key, token])
             status = out[0].decode()
-            if status == "MISS":  # not in Redis: the script needs PostgreSQL's version
-                row = await self._c.backing.load_state(key)
-                base = str(row.version) if row else "0"
+            if status == "MISS" and base:  # the fence moved: the entry was released since
                 return None
+            if status == "MISS":  # not in Redis: the script needs PostgreSQL's entry
+                async with self._c.fenced("k", key) as token:
+                    row = await self._c.backing.load_state(key)
+                    await self._c.failpoints.hit("after-load-before-fill")
+                    return await attempt(f"{row.version},{int(row.deleted)},"
+                                         f"{row.expires_at_ms or ''}" if row else "0,1,", token)
             if status == "NOTFOUND":
                 raise NotFound(f"state {key} not found")
             if status == "PRECONDITION":
                 current = out[1].decode() or None
-                raise PreconditionFailed(f"state {key} is at version {current}",
-                                         {"version": current})
-            if persisted:
-                await self._c.backing.persist("state", out[2])
-            return Result(out[2], created=status == "CREATED")
+                what = f"is at version {current}" if current else "does not exist"
+                raise PreconditionFailed(f"state {key} {what}", {"version": current})
+            return await self._c.stored("state", out[2], persisted, status == "CREATED")
 
         return await settle(f"state {key}", attempt)
 

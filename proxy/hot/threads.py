@@ -30,17 +30,22 @@ class Threads:
         return Result(with_last_seq(doc, int(seq)), tier)
 
     async def fill(self, tid: str) -> ThreadRow | None:
-        """Load the thread from the backing into Redis (one load for concurrent misses)."""
+        """Load the thread from the backing into Redis (one load for concurrent misses);
+        a fill whose load began before the thread was released again is refused."""
         async def load() -> ThreadRow | None:
-            row = await self._c.backing.load_thread(tid)
-            await self._c.failpoints.hit("after-load-before-fill")
-            if row is not None:
-                await self._c.run("fill_thread", self._c.thread_keys(tid)[:3], [
-                    row.doc, row.version, row.created_at, row.last_seq, int(row.deleted),
-                    self._c.ttl_ms])
+            async with self._c.fenced("t", tid) as token:
+                row = await self._c.backing.load_thread(tid)
+                await self._c.failpoints.hit("after-load-before-fill")
+                if row is not None:
+                    await self._c.run("fill_thread", self._fill_keys(tid), [
+                        row.doc, row.version, row.created_at, row.last_seq, int(row.deleted),
+                        self._c.ttl_ms, token])
             return row
 
         return await self._c.flights.do(("t", tid), load)
+
+    def _fill_keys(self, tid: str) -> list[str]:
+        return self._c.thread_keys(tid)[:3] + [self._c.fence_key("t", tid)]
 
     async def put(self, tid: str, t: model.ThreadInput, if_match: str,
                   persisted: bool = False) -> Result:
@@ -52,18 +57,21 @@ class Threads:
     async def _write(self, tid: str, t: model.ThreadInput, if_match: str, op: str,
                      persisted: bool) -> Result:
         self._c.admit()
-        ks, new_ok = self._c.thread_keys(tid), "0"
+        ks = self._c.thread_keys(tid) + [self._c.fence_key("t", tid)]
 
-        async def attempt() -> Result | None:
-            nonlocal new_ok
+        async def attempt(new: str = "") -> Result | None:
             ms = model.now_ms()
             out = await self._c.run("thread_put", ks, [
                 model.thread_body(tid, t, op == "del", ms), orjson.dumps(model.iso(ms)),
-                if_match, new_ok, op, keys.events(self._c.shard(tid)), ms, tid])
+                if_match, new, op, keys.events(self._c.shard(tid)), ms, tid])
             status = out[0].decode()
-            if status == "MISS":  # not in Redis: PostgreSQL has it, or it is new
-                new_ok = "0" if await self.fill(tid) else "1"
+            if status == "MISS" and new:  # the fence moved: the thread was released since
                 return None
+            if status == "MISS":  # not in Redis: PostgreSQL has it, or it is new
+                async with self._c.fenced("t", tid) as token:  # before the load saying "new"
+                    if await self.fill(tid) is not None:
+                        return None
+                    return await attempt(token)
             if status == "GONE":
                 raise (NotFound if op == "del" else Conflict)(f"thread {tid} was deleted")
             if status == "NOTFOUND":
@@ -72,9 +80,7 @@ class Threads:
                 raise PreconditionFailed(f"thread {tid} is at version {out[1].decode()}",
                                          {"version": out[1].decode()})
             doc = with_last_seq(out[2], int(out[3]))
-            if persisted:
-                await self._c.backing.persist("thread", doc)
-            return Result(doc, created=status == "CREATED")
+            return await self._c.stored("thread", doc, persisted, status == "CREATED")
 
         return await settle(f"thread {tid}", attempt)
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from proxy.openapi.schemas import STR, Schema, operation, ref, response
 
+ACCEPTED = ("Stored (in Redis, and flushed to PostgreSQL later) but not at the durability asked "
+            "for in X-Durability: e.g. `persisted` while PostgreSQL is down. The response's "
+            "X-Durability says the level reached. Retrying is safe (same message_id or "
+            "If-Match) and tells once it is persisted.")
+
 WS_PROTOCOL = """\
 Upgrade to a WebSocket; every frame is a text frame holding one JSON object. With api.token
 set, send the bearer header, or (browsers cannot) `?token=<token>` on this path only.
@@ -38,11 +43,17 @@ and last live message (null without any). 404: no event of the thread, or it is 
 
 def v1_paths() -> Schema:
     entity, write = ["ETag", "X-Tier"], ["If-Match", "X-Durability"]
+    done = [*entity, "X-Durability"]
     thread, message, state = ref("Thread"), ref("Message"), ref("StateEntry")
 
-    def ok(description: str, schema: Schema, created: str = "") -> dict[str, Schema]:
-        out = {"200": response(description, schema, entity)}
-        return {"201": response(created, schema, entity), **out} if created else out
+    def ok(description: str, schema: Schema) -> dict[str, Schema]:
+        return {"200": response(description, schema, entity)}
+
+    def written(description: str, schema: Schema, created: str = "") -> dict[str, Schema]:
+        """A write's answers: 200 (and 201 created), or 202 stored below the durability asked."""
+        out = {"200": response(description, schema, done),
+               "202": response(ACCEPTED, schema, done)}
+        return {"201": response(created, schema, done), **out} if created else out
 
     def at(*names: str) -> list[Schema]:
         return [ref(n, "parameters") for n in names]
@@ -51,18 +62,19 @@ def v1_paths() -> Schema:
         "/v1/threads/{tid}": {
             "parameters": at("tid"),
             "put": operation("putThread", "Create or replace a thread",
-                             ok("Replaced.", thread, "Created."),
+                             written("Replaced.", thread, "Created."),
                              "400 401 409 412 413 415 422 500 503", params=write,
                              body="ThreadInput"),
             "get": operation("getThread", "A thread, with last_seq", ok("The thread.", thread),
                              "401 404 422 500 503"),
-            "delete": operation("deleteThread", "Tombstone a thread", ok("The tombstone.", thread),
+            "delete": operation("deleteThread", "Tombstone a thread",
+                                written("The tombstone.", thread),
                                 "400 401 404 412 422 500 503", params=write),
         },
         "/v1/threads/{tid}/messages": {
             "parameters": at("tid"),
             "post": operation("appendMessage", "Append a message",
-                              ok("Same message_id and body again: the original.", message,
+                              written("Same message_id and body again: the original.", message,
                                  "Appended with the thread's next seq."),
                               "400 401 404 409 413 415 422 500 503", params=["X-Durability"],
                               body="MessageInput"),
@@ -75,11 +87,12 @@ def v1_paths() -> Schema:
             "parameters": at("tid", "mid"),
             "get": operation("getMessage", "One message", ok("The message.", message),
                              "401 404 422 500 503"),
-            "patch": operation("patchMessage", "Edit a message", ok("The new version.", message),
+            "patch": operation("patchMessage", "Edit a message",
+                               written("The new version.", message),
                                "400 401 404 412 413 415 422 500 503", params=write,
                                body="MessagePatch"),
             "delete": operation("deleteMessage", "Tombstone a message (its seq stays)",
-                                ok("The tombstone.", message), "400 401 404 412 422 500 503",
+                                written("The tombstone.", message), "400 401 404 412 422 500 503",
                                 params=write),
         },
         "/v1/threads/{tid}/stats": {"parameters": at("tid"), "get": operation(
@@ -89,11 +102,13 @@ def v1_paths() -> Schema:
             description=STATS)},
         "/v1/state/{key}": {
             "parameters": at("key"),
-            "put": operation("putState", "Write a state entry", ok("Replaced.", state, "Created."),
+            "put": operation("putState", "Write a state entry",
+                             written("Replaced.", state, "Created."),
                              "400 401 412 413 415 422 500 503", params=write, body="StateInput"),
             "get": operation("getState", "A state entry", ok("The entry.", state),
                              "401 404 422 500 503"),
-            "delete": operation("deleteState", "Delete a state entry", ok("The tombstone.", state),
+            "delete": operation("deleteState", "Delete a state entry",
+                                written("The tombstone.", state),
                                 "400 401 404 412 422 500 503", params=write),
         },
         "/v1/status": {"get": operation(

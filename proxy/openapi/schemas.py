@@ -148,6 +148,9 @@ def headers() -> Schema:
         "X-Staleness-S": {"description": "With `X-Tier: clickhouse`: how far behind ClickHouse "
                                          "may be, in seconds (the age of its backlog).",
                           "schema": {"type": "number", "minimum": 0}},
+        "X-Durability": {"description": "The level the write reached (`acknowledged`: in "
+                                        "Redis; `persisted`: committed in PostgreSQL).",
+                         "schema": {"type": "string", "enum": ["acknowledged", "persisted"]}},
         "Retry-After": {"description": "Seconds to wait before retrying.",
                         "schema": integer(1)},
     }

@@ -1,11 +1,18 @@
--- Read-through: put a thread loaded from PostgreSQL into Redis, unless Redis has it already.
--- KEYS: thread, messages, window
--- ARGV: doc, version, created_at (JSON string), last_seq, deleted ('1'|'0'), ttl_ms
--- Leftover message/window keys of an expired thread are clean (they got their TTL together
--- with the thread), so they are dropped: the window must stay a contiguous suffix.
+-- Read-through: put a thread loaded from PostgreSQL back into Redis, unless Redis has it
+-- already or the load is stale (its fence token is gone: the thread was released since).
+-- KEYS: thread, messages, window, fence
+-- ARGV: doc, version, created_at (JSON string), last_seq, deleted ('1'|'0'), ttl_ms, token
+-- Returns 1 filled, 0 present, -1 stale. Leftover message/window keys of an expired thread
+-- are clean (they got their TTL together with the thread), so they are dropped — the window
+-- must stay a contiguous suffix — but the seq never goes below one they hold.
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('SISMEMBER', KEYS[4], ARGV[7]) == 0 then return -1 end
+local seq = tonumber(ARGV[4])
+local top = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
+if top[2] and tonumber(top[2]) > seq then seq = tonumber(top[2]) end
+seq = string.format('%d', seq)
 redis.call('DEL', KEYS[2], KEYS[3])
-redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'v', ARGV[2], 'c', ARGV[3], 'seq', ARGV[4],
-  'del', ARGV[5], 'fl', ARGV[4], 'pend', '0')
+redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'v', ARGV[2], 'c', ARGV[3], 'seq', seq,
+  'del', ARGV[5], 'fl', seq, 'pend', '0')
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return 1

@@ -1,9 +1,11 @@
 -- Append a message: assign the thread's next seq, store it, index it, log it, atomically.
--- KEYS: thread, messages, window, log
+-- KEYS: thread, messages, window, log, load fence
 -- ARGV: tid, mid, body (JSON object starting after seq), fingerprint, channel, ts_ms,
---       checked ('1' = the id is known not to be in PostgreSQL)
+--       checked ('*': a new generated id, in no store; a load fence token: PostgreSQL said
+--       the id is not there, read under that token; '': not checked)
 -- Returns {status, doc}: CREATED, DUP (same body, original doc or ''), CONFLICT, MISS (thread
--- not in Redis), GONE (thread deleted), CHECK (the id may be in PostgreSQL only).
+-- not in Redis), GONE (thread deleted), CHECK (the id may be in PostgreSQL only, and the
+-- check is missing or stale: the thread was released since, e.g. a peer's copy trimmed).
 local th = redis.call('HMGET', KEYS[1], 'seq', 'del', 'fl')
 if not th[1] then return {'MISS'} end
 if th[2] == '1' then return {'GONE'} end
@@ -14,7 +16,11 @@ if meta then
   if fp ~= ARGV[4] then return {'CONFLICT'} end
   return {'DUP', redis.call('HGET', KEYS[2], 'd|' .. mid) or ''}
 end
-if th[3] ~= '0' and ARGV[7] ~= '1' then return {'CHECK'} end
+if th[3] ~= '0' and ARGV[7] ~= '*'
+  and (ARGV[7] == '' or redis.call('SISMEMBER', KEYS[5], ARGV[7]) == 0)
+then
+  return {'CHECK'}
+end
 
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local s = string.format('%d', seq)

@@ -2,8 +2,12 @@
 -- change left, give its keys their cache TTL; trim flushed messages out of thread windows.
 -- Only entries this call really acknowledged count (a redelivered or zombie batch acks
 -- nothing twice), so `pend` stays exact.
--- KEYS: log, then per entity: thread, messages, window (kind 't') or state (kind 's')
+-- KEYS: log, then per entity: thread, messages, window, load fence (kind 't') or state, load
+--       fence (kind 's')
 -- ARGV: group, ttl_ms, window size, now_ms, then per entry: entry id, key index, kind, mid or ''
+-- Every released entity's load fence is deleted: a read-through that began before this flush
+-- may have read older rows, and must not install them once the keys expire.
+-- Returns how many unflushed counts would have gone below 0 (never applied: an alarm).
 local group, ttl, window, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 
 -- Drop flushed messages below the newest `window` ones, oldest first, stopping at the first
@@ -27,12 +31,22 @@ local function trim(t, m, w)
   redis.call('HSET', t, 'fl', low[2 * n])
 end
 
-local touched = {}
+local touched, negative = {}, 0
+-- One acknowledged entry: one unflushed change less, never below zero.
+local function settle(k, field)
+  local left = tonumber(redis.call('HGET', k, field) or '0')
+  if left <= 0 then
+    negative = negative + 1
+    return 0
+  end
+  return redis.call('HINCRBY', k, field, -1)
+end
+
 for i = 5, #ARGV, 4 do
   local idx, kind, mid = tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
   touched[idx] = kind
   if redis.call('XACK', KEYS[1], group, ARGV[i]) == 1 and redis.call('EXISTS', KEYS[idx]) == 1 then
-    redis.call('HINCRBY', KEYS[idx], 'pend', -1)
+    settle(KEYS[idx], 'pend')
     if mid ~= '' and redis.call('HINCRBY', KEYS[idx + 1], 'p|' .. mid, -1) <= 0 then
       redis.call('HDEL', KEYS[idx + 1], 'p|' .. mid)
     end
@@ -41,9 +55,10 @@ end
 
 for idx, kind in pairs(touched) do
   local k = KEYS[idx]
+  redis.call('DEL', KEYS[idx + (kind == 't' and 3 or 1)])
   local pend = redis.call('HGET', k, 'pend')
   if kind == 't' then trim(k, KEYS[idx + 1], KEYS[idx + 2]) end
-  if pend and tonumber(pend) <= 0 then
+  if pend and tonumber(pend) == 0 then
     if kind == 't' then
       redis.call('PEXPIRE', k, ttl)
       redis.call('PEXPIRE', KEYS[idx + 1], ttl)
@@ -55,4 +70,4 @@ for idx, kind in pairs(touched) do
     end
   end
 end
-return 0
+return negative

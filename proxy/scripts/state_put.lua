@@ -1,21 +1,22 @@
 -- Write or tombstone a state entry if If-Match holds, and log it, atomically.
--- KEYS: state, log
+-- KEYS: state, log, load fence
 -- ARGV: body (JSON object without version), if_match ('' = none), base ('' = unknown: the
---       key is not in Redis, ask PostgreSQL; else the last version PostgreSQL holds),
---       op ('put'|'del'), now_ms, expires_at_ms ('' = never), ts_ms, key
+--       key is not in Redis, ask PostgreSQL; else PostgreSQL's entry as
+--       "<version>,<deleted 1|0>,<expires_at_ms or empty>", read under the fence token),
+--       op ('put'|'del'), now_ms, expires_at_ms ('' = never), ts_ms, key, token
 -- An entry past its expires_at counts as absent, but its version keeps counting, so a
 -- newer write always carries a higher version than anything in the log.
--- Returns {status, version, doc}: CREATED, OK, PRECONDITION, NOTFOUND, MISS.
+-- Returns {status, version, doc}: CREATED, OK, PRECONDITION, NOTFOUND, MISS (also when the
+-- base is stale: the fence moved since it was read).
 local k = KEYS[1]
 local cur = redis.call('HMGET', k, 'v', 'del', 'x')
-local v, live = cur[1], cur[2] == '0'
+local v, deleted, expires = cur[1], cur[2], cur[3]
 if not v then
-  if ARGV[3] == '' then return {'MISS'} end
-  v, live = ARGV[3], false
+  if ARGV[3] == '' or redis.call('SISMEMBER', KEYS[3], ARGV[9]) == 0 then return {'MISS'} end
+  v, deleted, expires = string.match(ARGV[3], '^(%d+),(%d),(%d*)$')
 end
-if live and cur[3] and cur[3] ~= '' and tonumber(cur[3]) <= tonumber(ARGV[5]) then
-  live = false
-end
+local live = deleted == '0' and not (expires and expires ~= ''
+  and tonumber(expires) <= tonumber(ARGV[5]))
 if ARGV[2] ~= '' and (not live or ARGV[2] ~= v) then
   return {'PRECONDITION', live and v or ''}
 end

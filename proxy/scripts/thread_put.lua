@@ -1,14 +1,15 @@
 -- Create, update or tombstone a thread, and log the change, atomically.
--- KEYS: thread, messages, window, log
+-- KEYS: thread, messages, window, log, load fence
 -- ARGV: body (JSON object without version/created_at), now (JSON string), if_match ('' = none),
---       new_ok ('1' = PostgreSQL confirmed the thread does not exist), op ('put'|'del'),
---       channel, ts_ms, tid
--- Returns {status, version, doc}. Nothing is written unless every check passes.
+--       new (the load fence token under which PostgreSQL said the thread does not exist;
+--       '' = not known), op ('put'|'del'), channel, ts_ms, tid
+-- Returns {status, version, doc}: MISS when Redis lacks the thread and "new" is not (or no
+-- longer: the fence moved) known. Nothing is written unless every check passes.
 local t = KEYS[1]
 local cur = redis.call('HMGET', t, 'v', 'c', 'del')
 local v, created, deleted = cur[1], cur[2], cur[3] == '1'
 if not v then
-  if ARGV[4] ~= '1' then return {'MISS'} end
+  if ARGV[4] == '' or redis.call('SISMEMBER', KEYS[5], ARGV[4]) == 0 then return {'MISS'} end
   v, created, deleted = '0', ARGV[2], false
 end
 if deleted then return {'GONE', v} end

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, Literal, get_args
 
-Mode = Literal["pass", "down", "blackhole", "drop_replies"]
+Mode = Literal["pass", "down", "blackhole", "drop_replies", "hold_replies"]
 MODES: tuple[str, ...] = get_args(Mode)
 _CHUNK_BYTES = 64 * 1024
 _CONTROL_TIMEOUT_S = 10.0
@@ -31,10 +31,11 @@ class FaultProxy:
     Modes: ``pass`` forwards; ``down`` resets every open connection and resets new ones as soon
     as they are accepted; ``blackhole`` keeps sockets open but discards bytes both ways, no RST
     (toxiproxy ``timeout 0``); ``drop_replies`` forwards client->upstream and discards
-    upstream->client (an ambiguous ack). Discarded bytes are gone, so a stream healed back to
-    ``pass`` may be out of step: ``cut()`` on heal if the client would not notice by itself.
-    Latency delays each chunk in each direction, one chunk after another. Either side's EOF
-    closes both sides (no half-close).
+    upstream->client (an ambiguous ack); ``hold_replies`` forwards client->upstream and holds
+    upstream->client back until the mode changes (a reply stalled after the work was done).
+    Discarded bytes are gone, so a stream healed back to ``pass`` may be out of step: ``cut()``
+    on heal if the client would not notice by itself. Latency delays each chunk in each
+    direction, one chunk after another. Either side's EOF closes both sides (no half-close).
     """
 
     def __init__(self, upstream_host: str, upstream_port: int, listen_port: int = 0) -> None:
@@ -47,6 +48,8 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
+        self._released: asyncio.Event | None = None  # clear while replies are held
+        self.held = 0  # replies waiting now in hold_replies mode
 
     def __enter__(self) -> FaultProxy:
         self.start()
@@ -111,6 +114,11 @@ class FaultProxy:
 
     async def _apply_mode(self, mode: Mode) -> None:
         self._mode = mode
+        assert self._released is not None
+        if mode == "hold_replies":
+            self._released.clear()
+        else:
+            self._released.set()
         if mode == "down":
             await self._close_links(reset=True)
 
@@ -126,6 +134,8 @@ class FaultProxy:
         self._loop = asyncio.get_running_loop()
         self._loop.set_exception_handler(lambda _loop, context: self.errors.append(context))
         self._stopping = asyncio.Event()
+        self._released = asyncio.Event()
+        self._released.set()
         try:
             server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         except OSError as exc:
@@ -196,8 +206,16 @@ class FaultProxy:
         with contextlib.suppress(OSError):
             while data := await reader.read(_CHUNK_BYTES):
                 await self._delay()
+                if self._mode == "hold_replies" and not to_upstream:
+                    assert self._released is not None
+                    self.held += 1
+                    try:
+                        await self._released.wait()
+                    finally:
+                        self.held -= 1
                 # The mode is checked after the delay: a chunk in flight obeys the new fault.
-                if self._mode == "pass" or (self._mode == "drop_replies" and to_upstream):
+                one_way = self._mode in ("drop_replies", "hold_replies") and to_upstream
+                if self._mode == "pass" or one_way:
                     writer.write(data)
                     await writer.drain()
 

@@ -282,3 +282,18 @@ def test_works_from_sync_code() -> None:
         finally:
             server.shutdown()
             serving.join()
+
+
+
+async def test_hold_replies_delivers_them_once_released(
+        proxy: FaultProxy, echo: EchoServer, connect: Connect) -> None:
+    reader, writer = await connect()
+    proxy.set_mode("hold_replies")
+    writer.write(b"ping")
+    await writer.drain()
+    await wait_until(lambda: proxy.held == 1, "the reply held in the proxy")
+    assert bytes(echo.received) == b"ping"  # the request went through
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(reader.read(1), SILENCE_S)
+    proxy.set_mode("pass")
+    assert await asyncio.wait_for(reader.readexactly(4), IO_TIMEOUT_S) == b"ping"

@@ -197,7 +197,7 @@ data: {dir: str}
 redis: {url: str, shards: int, window: int, pool_size: int, socket_timeout_s: float, health_check_interval_s: float}
 postgres: {url: str, pool_max: int, command_timeout_s: float}
 clickhouse: {url: str, max_batch: int, interval_ms: int, store_content: bool}
-flush: {max_batch: int, max_delay_ms: int, max_inflight: int, max_attempts: int, claim_idle_ms: int, backoff_base_ms: int, backoff_max_ms: int, max_backlog: int, trim_interval_s: float}
+flush: {max_batch: int, max_delay_ms: int, max_inflight: int, max_attempts: int, claim_idle_ms: int, backoff_base_ms: int, backoff_max_ms: int, max_backlog: int, trim_interval_s: float, max_lag_s: float, sinks: str}
 circuit: {failure_threshold: int, open_s: float}
 cache: {ttl_s: int}
 ws: {queue_size: int, max_subscriptions: int}

@@ -1,0 +1,71 @@
+"""Dead letters (ARCHITECTURE invariant 6): entries that keep failing leave the way after
+flush.max_attempts, each exactly once, and come back exactly once when replayed — however many
+sidecars replay at the same time — without disturbing what the hot tier counts as unflushed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+
+from proxy import keys, metrics
+from tests.conftest import AppClient, Servers, make_settings
+from tests.helpers import append, body, wait_for
+
+Client = TestClient[Any, Any]
+RACE = "before-replay-move:sleep:1"  # both replays read the dead letters, then move them
+
+
+@pytest.fixture
+async def poison(pg: asyncpg.Connection) -> AsyncIterator[None]:
+    """PostgreSQL rejects messages whose content is 'poison' while this fixture is active."""
+    await pg.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS poison;"
+                     " ALTER TABLE messages ADD CONSTRAINT poison CHECK (content <> 'poison')"
+                     " NOT VALID")
+    yield
+    await pg.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS poison")
+
+
+async def dead_letters(c: Client) -> int:
+    return int((await body(await c.get("/v1/status"), 200))["sinks"]["pg"]["dead_letters"])
+
+
+async def test_concurrent_replays_move_each_dead_letter_once(
+        client_for: AppClient, servers: Servers, redis: aioredis.Redis,
+        pg: asyncpg.Connection, poison: None) -> None:
+    s = make_settings(servers, flush={"max_attempts": 2}, debug={"failpoint": RACE})
+    a, b = await client_for(s), await client_for(s)
+    await body(await a.put("/v1/threads/dl", json={}), 201)
+    bad = await append(a, "dl", "poison")
+    await wait_for(lambda: _true_async(dead_letters(a), 1), timeout_s=20)
+    await pg.execute("ALTER TABLE messages DROP CONSTRAINT poison")  # fixed
+    errors_before = metrics.UNFLUSHED_COUNT_ERRORS._value.get()
+
+    answers = await asyncio.gather(a.post("/v1/admin/dead-letters/replay"),
+                                   b.post("/v1/admin/dead-letters/replay"))
+    replayed = [(await body(r, 200))["replayed"] for r in answers]
+    assert sorted(replayed) == [0, 1], replayed
+
+    async def landed() -> bool:
+        return bool(await pg.fetchval("SELECT count(*) FROM messages WHERE message_id = $1",
+                                      bad["message_id"]))
+
+    await wait_for(landed, timeout_s=20)
+    t = keys.thread(keys.shard_of("dl", s.redis.shards), "dl")
+    await wait_for(lambda: _expiring(redis, t), timeout_s=20)
+    assert await redis.hget(t, "pend") == b"0"
+    assert metrics.UNFLUSHED_COUNT_ERRORS._value.get() == errors_before
+    await wait_for(lambda: _true_async(dead_letters(a), 0))  # the status catches up
+
+
+async def _expiring(redis: aioredis.Redis, key: str) -> bool:
+    return bool(await redis.pttl(key) > 0)
+
+
+async def _true_async(count: Any, want: int) -> bool:
+    return bool(await count == want)

@@ -1,0 +1,80 @@
+"""Idempotent appends: one logical message per message_id, whatever races the check against
+PostgreSQL runs into, and whatever happened to the message since (ARCHITECTURE's API: same id
+and body again answers 200 with the original; another body 409)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+
+from proxy import keys
+from tests.conftest import AppClient, Servers, make_settings
+from tests.faults.tcpproxy import FaultProxy
+from tests.helpers import append, body, wait_for
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+def pg_proxy(servers: Servers) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the session PostgreSQL."""
+    url = urlsplit(servers.postgres_url)
+    with FaultProxy(url.hostname or "127.0.0.1", url.port or 5432) as proxy:
+        yield proxy
+
+
+def through(url: str, proxy: FaultProxy) -> str:
+    parts = urlsplit(url)
+    netloc = f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else \
+        f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def test_a_stalled_check_never_gives_a_repeated_id_a_second_seq(
+        client_for: AppClient, servers: Servers, redis: aioredis.Redis,
+        pg: asyncpg.Connection, pg_proxy: FaultProxy) -> None:
+    # B flushes and trims (a window of one message); A reaches PostgreSQL through the proxy
+    # and flushes nothing, so its checks can be held while B works.
+    b = await client_for(make_settings(servers, redis={"window": 1}))
+    a = await client_for(make_settings(
+        servers, redis={"window": 1}, flush={"sinks": ""},
+        postgres={"url": through(servers.postgres_url, pg_proxy)}))
+    await body(await b.put("/v1/threads/i1", json={}), 201)
+    for i in range(3):
+        await append(b, "i1", f"m{i}")
+    t = keys.thread(keys.shard_of("i1", 4), "i1")
+    await wait_for(lambda: _trimmed_past(redis, t, 2))  # ids below the window: PostgreSQL only
+    # A's one pooled connection has the lookup prepared, so under the hold it runs at once.
+    await body(await a.get("/v1/threads/i1/messages/nope"), 404)
+
+    pg_proxy.set_mode("hold_replies")
+    checking = asyncio.create_task(append(a, "i1", "hello", status=200, message_id="x1"))
+    await wait_for(lambda: _checked(pg))  # A's check answered "not there"; the answer is held
+    first = await append(b, "i1", "hello", message_id="x1")  # a peer appends the same id
+    for i in range(2):
+        await append(b, "i1", f"after {i}")
+    await wait_for(lambda: _trimmed_past(redis, t, first["seq"]))  # flushed and trimmed
+    pg_proxy.set_mode("pass")
+    again = await checking
+    assert again["seq"] == first["seq"], (first, again)
+    assert again["message_id"] == "x1"
+
+
+async def _checked(pg: asyncpg.Connection) -> bool:
+    """PostgreSQL ran a message lookup by id and is done with it: only A's check does one."""
+    return bool(await pg.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle'"
+        " AND query LIKE 'SELECT message_id%WHERE thread_id = $1 AND message_id = $2'"))
+
+
+async def _trimmed_past(redis: aioredis.Redis, thread_key: str, seq: int) -> bool:
+    floor = await redis.hget(thread_key, "fl")
+    return floor is not None and int(floor) >= seq
+

@@ -1,0 +1,133 @@
+"""No refill installs a version or seq older than one already acknowledged, however long the
+refill stalls (ARCHITECTURE invariant 8). Each test widens the race with the failpoint between
+a read-through's PostgreSQL load and its fill script on sidecar A, while sidecar B writes,
+flushes and lets the key expire (cache.ttl_s = 1) inside that window."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+
+from proxy import keys
+from proxy.app import FAILPOINTS
+from proxy.settings import Settings
+from tests.conftest import AppClient, Servers, make_settings
+from tests.helpers import append, body, wait_for
+
+Client = TestClient[Any, Any]
+STALL = "after-load-before-fill:sleep:2.5"
+
+
+@pytest.fixture
+def settings(servers: Servers) -> Settings:
+    return make_settings(servers, cache={"ttl_s": 1})
+
+
+@pytest.fixture
+async def pair(client_for: AppClient, settings: Settings) -> tuple[Client, Client]:
+    return await client_for(settings), await client_for(settings)
+
+
+async def gone(redis: aioredis.Redis, key: str) -> bool:
+    """Flushed and expired (released keys get the 1 s cache TTL)."""
+    return not await redis.exists(key)
+
+
+def state_key(settings: Settings, key: str) -> str:
+    return keys.state(keys.shard_of(key, settings.redis.shards), key)
+
+
+def thread_key(settings: Settings, tid: str) -> str:
+    return keys.thread(keys.shard_of(tid, settings.redis.shards), tid)
+
+
+async def test_a_stalled_state_refill_never_brings_back_an_old_value(
+        pair: tuple[Client, Client], redis: aioredis.Redis, pg: asyncpg.Connection,
+        settings: Settings) -> None:
+    a, b = pair
+    k = state_key(settings, "s1")
+    await body(await b.put("/v1/state/s1", json={"value": "v1"}), 201)
+    await wait_for(lambda: gone(redis, k))
+    a.app[FAILPOINTS].set(STALL)
+    stalled = asyncio.create_task(a.get("/v1/state/s1"))  # loads v1, then waits
+    await asyncio.sleep(0.5)  # the load has happened (the failpoint holds the fill)
+    second = await b.put("/v1/state/s1", json={"value": "v2"})
+    assert second.status in (200, 201), await second.text()  # 201: issue 8.9, tested apart
+    await wait_for(lambda: gone(redis, k))
+    await (await stalled).read()  # its fill ran now, after v2 was flushed and expired
+    third = await body(await b.put("/v1/state/s1", json={"value": "v3"}), 200)
+    assert third["version"] == 3, third
+
+    async def stored() -> Any:
+        return await pg.fetchrow("SELECT version, value::text AS value FROM state_entries"
+                                 " WHERE key = 's1' AND version = 3")
+
+    row = await wait_for(stored)
+    assert row["value"] == '"v3"'
+    assert (await body(await a.get("/v1/state/s1"), 200))["value"] == "v3"
+
+
+async def test_a_stalled_thread_refill_never_makes_a_seq_repeat(
+        pair: tuple[Client, Client], redis: aioredis.Redis, pg: asyncpg.Connection,
+        settings: Settings) -> None:
+    a, b = pair
+    t = thread_key(settings, "t1")
+    await body(await b.put("/v1/threads/t1", json={}), 201)
+    await append(b, "t1", "one")
+    await wait_for(lambda: gone(redis, t))
+    a.app[FAILPOINTS].set(STALL)
+    stalled = asyncio.create_task(a.get("/v1/threads/t1"))  # loads last_seq 1, then waits
+    await asyncio.sleep(0.5)
+    assert (await append(b, "t1", "two"))["seq"] == 2
+    await wait_for(lambda: gone(redis, t))
+    await (await stalled).read()
+    three = await append(b, "t1", "three")
+    assert three["seq"] == 3, three
+
+    async def flushed() -> Any:
+        rows = await pg.fetch("SELECT seq, content FROM messages WHERE thread_id = 't1'"
+                              " ORDER BY seq")
+        return len(rows) == 3 and rows
+
+    rows = await wait_for(flushed)
+    assert [(r["seq"], r["content"]) for r in rows] == [(1, "one"), (2, "two"), (3, "three")]
+    status = await body(await b.get("/v1/status"), 200)
+    assert status["sinks"]["pg"]["dead_letters"] == 0, status
+
+
+async def test_a_stalled_message_refill_never_serves_an_older_version(
+        pair: tuple[Client, Client], redis: aioredis.Redis, settings: Settings) -> None:
+    a, b = pair
+    t = thread_key(settings, "t2")
+    await body(await b.put("/v1/threads/t2", json={}), 201)
+    mid = (await append(b, "t2", "v1"))["message_id"]
+    await wait_for(lambda: gone(redis, t))
+    a.app[FAILPOINTS].set(STALL)
+    stalled = asyncio.create_task(a.get(f"/v1/threads/t2/messages/{mid}"))  # loads v1
+    await asyncio.sleep(0.5)
+    edited = await body(await b.patch(f"/v1/threads/t2/messages/{mid}",
+                                      json={"content": "v2"}), 200)
+    await wait_for(lambda: gone(redis, t))
+    await (await stalled).read()
+    a.app[FAILPOINTS].set("")
+    for c in (a, b):  # acknowledged v2: no sidecar may serve v1 again
+        got = await body(await c.get(f"/v1/threads/t2/messages/{mid}"), 200)
+        assert (got["version"], got["content"]) == (edited["version"], "v2"), got
+
+
+async def test_an_uncached_live_state_entry_can_be_matched_and_deleted(
+        client: Client, redis: aioredis.Redis, settings: Settings) -> None:
+    k = state_key(settings, "s2")
+    await body(await client.put("/v1/state/s2", json={"value": 1}), 201)
+    await wait_for(lambda: gone(redis, k))  # only PostgreSQL holds it now
+    replaced = await client.put("/v1/state/s2", json={"value": 2}, headers={"If-Match": '"1"'})
+    assert (await body(replaced, 200))["version"] == 2
+    await wait_for(lambda: gone(redis, k))
+    deleted = await body(await client.delete("/v1/state/s2"), 200)
+    assert deleted["deleted"] is True and deleted["version"] == 3
+    assert (await client.get("/v1/state/s2")).status == 404
