@@ -52,6 +52,18 @@ def coalesce(entries: list[Change]) -> list[Change]:
     return list(latest.values())
 
 
+def folded(entries: list[Change], kept: list[Change]) -> dict[tuple[str, str, str],
+                                                             list[Change]]:
+    """The older versions coalescing folded into each kept entry, newest first: should the
+    kept one be dead-lettered, they are what may still be written."""
+    ids = {e.entry_id for e in kept}
+    out: dict[tuple[str, str, str], list[Change]] = {}
+    for e in sorted(entries, key=lambda e: e.version, reverse=True):
+        if e.entry_id not in ids:
+            out.setdefault(e.identity, []).append(e)
+    return out
+
+
 def distinct(entries: list[Change]) -> list[Change]:
     """Drop repeats of one entity version (a duplicate log entry), keep every version."""
     return list({(*e.identity, e.version): e for e in entries}.values())
@@ -215,7 +227,7 @@ class Flusher:
         unique = coalesce(entries) if self._sink.info.coalesce else distinct(entries)
         metrics.COALESCED.labels(self.name).inc(len(entries) - len(unique))
         started = time.perf_counter()
-        dead = await self._write(unique)
+        dead = await self._write(unique, folded(entries, unique))
         await self._failpoints.hit(self._sink.info.after_write)
         for shard, done in _by_shard(e for e in entries if e.entry_id not in dead).items():
             await self._ack(self.name, shard, done)
@@ -242,14 +254,15 @@ class Flusher:
             hist.observe(max(0.0, now_ms - e.ts_ms) / 1000)
         logger.debug("%s: %d rows in %.1f ms", self.name, len(unique), seconds * 1000)
 
-    async def _write(self, unique: list[Change]) -> set[str]:
+    async def _write(self, unique: list[Change],
+                     older: dict[tuple[str, str, str], list[Change]]) -> set[str]:
         """Write until committed; a sink failure backs off and retries the same batch (never
         acked before). Returns the ids of entries moved to the dead-letter stream."""
         backoff = self._cfg.backoff()
         while True:
             await self._pause(self._circuit.wait_s())
             try:
-                return await self._try_write(unique)
+                return await self._try_write(unique, older)
             except Unavailable:
                 raise  # Redis, not the sink: the entries stay pending and are claimed
             except Exception as e:  # any sink failure: keep the batch, back off, retry
@@ -271,11 +284,12 @@ class Flusher:
                 async with asyncio.timeout(seconds):
                     await self._recovered.wait()
 
-    async def _try_write(self, unique: list[Change]) -> set[str]:
+    async def _try_write(self, unique: list[Change],
+                         older: dict[tuple[str, str, str], list[Change]]) -> set[str]:
         try:
             await self._sink.write(unique)
         except PoisonError:
-            return await self._isolate(unique)
+            return await self._isolate(unique, older)
         self._healthy()
         return set()
 
@@ -285,23 +299,32 @@ class Flusher:
         self._circuit.success()
         metrics.CIRCUIT.labels(self.name).set(0)
 
-    async def _isolate(self, unique: list[Change]) -> set[str]:
+    async def _isolate(self, unique: list[Change],
+                       older: dict[tuple[str, str, str], list[Change]]) -> set[str]:
         """Retry entry by entry; one that fails max_attempts times is dead-lettered, so it
-        never blocks the rest of the shard."""
+        never blocks the rest of the shard, and the next older version of its entity folded
+        into it is tried instead (a rejected edit must not take the message with it)."""
         self._healthy()
         dead: set[str] = set()
         for e in unique:
-            reason = ""
-            for _ in range(self._cfg.max_attempts):
-                try:
-                    await self._sink.write([e])
+            for candidate in [e, *older.get(e.identity, [])]:
+                reason = await self._attempts(candidate)
+                if reason is None:
                     break
-                except PoisonError as err:
-                    reason = str(err)
-            else:
-                await self._dead_letter(e.shard, e.entry_id, reason)
-                dead.add(e.entry_id)
+                await self._dead_letter(candidate.shard, candidate.entry_id, reason)
+                dead.add(candidate.entry_id)
         return dead
+
+    async def _attempts(self, change: Change) -> str | None:
+        """Write one change alone, up to max_attempts times; the last error, or None."""
+        reason = ""
+        for _ in range(self._cfg.max_attempts):
+            try:
+                await self._sink.write([change])
+                return None
+            except PoisonError as err:
+                reason = str(err)
+        return reason
 
     async def _dead_letter(self, shard: int, entry_id: str, reason: str) -> None:
         if await self._log.dead_letter(shard, self.name, entry_id, reason):

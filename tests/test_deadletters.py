@@ -69,3 +69,21 @@ async def _expiring(redis: aioredis.Redis, key: str) -> bool:
 
 async def _true_async(count: Any, want: int) -> bool:
     return bool(await count == want)
+
+
+async def test_a_poisoned_edit_leaves_the_version_it_edits_in_postgres(
+        client_for: AppClient, servers: Servers, pg: asyncpg.Connection, poison: None) -> None:
+    # One batch holds the message at version 1 and its edit at version 2, which PostgreSQL
+    # rejects: coalescing folds v1 into v2, and v1 must not be acknowledged unwritten.
+    c = await client_for(make_settings(servers, flush={"max_attempts": 2, "max_delay_ms": 500}))
+    await body(await c.put("/v1/threads/dp", json={}), 201)
+    mid = (await append(c, "dp", "good"))["message_id"]
+    await body(await c.patch(f"/v1/threads/dp/messages/{mid}", json={"content": "poison"}), 200)
+    await wait_for(lambda: _true_async(dead_letters(c), 1), timeout_s=20)
+
+    async def kept() -> Any:
+        return await pg.fetchrow("SELECT version, content FROM messages WHERE message_id = $1",
+                                 mid)
+
+    row = await wait_for(kept)
+    assert (row["version"], row["content"]) == (1, "good")
