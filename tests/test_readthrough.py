@@ -131,3 +131,17 @@ async def test_an_uncached_live_state_entry_can_be_matched_and_deleted(
     deleted = await body(await client.delete("/v1/state/s2"), 200)
     assert deleted["deleted"] is True and deleted["version"] == 3
     assert (await client.get("/v1/state/s2")).status == 404
+
+
+async def test_messages_of_a_deleted_thread_are_gone_once_it_left_redis(
+        client: Client, redis: aioredis.Redis, settings: Settings) -> None:
+    t = thread_key(settings, "t3")
+    await body(await client.put("/v1/threads/t3", json={}), 201)
+    mid = (await append(client, "t3", "hello"))["message_id"]
+    await wait_for(lambda: gone(redis, t))
+    assert (await client.get(f"/v1/threads/t3/messages/{mid}")).status == 200  # cold cache
+    await body(await client.delete("/v1/threads/t3"), 200)
+    await wait_for(lambda: gone(redis, t))  # the tombstone flushed, the thread left Redis
+    for path in (f"/v1/threads/t3/messages/{mid}", "/v1/threads/t3/messages",
+                 "/v1/threads/t3"):
+        assert (await client.get(path)).status == 404, path

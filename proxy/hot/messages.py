@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from proxy import keys, model
-from proxy.backends import MessageRow
+from proxy.backends import Backing, MessageRow
 from proxy.errors import Conflict, NotFound, PreconditionFailed
 from proxy.flights import KeyedLocks
 from proxy.hot.core import PERSISTED, Core, Result, settle
@@ -81,9 +81,8 @@ class Messages:
             raise NotFound(f"thread {tid} was deleted")
         tier = "redis"
         if doc is None:
-            row, tier = await self._c.below(
-                lambda: self._c.flights.do(("m", tid, mid), lambda: self._load(tid, mid)),
-                lambda b: b.load_message(tid, mid))
+            row, tier = await self._c.below(lambda: self._load_live(tid, mid),
+                                            lambda b: _degraded_message(b, tid, mid))
             if row is None:
                 raise NotFound(f"message {mid} not found in thread {tid}")
             doc = row.doc
@@ -91,6 +90,14 @@ class Messages:
         if not include_deleted and orjson.loads(doc)["deleted"]:
             raise NotFound(f"message {mid} was deleted")
         return Result(doc, tier)
+
+    async def _load_live(self, tid: str, mid: str) -> MessageRow | None:
+        """Read through, but only from a thread that exists and is not deleted (its tombstone
+        may be in PostgreSQL only, with the message still there)."""
+        thread = await self._threads.fill(tid)
+        if thread is None or thread.deleted:
+            raise NotFound(f"thread {tid} not found")
+        return await self._c.flights.do(("m", tid, mid), lambda: self._load(tid, mid))
 
     async def _load(self, tid: str, mid: str) -> MessageRow | None:
         async with self._c.fenced("t", tid) as token:
@@ -172,6 +179,13 @@ class Messages:
             await self._c.run("fill_meta", self._c.thread_keys(tid)[:2] + [
                 self._c.fence_key("t", tid)], [mid, row.version, row.fingerprint, row.doc,
                                                token])
+
+
+async def _degraded_message(below: Backing, tid: str, mid: str) -> MessageRow | None:
+    thread = await below.load_thread(tid)
+    if thread is None or thread.deleted:
+        raise NotFound(f"thread {tid} not found")
+    return await below.load_message(tid, mid)
 
 
 @dataclass(frozen=True)
