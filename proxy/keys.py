@@ -24,6 +24,7 @@ Log entry (XADD to `log(s)`):
     tid  the thread id (threads and messages)  v   the entity version after the change
     e  the event (message.created, thread.updated, state.deleted, ...)
     ts  when the write was acknowledged (Unix ms)   d  the complete doc after the change
+    f  (messages) the fingerprint of the body it was appended with (kept across edits)
     g  (replayed dead letters only) the one consumer group it is meant for
 Dead letter (XADD to `dead_letters(s)`): the entry's fields plus
     error  why it was given up    group  the group that gave up    source_id  its log entry id

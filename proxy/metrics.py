@@ -40,6 +40,10 @@ UNFLUSHED_COUNT_ERRORS = Counter(
     "tierproxy_unflushed_count_errors_total",
     "Acknowledged log entries whose entity had no unflushed change left to count (an alarm: "
     "a duplicated log entry); the count stays at 0 and no key gets a TTL for it")
+VERSION_CONFLICTS = Counter(
+    "tierproxy_version_conflicts_total",
+    "Rows that reached PostgreSQL at a version it already held with other content (kept the "
+    "stored one; each is logged)", ["table"])
 READ_THROUGH = Counter("tierproxy_read_through_total", "Reads served below Redis", ["tier"])
 
 WS_CONNECTIONS = Gauge("tierproxy_ws_connections", "Open WebSocket connections")

@@ -42,6 +42,7 @@ class Change:
     ts_ms: int
     doc: bytes
     only: str = ""  # a replayed dead letter is meant for this consumer group alone
+    fingerprint: str = ""  # messages: the fingerprint of the body it was appended with
 
     @property
     def identity(self) -> tuple[str, str, str]:

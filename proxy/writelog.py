@@ -44,7 +44,7 @@ def decode(shard: int, entry_id: bytes, fields: dict[bytes, bytes]) -> Change:
     return Change(shard, entry_id.decode(), fields[b"k"].decode(), fields[b"id"].decode(),
                  fields.get(b"tid", fields[b"id"]).decode(), int(fields[b"v"]),
                  fields[b"e"].decode(), int(fields[b"ts"]), fields[b"d"],
-                 fields.get(b"g", b"").decode())
+                 fields.get(b"g", b"").decode(), fields.get(b"f", b"").decode())
 
 
 @dataclass(frozen=True)

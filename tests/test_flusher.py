@@ -352,3 +352,27 @@ async def test_a_page_across_the_window_floor_has_no_gap(
     page = await body(await c.get("/v1/threads/span/messages?after=10&limit=20"), 200)
     assert [m["seq"] for m in page["items"]] == list(range(11, 31))
     assert page["items"][-1]["content"] == "new 9"
+
+
+async def test_an_equal_version_with_other_content_is_counted_not_dropped_silently(
+        servers: Servers, pg: asyncpg.Connection) -> None:
+    stamp = "2026-01-01T00:00:00.000Z"
+
+    def state(value: str) -> Change:
+        return _entry("s", "conflicted", 2, {"version": 2, "key": "conflicted", "value": value,
+                                             "expires_at": None, "updated_at": stamp,
+                                             "deleted": False})
+
+    before = metrics.VERSION_CONFLICTS.labels("state_entries")._value.get()
+    store = await PostgresStore.open(servers.postgres_url, 2, 30, Failpoints(""))
+    try:
+        sink = PostgresSink(store)
+        await sink.write([state("a")])
+        await sink.write([state("a")])  # a replay: the same content, not a conflict
+        assert metrics.VERSION_CONFLICTS.labels("state_entries")._value.get() == before
+        await sink.write([state("b")])  # version 2 handed out twice
+    finally:
+        await store.close()
+    assert metrics.VERSION_CONFLICTS.labels("state_entries")._value.get() == before + 1
+    assert await pg.fetchval("SELECT value::text FROM state_entries WHERE key = 'conflicted'") \
+        == '"a"'

@@ -78,3 +78,21 @@ async def _trimmed_past(redis: aioredis.Redis, thread_key: str, seq: int) -> boo
     floor = await redis.hget(thread_key, "fl")
     return floor is not None and int(floor) >= seq
 
+
+
+async def test_a_retry_after_an_edit_is_still_the_original(
+        client_for: AppClient, servers: Servers, redis: aioredis.Redis) -> None:
+    c = await client_for(make_settings(servers, cache={"ttl_s": 1}))
+    await body(await c.put("/v1/threads/i2", json={}), 201)
+    first = await append(c, "i2", "original", message_id="r1")
+    edited = await body(await c.patch("/v1/threads/i2/messages/r1", json={"content": "edit"}),
+                        200)
+    t = keys.thread(keys.shard_of("i2", 4), "i2")
+    await wait_for(lambda: _gone(redis, t))  # flushed: only PostgreSQL knows the message
+    again = await append(c, "i2", "original", status=200, message_id="r1")  # the retry
+    assert again["seq"] == first["seq"] and again["version"] == edited["version"]
+    await append(c, "i2", "another body", status=409, message_id="r1")
+
+
+async def _gone(redis: aioredis.Redis, key: str) -> bool:
+    return not await redis.exists(key)

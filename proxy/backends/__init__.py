@@ -88,7 +88,7 @@ class Backing(Protocol):
     async def load_messages(self, tid: str, lo: int, hi: int) -> list[MessageRow]: ...
     async def load_message(self, tid: str, mid: str) -> MessageRow | None: ...
     async def load_state(self, key: str) -> StateRow | None: ...
-    async def persist(self, kind: str, doc: bytes) -> None: ...
+    async def persist(self, kind: str, doc: bytes, fingerprint: str = "") -> None: ...
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -112,13 +112,14 @@ def thread_row(*, thread_id: str, title: str, owner_id: str, metadata: Any,
 
 def message_row(*, message_id: str, thread_id: str, seq: int, role: str, content: str,
                 metadata: Any, created_at: datetime, updated_at: datetime, version: int,
-                deleted: bool) -> MessageRow:
-    """A message as the append script stores it, with the fingerprint of its body."""
+                deleted: bool, fingerprint: str | None = None) -> MessageRow:
+    """A message as the append script stores it, with the fingerprint of the body it was
+    appended with (rows without one: of their current body)."""
     doc = orjson.dumps({"seq": seq, "version": version, "message_id": message_id,
                         "thread_id": thread_id, "role": role, "content": content,
                         "metadata": metadata, "created_at": _iso(created_at),
                         "updated_at": _iso(updated_at), "deleted": deleted})
-    fingerprint = model.MessageInput(None, role, content, metadata).fingerprint()
+    fingerprint = fingerprint or model.MessageInput(None, role, content, metadata).fingerprint()
     return MessageRow(message_id, seq, version, fingerprint, doc)
 
 

@@ -374,5 +374,5 @@ class ClickHouseBacking:
     async def load_state(self, key: str) -> StateRow | None:
         raise Unavailable("postgres is unavailable; state entries are not served from clickhouse")
 
-    async def persist(self, kind: str, doc: bytes) -> None:
+    async def persist(self, kind: str, doc: bytes, fingerprint: str = "") -> None:
         raise Unavailable("postgres is unavailable; clickhouse is read-only")

@@ -72,6 +72,9 @@ MIGRATIONS: list[str] = [
         deleted boolean NOT NULL DEFAULT false
     );
     """,
+    # The fingerprint of the body a message was appended with, kept across edits: a retry of
+    # the original append is recognized even after an edit (NULL: appended before this).
+    "ALTER TABLE messages ADD COLUMN IF NOT EXISTS fingerprint text",
 ]
 
 UPSERT_THREADS = """
@@ -98,13 +101,14 @@ WHERE excluded.last_seq > t.last_seq
 # Message ids are scoped by thread, as in the API (/v1/threads/{tid}/messages/{mid}).
 UPSERT_MESSAGES = """
 INSERT INTO messages AS m (message_id, thread_id, seq, role, content, metadata, created_at,
-                           updated_at, version, deleted)
+                           updated_at, version, deleted, fingerprint)
 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
                      $6::text[]::jsonb[], $7::timestamptz[], $8::timestamptz[], $9::bigint[],
-                     $10::bool[])
+                     $10::bool[], $11::text[])
 ON CONFLICT (thread_id, message_id) DO UPDATE SET
     role = excluded.role, content = excluded.content, metadata = excluded.metadata,
-    updated_at = excluded.updated_at, version = excluded.version, deleted = excluded.deleted
+    updated_at = excluded.updated_at, version = excluded.version, deleted = excluded.deleted,
+    fingerprint = coalesce(m.fingerprint, excluded.fingerprint)
 WHERE excluded.version > m.version
 """
 
@@ -117,6 +121,33 @@ ON CONFLICT (key) DO UPDATE SET
     updated_at = excluded.updated_at, deleted = excluded.deleted
 WHERE excluded.version > s.version
 """
+
+# Rows a batch skipped because PostgreSQL already holds their version — with other content.
+# A replay skips the same content; other content at an equal version means a version was
+# handed out twice (a bug or a Redis that lost data): never silently dropped, counted.
+CONFLICTS = {
+    "threads": """
+SELECT x.id FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]::jsonb[], $5::bigint[],
+                        $6::bool[]) AS x(id, title, owner_id, metadata, version, deleted)
+JOIN threads t ON t.thread_id = x.id AND t.version = x.version
+WHERE (t.title, t.owner_id, t.metadata, t.deleted)
+      IS DISTINCT FROM (x.title, x.owner_id, x.metadata, x.deleted)
+""",
+    "messages": """
+SELECT x.tid || '/' || x.id FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                                        $5::text[]::jsonb[], $6::bigint[], $7::bool[])
+    AS x(id, tid, role, content, metadata, version, deleted)
+JOIN messages m ON m.thread_id = x.tid AND m.message_id = x.id AND m.version = x.version
+WHERE (m.role, m.content, m.metadata, m.deleted)
+      IS DISTINCT FROM (x.role, x.content, x.metadata, x.deleted)
+""",
+    "state_entries": """
+SELECT x.id FROM unnest($1::text[], $2::text[]::jsonb[], $3::bigint[], $4::bool[])
+    AS x(id, value, version, deleted)
+JOIN state_entries s ON s.key = x.id AND s.version = x.version
+WHERE (s.value, s.deleted) IS DISTINCT FROM (x.value, x.deleted)
+""",
+}
 
 # What keeps the schema from being applied while PostgreSQL is down or starting (retried).
 SCHEMA_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -159,18 +190,30 @@ class Rows:
     state: list[list[Any]]
 
     @classmethod
-    def of(cls, docs: Iterable[tuple[str, bytes]]) -> Rows:
-        """From (kind, doc) pairs: 't' thread, 'm' message, 's' state; the doc carries the
-        version. Raises PoisonError on a doc that is not one."""
-        rows = cls([[] for _ in range(8)], [[] for _ in range(10)], {}, [[] for _ in range(6)])
+    def of(cls, docs: Iterable[tuple[str, bytes, str]]) -> Rows:
+        """From (kind, doc, fingerprint): kind 't' thread, 'm' message, 's' state; the doc
+        carries the version; the fingerprint (messages) that of the appended body. Raises
+        PoisonError on a doc that is not one."""
+        rows = cls([[] for _ in range(8)], [[] for _ in range(11)], {}, [[] for _ in range(6)])
         try:
-            for kind, doc in docs:
-                rows._add(kind, orjson.loads(doc))
-        except (KeyError, ValueError, TypeError) as err:
+            for kind, doc, fingerprint in docs:
+                rows._add(kind, orjson.loads(doc), fingerprint or None)
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
             raise PoisonError(f"undecodable log entry: {err!r}") from err
         return rows
 
-    def _add(self, kind: str, d: dict[str, Any]) -> None:
+    def conflict_args(self, table: str) -> list[list[Any]]:
+        """The CONFLICTS query's arrays (the compared columns of each row)."""
+        if table == "threads":
+            t = self.threads
+            return [t[0], t[1], t[2], t[3], t[6], t[7]]
+        if table == "messages":
+            m = self.messages
+            return [m[0], m[1], m[3], m[4], m[5], m[8], m[9]]
+        s = self.state
+        return [s[0], s[1], s[2], s[5]]
+
+    def _add(self, kind: str, d: dict[str, Any], fingerprint: str | None) -> None:
         if kind == "t":
             values = [d["thread_id"], d["title"], d["owner_id"],
                       orjson.dumps(d["metadata"]).decode(), _ts(d["created_at"]),
@@ -179,7 +222,7 @@ class Rows:
         elif kind == "m":
             values = [d["message_id"], d["thread_id"], d["seq"], d["role"], d["content"],
                       orjson.dumps(d["metadata"]).decode(), _ts(d["created_at"]),
-                      _ts(d["updated_at"]), int(d["version"]), d["deleted"]]
+                      _ts(d["updated_at"]), int(d["version"]), d["deleted"], fingerprint]
             _append(self.messages, values)
             tid = d["thread_id"]
             self.last_seq[tid] = max(self.last_seq.get(tid, 0), d["seq"])
@@ -219,8 +262,9 @@ class PostgresStore:
         async with self._pool.acquire() as conn:
             await apply_migrations(conn)
 
-    async def upsert(self, docs: Iterable[tuple[str, bytes]]) -> None:
-        """One transaction for the whole batch of (kind, doc); unique per entity."""
+    async def upsert(self, docs: Iterable[tuple[str, bytes, str]]) -> None:
+        """One transaction for the whole batch of (kind, doc, fingerprint); unique per
+        entity."""
         rows = Rows.of(docs)
         try:
             async with self._pool.acquire() as conn, conn.transaction():
@@ -229,17 +273,28 @@ class PostgresStore:
         except _DATA_ERRORS as e:
             raise PoisonError(f"postgres rejected the data: {e}") from e
 
-    @staticmethod
-    async def _write(conn: asyncpg.Connection, rows: Rows) -> None:
-        if rows.threads[0]:
-            await conn.execute(UPSERT_THREADS, *rows.threads)
-        if rows.messages[0]:
-            await conn.execute(UPSERT_MESSAGES, *rows.messages)
+    @classmethod
+    async def _write(cls, conn: asyncpg.Connection, rows: Rows) -> None:
+        for table, sql, columns in (("threads", UPSERT_THREADS, rows.threads),
+                                    ("messages", UPSERT_MESSAGES, rows.messages),
+                                    ("state_entries", UPSERT_STATE, rows.state)):
+            if not columns[0]:
+                continue
+            written = int((await conn.execute(sql, *columns)).rsplit(" ", 1)[1])
+            if written < len(columns[0]):  # some were there already: replays, or conflicts
+                await cls._count_conflicts(conn, table, rows)
+        if rows.last_seq:
             tids = sorted(rows.last_seq)
             await conn.execute(BUMP_LAST_SEQ, tids, [0] * len(tids),
                                [rows.last_seq[t] for t in tids])
-        if rows.state[0]:
-            await conn.execute(UPSERT_STATE, *rows.state)
+
+    @staticmethod
+    async def _count_conflicts(conn: asyncpg.Connection, table: str, rows: Rows) -> None:
+        ids = [r[0] for r in await conn.fetch(CONFLICTS[table], *rows.conflict_args(table))]
+        if ids:
+            metrics.VERSION_CONFLICTS.labels(table).inc(len(ids))
+            logger.error("postgres %s: %d rows arrived at a version already stored with other "
+                         "content (kept what was stored): %s", table, len(ids), ids[:20])
 
     async def fetch_thread(self, tid: str) -> dict[str, Any] | None:
         row = await self._pool.fetchrow(
@@ -251,14 +306,14 @@ class PostgresStore:
     async def fetch_messages(self, tid: str, lo: int, hi: int) -> list[dict[str, Any]]:
         rows = await self._pool.fetch(
             "SELECT message_id, thread_id, seq, role, content, metadata::text AS metadata,"
-            " created_at, updated_at, version, deleted FROM messages"
+            " created_at, updated_at, version, deleted, fingerprint FROM messages"
             " WHERE thread_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq", tid, lo, hi)
         return [dict(r) for r in rows]
 
     async def fetch_message(self, tid: str, mid: str) -> dict[str, Any] | None:
         row = await self._pool.fetchrow(
             "SELECT message_id, thread_id, seq, role, content, metadata::text AS metadata,"
-            " created_at, updated_at, version, deleted FROM messages"
+            " created_at, updated_at, version, deleted, fingerprint FROM messages"
             " WHERE thread_id = $1 AND message_id = $2", tid, mid)
         return dict(row) if row else None
 
@@ -278,7 +333,7 @@ class PostgresSink:
         self._store = store
 
     async def write(self, changes: list[Change]) -> None:
-        await self._store.upsert((c.kind, c.doc) for c in changes)
+        await self._store.upsert((c.kind, c.doc, c.fingerprint) for c in changes)
 
 
 _KINDS = {"thread": "t", "message": "m", "state": "s"}
@@ -330,9 +385,9 @@ class PostgresBacking:
         value = orjson.loads(r["value"]) if r["value"] is not None else None
         return state_row(**{**r, "value": value})
 
-    async def persist(self, kind: str, doc: bytes) -> None:
+    async def persist(self, kind: str, doc: bytes, fingerprint: str = "") -> None:
         """Write-through of one change, idempotent with its later flush (same version)."""
-        await self._query(lambda: self._store.upsert([(_KINDS[kind], doc)]))
+        await self._query(lambda: self._store.upsert([(_KINDS[kind], doc, fingerprint)]))
 
 
 def _message(r: dict[str, Any]) -> MessageRow:

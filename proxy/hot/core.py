@@ -91,8 +91,8 @@ class Core:
             raise Backpressure(f"write-behind backlog is full ({self.backlog.entries} entries)",
                                retry_after_s=1.0)
 
-    async def stored(self, kind: str, doc: bytes, persisted: bool,
-                     created: bool = False) -> Result:
+    async def stored(self, kind: str, doc: bytes, persisted: bool, created: bool = False,
+                     fingerprint: str = "") -> Result:
         """A write that is in Redis; with `persisted`, also committed in PostgreSQL first —
         or, if that fails or takes too long, answered as only acknowledged (never an error:
         the write happened, and its flush will still bring it to PostgreSQL)."""
@@ -100,7 +100,7 @@ class Core:
             return Result(doc, created=created)
         try:
             async with asyncio.timeout(self.settings.api.request_timeout_s / 2):
-                await self.backing.persist(kind, doc)
+                await self.backing.persist(kind, doc, fingerprint)
         except Exception as e:  # any failure: the answer says what happened
             logger.warning("%s write-through not confirmed (%r): answered as acknowledged",
                            kind, e)

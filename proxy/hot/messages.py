@@ -56,8 +56,8 @@ class Messages:
             raise Conflict(f"message {req.mid} exists with a different body")
         if status == "DUP":
             doc = out[1] or (await self.get(tid, req.mid, include_deleted=True)).doc
-            return await c.stored("message", doc, req.persisted)
-        return await c.stored("message", out[1], req.persisted, created=True)
+            return await c.stored("message", doc, req.persisted, fingerprint=req.fingerprint)
+        return await c.stored("message", out[1], req.persisted, True, req.fingerprint)
 
     async def _check(self, req: _Append) -> Result | None:
         """Is the id in PostgreSQL only? Then this is a repeat; else append under the fence
@@ -156,7 +156,7 @@ class Messages:
             ms, new["seq"]])
         status = out[0].decode()
         if status == "OK":
-            return await self._c.stored("message", doc, persisted)
+            return await self._c.stored("message", doc, persisted, fingerprint=out[2].decode())
         if status == "MISS":
             await self._fill_meta(tid, mid)
         elif status == "GONE":

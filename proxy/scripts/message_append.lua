@@ -32,7 +32,7 @@ redis.call('PERSIST', KEYS[1])
 redis.call('PERSIST', KEYS[2])
 redis.call('PERSIST', KEYS[3])
 redis.call('XADD', KEYS[4], '*', 'k', 'm', 'id', mid, 'tid', ARGV[1], 'v', '1',
-  'e', 'message.created', 'ts', ARGV[6], 'd', doc)
+  'e', 'message.created', 'ts', ARGV[6], 'd', doc, 'f', ARGV[4])
 redis.call('PUBLISH', ARGV[5], '{"type":"message.created","thread_id":"' .. ARGV[1]
   .. '","seq":' .. s .. ',"ts":' .. ARGV[6] .. ',"message":' .. doc .. '}')
 return {'CREATED', doc}
