@@ -8,14 +8,17 @@ Thread hash `thread(s, tid)`:
     doc   the thread JSON without last_seq        v     its version
     c     created_at as a JSON string             del   '1' tombstoned, '0' live
     seq   the last message seq assigned           pend  changes of the thread and its
-    fl    the highest seq trimmed out of the            messages not yet flushed to PostgreSQL
-          window (0: every message is in Redis; else an id may be in PostgreSQL only)
+    ft    the latest append time (ms) of a message    messages not yet flushed to PostgreSQL
+          whose id Redis forgot (0: none; an id made before then may be in PostgreSQL only)
 Messages hash `messages(s, tid)`, per message id `mid`:
-    d|mid  the message JSON                       m|mid  "<version>,<body fingerprint>"
-    p|mid  changes of the message not yet flushed (absent: none)
+    d|mid  the message JSON (window, overlay)     m|mid  "<version>,<fingerprint>[,<ts>]"
+    p|mid  changes of the message not yet flushed (absent: none); ts: when it was appended
 Window `window(s, tid)`: sorted set mid -> seq, a contiguous suffix of the thread's messages
-    (every unflushed one is in it). Cold cache `cold(s, tid)`: hash mid -> doc of messages read
-    through from PostgreSQL below the window (it has a TTL).
+    (every unflushed append is in it). Recent ids `recent(s, tid)`: mid -> seq of the last
+    `cache.recent_ids` messages trimmed out of the window, whose m|mid stays (idempotent
+    retries need no PostgreSQL). Overlay `overlay(s, tid)`: mid -> seq of messages below the
+    window with an unflushed edit (their d|mid replaces PostgreSQL's in pages). Cold cache
+    `cold(s, tid)`: hash mid -> doc of messages read through below the window (has a TTL).
 State hash `state(s, key)`:
     doc  the entry JSON    v  its version    del  '1' | '0'
     x    expires_at in Unix ms ('' = never)  pend  changes not yet flushed
@@ -63,6 +66,14 @@ def messages(shard: int, tid: str) -> str:
 
 def window(shard: int, tid: str) -> str:
     return f"{_tag(shard)}:w:{tid}"
+
+
+def recent(shard: int, tid: str) -> str:
+    return f"{_tag(shard)}:r:{tid}"
+
+
+def overlay(shard: int, tid: str) -> str:
+    return f"{_tag(shard)}:o:{tid}"
 
 
 def cold(shard: int, tid: str) -> str:

@@ -70,6 +70,25 @@ def new_id() -> str:
     return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(125, -1, -5))
 
 
+def seq_of(doc: bytes) -> int:
+    """The seq of a stored message doc, which starts {"seq":N,... (the append script)."""
+    return int(doc[7:doc.index(b",", 7)])
+
+
+def ulid_ms(value: str) -> int:
+    """The creation time (Unix ms) a ULID carries, 0 if `value` is not one (a ULID made in
+    the future counts as not one)."""
+    if len(value) != 26:
+        return 0
+    ms = 0
+    for ch in value[:10]:
+        digit = _CROCKFORD.find(ch)
+        if digit < 0:
+            return 0
+        ms = ms * 32 + digit
+    return ms if ms <= now_ms() + 86_400_000 else 0
+
+
 def version_of(doc: bytes) -> int:
     """The version of a stored doc. Docs put it near the front ({"seq":…,"version":…} or
     {"version":…}), so the whole doc is parsed only when it is not there."""

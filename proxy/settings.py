@@ -99,6 +99,8 @@ class Circuit:
 @dataclass(frozen=True)
 class Cache:
     ttl_s: int = 3600
+    recent_ids: int = 1000
+    id_clock_skew_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ _POSITIVE = {
     "clickhouse.max_batch", "clickhouse.interval_ms", "flush.max_batch", "flush.max_delay_ms",
     "flush.max_inflight", "flush.max_attempts", "flush.claim_idle_ms", "flush.backoff_base_ms",
     "flush.backoff_max_ms", "flush.max_backlog", "flush.trim_interval_s", "flush.max_lag_s",
-    "circuit.failure_threshold", "circuit.open_s", "cache.ttl_s", "ws.queue_size",
+    "circuit.failure_threshold", "circuit.open_s", "cache.ttl_s", "cache.recent_ids",
+    "cache.id_clock_skew_s", "ws.queue_size",
     "ws.max_subscriptions", "shutdown.deadline_s",
 }
 _CHOICES = {"log.level": {"debug", "info", "warning", "error"}, "log.format": {"text", "json"}}

@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from proxy import keys
+from proxy import keys, model
 from tests.conftest import AppClient, Servers, make_settings
 from tests.faults.tcpproxy import FaultProxy
 from tests.helpers import append, body, wait_for
@@ -40,17 +40,19 @@ def through(url: str, proxy: FaultProxy) -> str:
 async def test_a_stalled_check_never_gives_a_repeated_id_a_second_seq(
         client_for: AppClient, servers: Servers, redis: aioredis.Redis,
         pg: asyncpg.Connection, pg_proxy: FaultProxy) -> None:
-    # B flushes and trims (a window of one message); A reaches PostgreSQL through the proxy
-    # and flushes nothing, so its checks can be held while B works.
-    b = await client_for(make_settings(servers, redis={"window": 1}))
+    # B flushes, trims (a window of one message) and forgets the ids (one recent id kept); A
+    # reaches PostgreSQL through the proxy and flushes nothing, so its checks can be held
+    # while B works. Ids that are not ULIDs: their age is unknown, so they need the check.
+    cached = {"redis": {"window": 1}, "cache": {"recent_ids": 1}}
+    b = await client_for(make_settings(servers, **cached))
     a = await client_for(make_settings(
-        servers, redis={"window": 1}, flush={"sinks": ""},
+        servers, **cached, flush={"sinks": ""},
         postgres={"url": through(servers.postgres_url, pg_proxy)}))
     await body(await b.put("/v1/threads/i1", json={}), 201)
     for i in range(3):
         await append(b, "i1", f"m{i}")
     t = keys.thread(keys.shard_of("i1", 4), "i1")
-    await wait_for(lambda: _trimmed_past(redis, t, 2))  # ids below the window: PostgreSQL only
+    await wait_for(lambda: _forgotten(redis, t))  # the oldest id: in PostgreSQL only
     # A's one pooled connection has the lookup prepared, so under the hold it runs at once.
     await body(await a.get("/v1/threads/i1/messages/nope"), 404)
 
@@ -60,7 +62,8 @@ async def test_a_stalled_check_never_gives_a_repeated_id_a_second_seq(
     first = await append(b, "i1", "hello", message_id="x1")  # a peer appends the same id
     for i in range(2):
         await append(b, "i1", f"after {i}")
-    await wait_for(lambda: _trimmed_past(redis, t, first["seq"]))  # flushed and trimmed
+    m = keys.messages(keys.shard_of("i1", 4), "i1")
+    await wait_for(lambda: _gone_field(redis, m, "m|x1"))  # flushed, trimmed, forgotten
     pg_proxy.set_mode("pass")
     again = await checking
     assert again["seq"] == first["seq"], (first, again)
@@ -74,9 +77,12 @@ async def _checked(pg: asyncpg.Connection) -> bool:
         " AND query LIKE 'SELECT message_id%WHERE thread_id = $1 AND message_id = $2'"))
 
 
-async def _trimmed_past(redis: aioredis.Redis, thread_key: str, seq: int) -> bool:
-    floor = await redis.hget(thread_key, "fl")
-    return floor is not None and int(floor) >= seq
+async def _forgotten(redis: aioredis.Redis, thread_key: str) -> bool:
+    return int(await redis.hget(thread_key, "ft") or 0) > 0
+
+
+async def _gone_field(redis: aioredis.Redis, key: str, field: str) -> bool:
+    return not await redis.hexists(key, field)
 
 
 
@@ -96,3 +102,30 @@ async def test_a_retry_after_an_edit_is_still_the_original(
 
 async def _gone(redis: aioredis.Redis, key: str) -> bool:
     return not await redis.exists(key)
+
+
+async def test_recent_ids_and_new_ulids_need_no_postgres(
+        client_for: AppClient, servers: Servers, redis: aioredis.Redis) -> None:
+    postgres = servers.postgres
+    if postgres is None:
+        pytest.skip("external PostgreSQL: the test cannot stop it")
+    c = await client_for(make_settings(servers, redis={"window": 1},
+                                       cache={"recent_ids": 2, "id_clock_skew_s": 0.001}))
+    await body(await c.put("/v1/threads/i3", json={}), 201)
+    sent = [await append(c, "i3", f"m{i}", message_id=f"a{i}") for i in range(5)]
+    t = keys.thread(keys.shard_of("i3", 4), "i3")
+    await wait_for(lambda: _forgotten(redis, t))  # a0..a1 forgotten, a2..a3 recent, a4 window
+    m = keys.messages(keys.shard_of("i3", 4), "i3")
+    await wait_for(lambda: _gone_field(redis, m, "d|a3"))
+    await asyncio.to_thread(postgres.stop)
+    try:
+        again = await append(c, "i3", "m3", status=200, message_id="a3")  # a recent id
+        assert again == sent[3]
+        new = await append(c, "i3", "new", message_id=model.new_id())  # made after a0..a1
+        assert new["seq"] == 6
+        resp = await c.post("/v1/threads/i3/messages",  # beyond the window: PostgreSQL decides
+                            json={"message_id": "a-new", "role": "user", "content": "?"})
+        await body(resp, 503)
+        assert resp.headers["Retry-After"]
+    finally:
+        await asyncio.to_thread(postgres.start)

@@ -21,6 +21,7 @@ from tests.helpers import append, body, wait_for
 
 Client = TestClient[Any, Any]
 STALL = "after-load-before-fill:sleep:2.5"
+PAUSABLE: dict[str, Any] = {"shutdown": {"deadline_s": 0.1}}  # parked flushers: cancel at once
 
 
 @pytest.fixture
@@ -145,3 +146,24 @@ async def test_messages_of_a_deleted_thread_are_gone_once_it_left_redis(
     for path in (f"/v1/threads/t3/messages/{mid}", "/v1/threads/t3/messages",
                  "/v1/threads/t3"):
         assert (await client.get(path)).status == 404, path
+
+
+async def test_a_page_below_the_window_shows_unflushed_edits(
+        client_for: AppClient, servers: Servers, redis: aioredis.Redis) -> None:
+    c = await client_for(make_settings(servers, redis={"window": 1}, **PAUSABLE))
+    await body(await c.put("/v1/threads/t4", json={}), 201)
+    sent = [await append(c, "t4", f"m{i}") for i in range(3)]
+    w = keys.window(keys.shard_of("t4", 4), "t4")
+    await wait_for(lambda: _window_is(redis, w, 1))  # seqs 1 and 2 are below the window now
+    c.app[FAILPOINTS].set("after-read:sleep")  # nothing more is flushed
+    mid = sent[0]["message_id"]
+    edited = await body(await c.patch(f"/v1/threads/t4/messages/{mid}",
+                                      json={"content": "edited"}), 200)
+    deleted = await body(await c.delete(f"/v1/threads/t4/messages/{sent[1]['message_id']}"),
+                         200)
+    page = await body(await c.get("/v1/threads/t4/messages?before=3"), 200)
+    assert page["items"] == [edited, deleted]
+
+
+async def _window_is(redis: aioredis.Redis, key: str, size: int) -> bool:
+    return bool(await redis.zcard(key) == size)

@@ -206,9 +206,14 @@ async def evalsha(client: Any, name: str, keys_: list[str], args: list[Any]) -> 
 
 
 def thread_keys(shard: int, tid: str) -> list[str]:
-    """thread, messages, window, log, load fence: the keys of thread_put and message_append."""
+    """thread, messages, window, log, load fence, recent ids, overlay: thread_put's keys."""
     return [keys.thread(shard, tid), keys.messages(shard, tid), keys.window(shard, tid),
-            keys.log(shard), keys.fence(shard, "t", tid)]
+            keys.log(shard), keys.fence(shard, "t", tid), keys.recent(shard, tid),
+            keys.overlay(shard, tid)]
+
+
+def append_keys(shard: int, tid: str) -> list[str]:
+    return thread_keys(shard, tid)[:6]
 
 
 async def fenced(client: Any, fence: str, token: str = "tok") -> str:
@@ -230,7 +235,7 @@ async def create_thread(client: Any, shard: int, tid: str) -> None:
 
 
 def append_args(shard: int, tid: str, mid: str) -> list[Any]:
-    return [tid, mid, message_body(tid, mid), "fp", keys.events(shard), 2, "*"]
+    return [tid, mid, message_body(tid, mid), "fp", keys.events(shard), 2, "*", 0, 300_000]
 
 
 async def exercise_scripts(client: Any, shard: int) -> None:
@@ -239,12 +244,14 @@ async def exercise_scripts(client: Any, shard: int) -> None:
     th, state = thread_keys(s, tid), keys.state(s, "k")
     await client.xgroup_create(keys.log(s), GROUP, id="0", mkstream=True)
     await create_thread(client, s, tid)
-    assert (await evalsha(client, "message_append", th, append_args(s, tid, mid)))[0] == b"CREATED"
-    assert (await evalsha(client, "read_page", th[:3], ["latest", 0, 10]))[:5] == [
-        b"OK", b"1", 1, 1, 1]
+    assert (await evalsha(client, "message_append", append_keys(s, tid),
+                          append_args(s, tid, mid)))[0] == b"CREATED"
+    assert (await evalsha(client, "read_page", [*th[:3], th[6]], ["latest", 0, 10]))[:6] == [
+        b"OK", b"1", 1, 1, 1, 1]
     edited = '{"seq":1,"message_id":"m1","content":"edited","version":2}'
-    assert await evalsha(client, "message_update", [*th[:4], keys.cold(s, tid)], [
-        tid, mid, "1", edited, "2", "message.updated", keys.events(s), 3, "1"]) == [b"OK", b"2"]
+    assert await evalsha(client, "message_update", [*th[:4], keys.cold(s, tid), *th[5:]], [
+        tid, mid, "1", edited, "2", "message.updated", keys.events(s), 3, "1"]) == [
+        b"OK", b"2", b"fp"]
     assert await evalsha(client, "get_message", [th[1], keys.cold(s, tid), th[0]],
                          [mid]) == edited.encode()
     token = await fenced(client, keys.fence(s, "k", "k"))
@@ -259,14 +266,15 @@ async def exercise_release(client: Any, shard: int, tid: str, mid: str) -> None:
     [[_, entries]] = await client.xreadgroup(GROUP, "c1", {keys.log(shard): ">"}, count=10)
     kinds = [fields[b"k"] for _, fields in entries]
     assert kinds == [b"t", b"m", b"m", b"s"]
-    args: list[Any] = [GROUP, TTL_MS, 200, 5]
+    args: list[Any] = [GROUP, TTL_MS, 200, 1000, 5]
     for entry_id, fields in entries:
         if fields[b"k"] == b"s":
-            args += [entry_id, 6, "s", ""]
+            args += [entry_id, 8, "s", ""]
         else:
             args += [entry_id, 2, "t", mid if fields[b"k"] == b"m" else ""]
-    cached = [*thread_keys(shard, tid)[:3], keys.state(shard, "k")]
-    release_keys = [keys.log(shard), *cached[:3], keys.fence(shard, "t", tid), cached[3],
+    th = thread_keys(shard, tid)
+    cached = [*th[:3], keys.state(shard, "k")]
+    release_keys = [keys.log(shard), *th[:3], th[5], th[6], th[4], cached[3],
                     keys.fence(shard, "k", "k")]
     assert await evalsha(client, "release", release_keys, args) == 0
     assert (await client.xpending(keys.log(shard), GROUP))["pending"] == 0
@@ -277,14 +285,16 @@ async def exercise_release(client: Any, shard: int, tid: str, mid: str) -> None:
 async def exercise_fills(client: Any, shard: int) -> None:
     """The read-through scripts, on a thread and a state key loaded 'from PostgreSQL'."""
     tid = f"f{shard}"
-    th, fence = thread_keys(shard, tid)[:3], keys.fence(shard, "t", tid)
+    all_keys = thread_keys(shard, tid)
+    th, fence = all_keys[:3], all_keys[4]
     token = await fenced(client, fence)
-    assert await evalsha(client, "fill_thread", [*th, fence], [
-        '{"title":"f"}', "3", '"2024-01-01T00:00:00Z"', "0", "0", TTL_MS, token]) == 1
+    assert await evalsha(client, "fill_thread", [*th, fence, *all_keys[5:]], [
+        '{"title":"f"}', "3", '"2024-01-01T00:00:00Z"', "0", "0", TTL_MS, token, 9]) == 1
     assert await evalsha(client, "fill_meta", [*th[:2], fence],
                          ["m8", "1", "fp", "{}", token]) == 1
     old = '{"seq":1,"message_id":"m9"}'
-    assert await evalsha(client, "fill_messages", [*th, keys.cold(shard, tid), fence], [
+    assert await evalsha(client, "fill_messages", [*th, keys.cold(shard, tid), fence,
+                                                   all_keys[5]], [
         TTL_MS, 200, token, "m9", "1", "1", "fp", old]) == 0  # not next to the window: cold
     assert await evalsha(client, "get_message", [th[1], keys.cold(shard, tid), th[0]],
                          ["m9"]) == old.encode()
@@ -313,7 +323,7 @@ async def test_every_script_runs_on_every_cluster_node(on_cluster: Client,
 def queue_appends(pipe: Any, calls: list[tuple[int, str, str]]) -> None:
     """EVALSHA through execute_command: ClusterPipeline blocks its evalsha() method."""
     for shard, tid, mid in calls:
-        th = thread_keys(shard, tid)
+        th = append_keys(shard, tid)
         pipe.execute_command("EVALSHA", SHAS["message_append"], len(th), *th,
                              *append_args(shard, tid, mid))
 
@@ -494,7 +504,7 @@ async def test_script_events_reach_subscribers_on_every_cluster_node(
         assert (await subs[-1].get_message(timeout=2.0))["data"] == b"hub"
         for s in shards:
             await create_thread(on_cluster, s, f"t{s}")
-            await evalsha(on_cluster, "message_append", thread_keys(s, f"t{s}"),
+            await evalsha(on_cluster, "message_append", append_keys(s, f"t{s}"),
                           append_args(s, f"t{s}", "m1"))
         for ps in subs:
             assert sorted(await received(ps, 2 * len(shards))) == sorted(

@@ -81,6 +81,12 @@ class Core:
         s = self.shard(tid)
         return [keys.thread(s, tid), keys.messages(s, tid), keys.window(s, tid), keys.log(s)]
 
+    def recent_key(self, tid: str) -> str:
+        return keys.recent(self.shard(tid), tid)
+
+    def overlay_key(self, tid: str) -> str:
+        return keys.overlay(self.shard(tid), tid)
+
     @property
     def ttl_ms(self) -> int:
         return self.settings.cache.ttl_s * 1000

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from proxy import model
 from proxy.backends import MessageRow, ThreadRow
 from proxy.errors import NotFound
 from proxy.hot.core import Core, settle
@@ -35,7 +36,8 @@ class Pages:
         return await settle(f"thread {tid}", lambda: self._attempt(tid, mode, cursor, limit))
 
     async def _attempt(self, tid: str, mode: str, cursor: int, limit: int) -> Page | None:
-        out = await self._c.run("read_page", self._c.thread_keys(tid)[:3], [mode, cursor, limit])
+        out = await self._c.run("read_page", self._c.thread_keys(tid)[:3] + [
+            self._c.overlay_key(tid)], [mode, cursor, limit])
         status = out[0].decode()
         if status == "GONE":
             raise NotFound(f"thread {tid} was deleted")
@@ -47,21 +49,25 @@ class Pages:
             if tier == self._c.backing.tier:
                 return None  # filled: read the window again
             return await self._degraded(tid, row, mode, cursor, limit)
-        last, lo, hi, floor = int(out[1]), int(out[2]), int(out[3]), int(out[4])
+        last, lo, hi, floor, n = (int(v) for v in out[1:6])
+        window = list(out[6:6 + n])
         if status == "OK":
-            return Page(tid, last, lo, hi, list(out[5:]), "redis")
-        return await self._below(tid, last, lo, hi, floor, list(out[5:]))
+            return Page(tid, last, lo, hi, window, "redis")
+        return await self._below(tid, last, lo, hi, floor, window, list(out[6 + n:]))
 
     async def _below(self, tid: str, last: int, lo: int, hi: int, floor: int,
-                     window_docs: list[bytes]) -> Page:
-        """Seqs lo..floor-1 from below Redis (all flushed), floor..hi from the window (which
-        holds every unflushed message: read-your-writes)."""
+                     window_docs: list[bytes], overlay: list[bytes]) -> Page:
+        """Seqs lo..floor-1 from below Redis (all flushed, but for the unflushed edits of the
+        overlay, which win), floor..hi from the window (which holds every unflushed message:
+        read-your-writes)."""
         top = min(hi, floor - 1)
         rows, tier = await self._c.below(
             lambda: self._c.flights.do(("p", tid, lo, top),
                                        functools.partial(self._load, tid, lo, top)),
             lambda b: b.load_messages(tid, lo, top))
-        return Page(tid, last, lo, hi, [r.doc for r in rows] + window_docs, tier)
+        edited = {model.seq_of(doc): doc for doc in overlay}
+        below = [edited.get(r.seq, r.doc) for r in rows]
+        return Page(tid, last, lo, hi, below + window_docs, tier)
 
     async def _load(self, tid: str, lo: int, hi: int) -> list[MessageRow]:
         async with self._c.fenced("t", tid) as token:

@@ -25,7 +25,9 @@ class Release:
         await self._c.failpoints.hit("before-release")
         key_list = [keys.log(shard)]
         index: dict[tuple[str, str], int] = {}
-        args: list[Any] = [group, self._c.ttl_ms, self._c.settings.redis.window, model.now_ms()]
+        s = self._c.settings
+        args: list[Any] = [group, self._c.ttl_ms, s.redis.window, s.cache.recent_ids,
+                           model.now_ms()]
         for c in changes:
             entity = ("s", c.entity_id) if c.kind == "s" else ("t", c.thread_id)
             if entity not in index:
@@ -46,4 +48,5 @@ def _entity_keys(shard: int, entity: tuple[str, str]) -> list[str]:
     if kind == "s":
         return [keys.state(shard, entity_id), keys.fence(shard, "k", entity_id)]
     return [keys.thread(shard, entity_id), keys.messages(shard, entity_id),
-            keys.window(shard, entity_id), keys.fence(shard, "t", entity_id)]
+            keys.window(shard, entity_id), keys.recent(shard, entity_id),
+            keys.overlay(shard, entity_id), keys.fence(shard, "t", entity_id)]

@@ -39,13 +39,14 @@ class Threads:
                 if row is not None:
                     await self._c.run("fill_thread", self._fill_keys(tid), [
                         row.doc, row.version, row.created_at, row.last_seq, int(row.deleted),
-                        self._c.ttl_ms, token])
+                        self._c.ttl_ms, token, model.now_ms()])
             return row
 
         return await self._c.flights.do(("t", tid), load)
 
     def _fill_keys(self, tid: str) -> list[str]:
-        return self._c.thread_keys(tid)[:3] + [self._c.fence_key("t", tid)]
+        return self._c.thread_keys(tid)[:3] + [
+            self._c.fence_key("t", tid), self._c.recent_key(tid), self._c.overlay_key(tid)]
 
     async def put(self, tid: str, t: model.ThreadInput, if_match: str,
                   persisted: bool = False) -> Result:
@@ -57,7 +58,8 @@ class Threads:
     async def _write(self, tid: str, t: model.ThreadInput, if_match: str, op: str,
                      persisted: bool) -> Result:
         self._c.admit()
-        ks = self._c.thread_keys(tid) + [self._c.fence_key("t", tid)]
+        ks = self._c.thread_keys(tid) + [self._c.fence_key("t", tid), self._c.recent_key(tid),
+                                         self._c.overlay_key(tid)]
 
         async def attempt(new: str = "") -> Result | None:
             ms = model.now_ms()

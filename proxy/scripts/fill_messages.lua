@@ -1,10 +1,11 @@
 -- Read-through: put messages loaded from PostgreSQL back into Redis, unless the load is stale
 -- (its fence token is gone: the thread was released since the load began).
--- KEYS: thread, messages, window, cold cache, fence
+-- KEYS: thread, messages, window, cold cache, fence, recent ids
 -- ARGV: ttl_ms, window size, token, then (mid, seq, version, fingerprint, doc) per message,
 --       by seq. Returns 1 extended the window, 0 cold cache, -1 stale.
 -- A page that ends right below the window extends it (the window stays a contiguous suffix);
--- other messages go to the cold cache, a hash with a TTL. Messages already in Redis win.
+-- other messages go to the cold cache, a hash with a TTL. Messages already in Redis win (a
+-- recent id whose doc left with the window gets the doc back, and is in the window again).
 local n = (#ARGV - 3) / 5
 if n == 0 then return 0 end
 if redis.call('SISMEMBER', KEYS[5], ARGV[3]) == 0 then return -1 end
@@ -22,10 +23,12 @@ for i = 0, n - 1 do
   local b = 3 + 5 * i
   local mid, seq, v, fp, doc = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
   if extend then
-    if redis.call('HSETNX', KEYS[2], 'm|' .. mid, v .. ',' .. fp) == 1 then
+    if redis.call('HSETNX', KEYS[2], 'm|' .. mid, v .. ',' .. fp) == 1
+      or redis.call('HEXISTS', KEYS[2], 'd|' .. mid) == 0 then
       redis.call('HSET', KEYS[2], 'd|' .. mid, doc)
     end
     redis.call('ZADD', KEYS[3], 'NX', seq, mid)
+    redis.call('ZREM', KEYS[6], mid)
   elseif redis.call('HEXISTS', KEYS[2], 'm|' .. mid) == 0 then
     redis.call('HSET', KEYS[4], mid, doc)
   end

@@ -1,18 +1,42 @@
 -- After a PostgreSQL commit: XACK the flushed entries and, for each entity with no unflushed
 -- change left, give its keys their cache TTL; trim flushed messages out of thread windows.
 -- Only entries this call really acknowledged count (a redelivered or zombie batch acks
--- nothing twice), so `pend` stays exact.
--- KEYS: log, then per entity: thread, messages, window, load fence (kind 't') or state, load
---       fence (kind 's')
--- ARGV: group, ttl_ms, window size, now_ms, then per entry: entry id, key index, kind, mid or ''
+-- nothing twice), so `pend` stays exact; it never goes below 0 (an alarm instead).
+-- KEYS: log, then per entity: thread, messages, window, recent ids, overlay, load fence
+--       (kind 't') or state, load fence (kind 's')
+-- ARGV: group, ttl_ms, window size, recent ids kept, now_ms, then per entry: entry id,
+--       key index, kind, mid or ''
 -- Every released entity's load fence is deleted: a read-through that began before this flush
 -- may have read older rows, and must not install them once the keys expire.
--- Returns how many unflushed counts would have gone below 0 (never applied: an alarm).
-local group, ttl, window, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+-- Returns how many unflushed counts would have gone below 0.
+local group, ttl, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local keep, now = tonumber(ARGV[4]), tonumber(ARGV[5])
+local FIRST = 6
+
+-- Forget the oldest recent ids past `keep`: their messages are then known to PostgreSQL
+-- only, which `ft` (the latest append time among forgotten ids, ms) tells message_append.
+local function forget(t, m, r)
+  local excess = redis.call('ZCARD', r) - keep
+  if excess <= 0 then return end
+  local old = redis.call('ZPOPMIN', r, math.min(excess, 1000))
+  local fields = {}
+  for i = 1, #old, 2 do fields[#fields + 1] = 'm|' .. old[i] end
+  local latest = tonumber(redis.call('HGET', t, 'ft') or '0')
+  for _, meta in ipairs(redis.call('HMGET', m, unpack(fields))) do
+    local ts = meta and tonumber(string.match(meta, '^%d+,%w+,(%d+)$') or '0') or 0
+    if ts > latest then latest = ts end
+  end
+  redis.call('HDEL', m, unpack(fields))
+  -- A forgotten id without an append time came from PostgreSQL after the last fill: `ft`
+  -- covers it already, unless nothing was forgotten before.
+  if latest == 0 then latest = now end
+  redis.call('HSET', t, 'ft', string.format('%d', latest))
+end
 
 -- Drop flushed messages below the newest `window` ones, oldest first, stopping at the first
--- one still unflushed (the window stays a contiguous suffix), at most 1000 per call.
-local function trim(t, m, w)
+-- one still unflushed (the window stays a contiguous suffix), at most 1000 per call. Their
+-- docs go; their ids stay as recent ids (idempotent retries need no PostgreSQL).
+local function trim(t, m, w, r)
   local excess = redis.call('ZCARD', w) - window
   if excess <= 0 then return end
   local low = redis.call('ZRANGE', w, 0, math.min(excess, 1000) - 1, 'WITHSCORES')
@@ -21,52 +45,52 @@ local function trim(t, m, w)
   local pending = redis.call('HMGET', m, unpack(fields))
   while n < #pending and not pending[n + 1] do n = n + 1 end
   if n == 0 then return end
-  local gone = {}
+  local docs, recent = {}, {}
   for i = 1, n do
-    gone[#gone + 1] = 'd|' .. low[2 * i - 1]
-    gone[#gone + 1] = 'm|' .. low[2 * i - 1]
+    docs[#docs + 1] = 'd|' .. low[2 * i - 1]
+    recent[#recent + 1] = low[2 * i]
+    recent[#recent + 1] = low[2 * i - 1]
   end
   redis.call('ZREMRANGEBYRANK', w, 0, n - 1)
-  redis.call('HDEL', m, unpack(gone))
-  redis.call('HSET', t, 'fl', low[2 * n])
+  redis.call('HDEL', m, unpack(docs))
+  redis.call('ZADD', r, unpack(recent))
+  forget(t, m, r)
 end
 
 local touched, negative = {}, 0
 -- One acknowledged entry: one unflushed change less, never below zero.
-local function settle(k, field)
-  local left = tonumber(redis.call('HGET', k, field) or '0')
-  if left <= 0 then
+local function settle(k)
+  if tonumber(redis.call('HGET', k, 'pend') or '0') <= 0 then
     negative = negative + 1
-    return 0
+  else
+    redis.call('HINCRBY', k, 'pend', -1)
   end
-  return redis.call('HINCRBY', k, field, -1)
 end
 
-for i = 5, #ARGV, 4 do
+for i = FIRST, #ARGV, 4 do
   local idx, kind, mid = tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
   touched[idx] = kind
   if redis.call('XACK', KEYS[1], group, ARGV[i]) == 1 and redis.call('EXISTS', KEYS[idx]) == 1 then
-    settle(KEYS[idx], 'pend')
+    settle(KEYS[idx])
     if mid ~= '' and redis.call('HINCRBY', KEYS[idx + 1], 'p|' .. mid, -1) <= 0 then
       redis.call('HDEL', KEYS[idx + 1], 'p|' .. mid)
+      redis.call('ZREM', KEYS[idx + 4], mid)  -- flushed: PostgreSQL's doc is current again
     end
   end
 end
 
 for idx, kind in pairs(touched) do
   local k = KEYS[idx]
-  redis.call('DEL', KEYS[idx + (kind == 't' and 3 or 1)])
+  redis.call('DEL', KEYS[idx + (kind == 't' and 5 or 1)])
   local pend = redis.call('HGET', k, 'pend')
-  if kind == 't' then trim(k, KEYS[idx + 1], KEYS[idx + 2]) end
+  if kind == 't' then trim(k, KEYS[idx + 1], KEYS[idx + 2], KEYS[idx + 3]) end
   if pend and tonumber(pend) == 0 then
     if kind == 't' then
-      redis.call('PEXPIRE', k, ttl)
-      redis.call('PEXPIRE', KEYS[idx + 1], ttl)
-      redis.call('PEXPIRE', KEYS[idx + 2], ttl)
+      for j = idx, idx + 4 do redis.call('PEXPIRE', KEYS[j], ttl) end
     else
-      local x, keep = redis.call('HGET', k, 'x'), ttl
-      if x and x ~= '' then keep = math.max(1, math.min(ttl, tonumber(x) - now)) end
-      redis.call('PEXPIRE', k, keep)
+      local x, life = redis.call('HGET', k, 'x'), ttl
+      if x and x ~= '' then life = math.max(1, math.min(ttl, tonumber(x) - now)) end
+      redis.call('PEXPIRE', k, life)
     end
   end
 end

@@ -1,5 +1,5 @@
 -- Create, update or tombstone a thread, and log the change, atomically.
--- KEYS: thread, messages, window, log, load fence
+-- KEYS: thread, messages, window, log, load fence, recent ids, overlay
 -- ARGV: body (JSON object without version/created_at), now (JSON string), if_match ('' = none),
 --       new (the load fence token under which PostgreSQL said the thread does not exist;
 --       '' = not known), op ('put'|'del'), channel, ts_ms, tid
@@ -23,11 +23,9 @@ local event = 'thread.updated'
 if ARGV[5] == 'del' then event = 'thread.deleted' elseif v == '0' then event = 'thread.created' end
 redis.call('HSET', t, 'doc', doc, 'c', created, 'del', ARGV[5] == 'del' and '1' or '0')
 redis.call('HSETNX', t, 'seq', '0')
-redis.call('HSETNX', t, 'fl', '0')
+redis.call('HSETNX', t, 'ft', '0')
 redis.call('HINCRBY', t, 'pend', 1)
-redis.call('PERSIST', t)
-redis.call('PERSIST', KEYS[2])
-redis.call('PERSIST', KEYS[3])
+for _, k in ipairs({t, KEYS[2], KEYS[3], KEYS[6], KEYS[7]}) do redis.call('PERSIST', k) end
 local seq = redis.call('HGET', t, 'seq')
 redis.call('XADD', KEYS[4], '*', 'k', 't', 'id', ARGV[8], 'v', string.format('%d', nv),
   'e', event, 'ts', ARGV[7], 'd', doc)

@@ -199,7 +199,7 @@ postgres: {url: str, pool_max: int, command_timeout_s: float}
 clickhouse: {url: str, max_batch: int, interval_ms: int, store_content: bool}
 flush: {max_batch: int, max_delay_ms: int, max_inflight: int, max_attempts: int, claim_idle_ms: int, backoff_base_ms: int, backoff_max_ms: int, max_backlog: int, trim_interval_s: float, max_lag_s: float, sinks: str}
 circuit: {failure_threshold: int, open_s: float}
-cache: {ttl_s: int}
+cache: {ttl_s: int, recent_ids: int, id_clock_skew_s: float}
 ws: {queue_size: int, max_subscriptions: int}
 shutdown: {deadline_s: float}
 log: {level: str, format: str}

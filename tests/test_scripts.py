@@ -1,0 +1,159 @@
+"""Every Lua script's refusals leave Redis byte-identical (Lua never rolls back, so each script
+checks everything before its first write). Each case runs one script on real Redis against a
+prepared state and compares a full dump of Redis before and after."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+import proxy
+from proxy import keys
+from proxy.backends import GROUPS
+from tests.helpers import unchanged
+
+SCRIPTS = {p.stem: p.read_text() for p in (Path(proxy.__file__).parent / "scripts").glob("*.lua")}
+S = 0  # every key here is on shard 0
+TOKEN = "tok"  # a load fence token registered for every entity below
+
+
+def thread_keys(tid: str) -> list[str]:
+    return [keys.thread(S, tid), keys.messages(S, tid), keys.window(S, tid), keys.log(S),
+            keys.fence(S, "t", tid), keys.recent(S, tid), keys.overlay(S, tid)]
+
+
+def state_keys(key: str) -> list[str]:
+    return [keys.state(S, key), keys.log(S), keys.fence(S, "k", key)]
+
+
+def append_args(tid: str, mid: str, fp: str, checked: str = "*") -> list[Any]:
+    body = f'{{"version":1,"message_id":"{mid}","thread_id":"{tid}","content":"x"}}'
+    return [tid, mid, body, fp, keys.events(S), 1, checked, 0, 30_000]
+
+
+def thread_args(tid: str, op: str = "put", if_match: str = "", new: str = "") -> list[Any]:
+    return ['{"title":"t"}', '"2026-01-01T00:00:00.000Z"', if_match, new, op, keys.events(S), 1,
+            tid]
+
+
+def state_args(key: str, op: str = "put", if_match: str = "", base: str = "") -> list[Any]:
+    return [f'{{"key":"{key}","value":1}}', if_match, base, op, 5, "", 5, key, TOKEN]
+
+
+async def run(r: aioredis.Redis, name: str, keys_: list[str], args: list[Any]) -> Any:
+    return await r.eval(SCRIPTS[name], len(keys_), *keys_, *args)
+
+
+@pytest.fixture
+async def prepared(redis: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
+    """A live thread t with message m1 (fingerprint fp1), a deleted thread gone, a thread
+    old filled from PostgreSQL (its ids forgotten), a state entry k, and the log's groups."""
+    for g in GROUPS:
+        await redis.xgroup_create(keys.log(S), g, id="0", mkstream=True)
+    for entity in ("t:t", "t:gone", "t:old", "t:nope", "k:k", "k:nope"):
+        kind, eid = entity.split(":")
+        await run(redis, "load_fence", [keys.fence(S, kind, eid)], [TOKEN, 600_000])
+    assert (await run(redis, "thread_put", thread_keys("t"), thread_args("t", new=TOKEN)))[0] \
+        == b"CREATED"
+    assert (await run(redis, "thread_put", thread_keys("gone"),
+                      thread_args("gone", new=TOKEN)))[0] == b"CREATED"
+    assert (await run(redis, "thread_put", thread_keys("gone"), thread_args("gone", "del")))[0] \
+        == b"OK"
+    assert await run(redis, "fill_thread", [*thread_keys("old")[:3], *thread_keys("old")[4:]],
+                     ['{"title":"o"}', 1, '"2026-01-01T00:00:00.000Z"', 5, 0, 600_000, TOKEN,
+                      1000]) == 1
+    assert (await run(redis, "message_append", thread_keys("t")[:6],
+                      append_args("t", "m1", "fp1")))[0] == b"CREATED"
+    assert (await run(redis, "state_put", state_keys("k"), state_args("k", base="0,1,")))[0] \
+        == b"CREATED"
+    yield redis
+
+
+REFUSALS: list[tuple[str, str, Any]] = [
+    # (case, script call as (name, keys, args), the refusal it answers)
+    ("thread_put: not in Redis, not known new", "thread_put",
+     (thread_keys("nope"), thread_args("nope")), [b"MISS"]),
+    ("thread_put: new under a stale token", "thread_put",
+     (thread_keys("nope"), thread_args("nope", new="stale")), [b"MISS"]),
+    ("thread_put: deleted", "thread_put", (thread_keys("gone"), thread_args("gone")),
+     [b"GONE", b"2"]),
+    ("thread_put: delete of a new thread", "thread_put",
+     (thread_keys("nope"), thread_args("nope", "del", new=TOKEN)), [b"NOTFOUND"]),
+    ("thread_put: If-Match", "thread_put", (thread_keys("t"), thread_args("t", if_match="9")),
+     [b"PRECONDITION", b"1"]),
+    ("message_append: no thread", "message_append",
+     (thread_keys("nope")[:6], append_args("nope", "m2", "fp2")), [b"MISS"]),
+    ("message_append: deleted thread", "message_append",
+     (thread_keys("gone")[:6], append_args("gone", "m2", "fp2")), [b"GONE"]),
+    ("message_append: same id, other body", "message_append",
+     (thread_keys("t")[:6], append_args("t", "m1", "fpX")), [b"CONFLICT"]),
+    ("message_append: a repeat", "message_append",
+     (thread_keys("t")[:6], append_args("t", "m1", "fp1")), None),
+    ("message_append: an id PostgreSQL may hold", "message_append",
+     (thread_keys("old")[:6], append_args("old", "m2", "fp2", checked="")), [b"CHECK"]),
+    ("message_update: unknown message", "message_update",
+     ([*thread_keys("t")[:4], keys.cold(S, "t"), *thread_keys("t")[5:]],
+      ["t", "m9", "1", "{}", "2", "message.updated", keys.events(S), 2, 1]), [b"MISS"]),
+    ("message_update: stale version", "message_update",
+     ([*thread_keys("t")[:4], keys.cold(S, "t"), *thread_keys("t")[5:]],
+      ["t", "m1", "7", "{}", "8", "message.updated", keys.events(S), 2, 1]),
+     [b"PRECONDITION", b"1"]),
+    ("message_update: deleted thread", "message_update",
+     ([*thread_keys("gone")[:4], keys.cold(S, "gone"), *thread_keys("gone")[5:]],
+      ["gone", "m1", "1", "{}", "2", "message.updated", keys.events(S), 2, 1]), [b"GONE"]),
+    ("state_put: not in Redis, no base", "state_put", (state_keys("nope"),
+                                                       state_args("nope")), [b"MISS"]),
+    ("state_put: a base under a stale token", "state_put",
+     (state_keys("nope"), [*state_args("nope", base="3,0,")[:-1], "stale"]), [b"MISS"]),
+    ("state_put: If-Match", "state_put", (state_keys("k"), state_args("k", if_match="5")),
+     [b"PRECONDITION", b"1"]),
+    ("state_put: delete of what does not exist", "state_put",
+     (state_keys("nope"), state_args("nope", "del", base="0,1,")), [b"NOTFOUND"]),
+    ("fill_thread: present", "fill_thread",
+     ([*thread_keys("t")[:3], *thread_keys("t")[4:]],
+      ["{}", 1, '"x"', 0, 0, 1000, TOKEN, 1]), 0),
+    ("fill_thread: stale load", "fill_thread",
+     ([*thread_keys("nope")[:3], *thread_keys("nope")[4:]],
+      ["{}", 1, '"x"', 0, 0, 1000, "stale", 1]), -1),
+    ("fill_state: present", "fill_state", ([keys.state(S, "k"), keys.fence(S, "k", "k")],
+                                           ["{}", 1, "", 1000, 5, TOKEN]), 0),
+    ("fill_state: stale load", "fill_state",
+     ([keys.state(S, "nope"), keys.fence(S, "k", "nope")], ["{}", 1, "", 1000, 5, "stale"]), -1),
+    ("fill_meta: stale load", "fill_meta",
+     ([*thread_keys("t")[:2], keys.fence(S, "t", "t")], ["m7", 1, "fp", "{}", "stale"]), -1),
+    ("fill_messages: stale load", "fill_messages",
+     ([*thread_keys("t")[:3], keys.cold(S, "t"), keys.fence(S, "t", "t"), keys.recent(S, "t")],
+      [1000, 200, "stale", "m7", 1, 1, "fp", '{"seq":1}']), -1),
+    ("trim: a group missing", "trim", ([keys.log(S)], [*GROUPS, "other"]), -1),
+    ("dead_letter: acknowledged by someone else", "dead_letter",
+     ([keys.log(S), keys.dead_letters(S)], [GROUPS[0], "1-1", "why"]), 0),
+    ("replay: nothing to replay", "replay", ([keys.dead_letters(S), keys.log(S)], [100]), 0),
+    ("remove_consumers: nobody idle", "remove_consumers", ([keys.log(S)],
+                                                            [GROUPS[0], "me", 60_000]), 0),
+]
+
+
+@pytest.mark.parametrize(("case", "name", "call", "answer"), REFUSALS,
+                         ids=[c[0] for c in REFUSALS])
+async def test_a_refusal_changes_nothing(prepared: aioredis.Redis, case: str, name: str,
+                                         call: tuple[list[str], list[Any]], answer: Any) -> None:
+    async with unchanged(prepared, settle=False):
+        got = await run(prepared, name, *call)
+    if answer is not None:
+        assert got == answer, case
+    else:  # a repeat answers the original
+        assert got[0] == b"DUP" and b'"message_id":"m1"' in got[1], case
+
+
+def test_every_script_with_a_refusal_has_a_case() -> None:
+    refusing = {"thread_put", "message_append", "message_update", "state_put", "fill_thread",
+                "fill_state", "fill_meta", "fill_messages", "trim", "dead_letter", "replay",
+                "remove_consumers"}
+    assert {name for _, name, _, _ in REFUSALS} == refusing
+    # The others never refuse: they read, or always write (groups, fences, the release).
+    assert set(SCRIPTS) - refusing == {"read_page", "get_message", "create_groups",
+                                       "load_fence", "release"}
