@@ -1,8 +1,15 @@
 """The nemesis history checker: what every recorded answer must satisfy, given every other.
 
-Labels are ARCHITECTURE.md's invariants 1-10 (see LABELS; FAULTS.md's I1-I5 map onto them:
+Labels are ARCHITECTURE.md's invariants (violations.LABELS; FAULTS.md's I1-I5 map onto them:
 I1 -> 1, I2 -> 2 and 7, I3 -> 2, I4 -> 9, I5 -> 9) plus `api` for answers README.md
-specifies that no invariant covers.
+specifies that no invariant covers. The end state is checked in endstate.py, health in
+health.py, what only Redis and PostgreSQL show in sampler.py.
+
+Checked here: one write per version and one seq per message, one message per seq (2); every
+read against the writes acknowledged before it and the answers seen before it (5, 8), pages
+holding exactly the seqs they cover (2; 5 if a missing one was acknowledged), no answer from
+a thread whose delete was acknowledged (5), no 404 for what is live (5: also a DELETE of a
+live state entry), a same-id same-body append answered 200 (api), If-Match honoured (api).
 
 Allowances, i.e. what the contract lets an answer be:
 
@@ -30,67 +37,25 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tests.faults.nemesis import MIN_POISON_ACKS, FaultEvent
+from tests.faults.violations import Violations
 from tests.faults.workload import (
     MESSAGE_WRITES,
     STATE_WRITES,
     THREAD_WRITES,
     WRITES,
     Op,
-    Probe,
 )
 
-LABELS = {
-    "1": "acknowledged writes are never lost",
-    "2": "one row per entity version in PostgreSQL; seq unique, gapless; no regression",
-    "3": "the log is trimmed only below every group's unacknowledged entries",
-    "4": "unflushed data never has a TTL",
-    "5": "read-your-writes through any sidecar; deleted or expired stays gone",
-    "6": "poison entries are dead-lettered, visible, never block the shard",
-    "7": "ClickHouse rows exactly once",
-    "8": "no refill (or read) goes back to an older version or seq",
-    "9": "no worker dies silently; health and status honest; the backlog drains",
-    "api": "answers as README.md documents them",
-}
+if TYPE_CHECKING:
+    from tests.faults.nemesis import FaultEvent
+
 DEGRADED_GRACE_S = 3.0
 Entity = tuple[str, str]
-
-
-@dataclass
-class Violations:
-    """Violations by label; a repeat of the same text (a sampler seeing one fault again) is
-    counted, not listed again."""
-
-    items: list[tuple[str, str]] = field(default_factory=list)
-    repeats: Counter[tuple[str, str]] = field(default_factory=Counter)
-
-    def add(self, label: str, text: str) -> None:
-        assert label in LABELS, label
-        if not self.repeats[(label, text)]:
-            self.items.append((label, text))
-        self.repeats[(label, text)] += 1
-
-    def counts(self) -> dict[str, int]:
-        return dict(sorted(Counter(label for label, _ in self.items).items()))
-
-    def report(self, cap: int = 60) -> str:
-        """Per label its meaning and count, then up to `cap` violations, the labels taking
-        turns (so one noisy invariant does not hide the others)."""
-        lines = [f"  [{k}] {n:5d}  {LABELS[k]}" for k, n in self.counts().items()]
-        queues = [[f"[{k}] {text}{self._times(k, text)}" for label, text in self.items
-                   if label == k] for k in self.counts()]
-        turns = [t for row in itertools.zip_longest(*queues) for t in row if t is not None]
-        return "\n".join([*lines, *turns[:cap]])
-
-    def _times(self, label: str, text: str) -> str:
-        n = self.repeats[(label, text)]
-        return f" (seen {n} times)" if n > 1 else ""
 
 
 def entity_of(op: Op) -> Entity | None:
@@ -435,76 +400,3 @@ def _ms(iso: str | None) -> float | None:
 
 def _name(entity: Entity) -> str:
     return {"t": "thread", "m": "message", "s": "state"}[entity[0]] + " " + entity[1]
-
-
-# ---- health and poison, from the probes
-
-
-def check_health(probes: list[Probe], events: list[FaultEvent], ops: list[Op],
-                 out: Violations) -> None:
-    for ev in events:
-        if ev.fault.kind == "redis-restart":
-            _ready_during_redis_outage(probes, ev, out)
-        elif ev.fault.kind == "pg-stop":
-            _status_during_pg_outage(probes, events, ev, out)
-        elif ev.fault.kind == "poison":
-            _dead_letters_visible(probes, ops, ev, out)
-
-
-def _ready_during_redis_outage(probes: list[Probe], ev: FaultEvent, out: Violations) -> None:
-    for p in _within(probes, "ready", ev.active, ev.healed):
-        if p.status == 200:
-            out.add("9", f"s{p.sidecar} /readyz said ready at {p.started:.2f} while Redis was "
-                    f"down ({ev})")
-
-
-def _status_during_pg_outage(probes: list[Probe], events: list[FaultEvent], ev: FaultEvent,
-                             out: Violations) -> None:
-    status = [p for p in _within(probes, "status", ev.active, ev.healed) if p.postgres]
-    down_seen: set[int] = set()
-    for p in status:
-        if p.postgres != "up":
-            down_seen.add(p.sidecar)
-        elif p.sidecar in down_seen:
-            out.add("9", f"s{p.sidecar} /v1/status said postgres up at {p.started:.2f}, after "
-                    f"saying down, while it was still stopped ({ev})")
-    redis_down = any(e.fault.kind == "redis-restart" and e.began < ev.healed
-                     and e.ended > ev.active for e in events)
-    late = [p for p in status if p.started > ev.active + 2.0]
-    if ev.healed - ev.active >= 3.0 and late and not down_seen and not redis_down:
-        out.add("9", f"no sidecar's /v1/status said postgres down during a "
-                f"{ev.healed - ev.active:.1f} s outage ({ev})")
-
-
-def _dead_letters_visible(probes: list[Probe], ops: list[Op], ev: FaultEvent,
-                          out: Violations) -> None:
-    acked = [o for o in ops if o.ok and ev.active <= o.started < ev.healed and o.poison]
-    if len(acked) < MIN_POISON_ACKS:
-        return
-    if not any(p.dead_letters for p in _within(probes, "status", ev.active, ev.healed)):
-        out.add("6", f"{len(acked)} poison writes were acknowledged, but /v1/status never "
-                f"showed a dead letter while the constraint held ({ev})")
-
-
-def _within(probes: Iterable[Probe], what: str, start: float, end: float) -> list[Probe]:
-    return sorted((p for p in probes if p.what == what and start <= p.started
-                   and p.ended <= end), key=lambda p: p.started)
-
-
-def probe_summary(probes: list[Probe], events: list[FaultEvent]) -> list[str]:
-    """What the probes saw while each Redis, PostgreSQL or poison fault was in effect (a
-    check on the checks: an outage nobody saw would make the health checks vacuous)."""
-    lines = []
-    for ev in events:
-        kind = ev.fault.kind
-        if kind == "redis-restart":
-            seen = Counter(p.status for p in _within(probes, "ready", ev.active, ev.healed))
-            lines.append(f"{kind} at {ev.active:.2f}: /readyz answers {dict(seen)}")
-        elif kind == "pg-stop":
-            seen = Counter(p.postgres for p in _within(probes, "status", ev.active, ev.healed))
-            lines.append(f"{kind} at {ev.active:.2f}: /v1/status postgres {dict(seen)}")
-        elif kind == "poison":
-            most = max((p.dead_letters or 0 for p in _within(probes, "status", ev.active,
-                                                             ev.healed)), default=0)
-            lines.append(f"{kind} at {ev.active:.2f}: up to {most} dead letters in /v1/status")
-    return lines

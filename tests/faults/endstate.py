@@ -19,8 +19,9 @@ import orjson
 import redis.asyncio as aioredis
 
 from proxy import keys
-from tests.faults.checker import Entity, Index, Violations, written_content
+from tests.faults.checker import Entity, Index, written_content
 from tests.faults.history import INFO
+from tests.faults.violations import Violations
 from tests.faults.workload import Caller, Op
 
 CREATES = frozenset({"append", "append_anon", "retry", "conflict"})
@@ -237,11 +238,12 @@ def _check_final_read(op: Op, pg: dict[Entity, Row], out: Violations) -> None:
             out.add("5", f"after healing, {_name(entity)} is {'gone' if gone else 'live'} in "
                     f"postgres (v{row.version}): {op.brief()}")
         return
-    version = int(op.doc["version"])
-    if version != row.version or (op.kind == "get_thread" and op.doc["last_seq"] != row.seq):
-        label = "1" if version > row.version else "5"
+    version, last_seq = int(op.doc["version"]), op.doc.get("last_seq", row.seq)
+    if (version, last_seq) != (row.version, row.seq):
+        label = "1" if (version, last_seq) > (row.version, row.seq) else "5"
+        seqs = f" last_seq {last_seq}, postgres {row.seq}" if entity[0] == "t" else ""
         out.add(label, f"after healing, {_name(entity)} is served at v{version}, postgres has "
-                f"v{row.version} (last_seq {row.seq}): {op.brief()}")
+                f"v{row.version}{seqs}: {op.brief()}")
 
 
 def _check_final_pages(tid: str, chunk: list[Op], pg: dict[Entity, Row],

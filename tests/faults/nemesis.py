@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from tests.faults.cluster import Cluster
-from tests.faults.workload import POISON, Caller, Knowledge, Op, Prober
+from tests.faults.health import MIN_POISON_ACKS, Prober
+from tests.faults.workload import POISON, Caller, Knowledge, Op
 
 CLASSES: dict[str, tuple[str, ...]] = {
     "sidecar": ("kill", "pause", "stall"),
@@ -50,7 +51,6 @@ POISON_CONSTRAINTS = (
     ("state_entries", f"value::text NOT LIKE '%{POISON}%'"),
 )
 VISIBLE_WITHIN_S = 15.0  # dead letters must show in /v1/status this soon after poison acks
-MIN_POISON_ACKS = 3  # below this, every poison write may have been coalesced away
 
 
 @dataclass(frozen=True)
@@ -255,10 +255,26 @@ async def poison_constraints(pg_url: str, *, add: bool) -> None:
     already there are left alone, new and updated ones are checked."""
     conn = await asyncpg.connect(pg_url, timeout=10, command_timeout=30)
     try:
+        # ALTER TABLE queues for its lock, and every query of the table queues behind it: a
+        # paused sidecar's open transaction would stall all reads past their timeout (and
+        # into degraded answers). A short lock timeout, retried, never holds the queue.
+        await conn.execute("SET lock_timeout = '200ms'")
         for table, check in POISON_CONSTRAINTS:
-            await conn.execute(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS nemesis_{table}")
+            await _alter(conn, f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS nemesis_{table}")
             if add:
-                await conn.execute(f"ALTER TABLE {table} ADD CONSTRAINT nemesis_{table}"
+                await _alter(conn, f"ALTER TABLE {table} ADD CONSTRAINT nemesis_{table}"
                                    f" CHECK ({check}) NOT VALID")
     finally:
         await conn.close()
+
+
+async def _alter(conn: asyncpg.Connection, sql: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await conn.execute(sql)
+            return
+        except asyncpg.LockNotAvailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)  # let the queue behind us through, then try again

@@ -13,11 +13,13 @@ import redis.asyncio as aioredis
 
 from proxy import keys
 from tests.conftest import Servers
-from tests.faults.checker import Violations, check_history
+from tests.faults.checker import check_history
 from tests.faults.conftest import SHARDS
+from tests.faults.health import Probe, check_health
 from tests.faults.history import FAIL, INFO, OK
 from tests.faults.nemesis import Fault, FaultEvent
 from tests.faults.sampler import Sampler
+from tests.faults.violations import Violations
 from tests.faults.workload import Op
 
 WALL = 1_800_000_000.0  # wall clock of the synthetic histories: started + WALL
@@ -107,6 +109,23 @@ def test_a_page_with_a_gap_is_flagged() -> None:
     page = op("page", "t", (0, 1), 200, {"last_seq": 3, "items": items}, tid="t",
               params={"after": "0", "limit": "3"})
     assert labels([page]) == ["2"]
+
+
+def test_health_is_honest_per_process() -> None:
+    """Once a sidecar said postgres down, it must not say up before PostgreSQL is back; a
+    restarted one (another port) starts again from up. /readyz must not be 200 without Redis."""
+    pg_stop = FaultEvent(Fault(0, "pg-stop", -1, 2), began=0, active=1, healed=4, ended=5)
+    redis = FaultEvent(Fault(0, "redis-restart", -1, 2), began=6, active=6, healed=8, ended=9)
+
+    def probe(url: str, at: float, postgres: str = "", ready: int = 503) -> Probe:
+        what = "status" if postgres else "ready"
+        return Probe(0, url, what, at, at + 0.1, 200 if postgres else ready, postgres or None)
+
+    found = Violations()
+    check_health([probe("a", 1.5, "down"), probe("b", 2.0, "up"), probe("a", 2.5, "up"),
+                  probe("a", 6.5, ready=200), probe("a", 7.0)], [pg_stop, redis], [], found)
+    assert [text[:30] for _, text in found.items] == [
+        "s0 /v1/status said postgres up", "s0 /readyz said ready at 6.50 "]
 
 
 # ---- the sampler, on real servers

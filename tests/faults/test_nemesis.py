@@ -33,17 +33,13 @@ import redis.asyncio as aioredis
 
 from tests.conftest import Servers
 from tests.faults import endstate, nemesis
-from tests.faults.checker import (
-    Index,
-    Violations,
-    check_health,
-    check_history,
-    probe_summary,
-)
+from tests.faults.checker import Index, check_history
 from tests.faults.cluster import SIDECARS, Cluster
 from tests.faults.conftest import SHARDS
+from tests.faults.health import Prober, check_health, probe_summary
 from tests.faults.sampler import Sampler
-from tests.faults.workload import Caller, Knowledge, Op, Prober, Workload
+from tests.faults.violations import Violations
+from tests.faults.workload import Caller, Knowledge, Op, Workload
 from tests.sidecar import clickhouse_query
 
 DEFAULT_SEED = 20261201

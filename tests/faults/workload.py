@@ -1,6 +1,5 @@
 """The nemesis workload: concurrent clients sending random API calls to random sidecars, each
-call recorded as an `Op` (ok / fail / info, with what was answered) for the checker; and a
-prober recording what /readyz and /v1/status said during the faults.
+call recorded as an `Op` (ok / fail / info, with what was answered) for the checker.
 
 Every random choice of a client comes from its own generator seeded from the run's seed, so
 the mix of calls is reproducible; which entity a call targets also depends on what earlier
@@ -405,60 +404,3 @@ class Workload:
         other = Op(op.client, op.kind, (op.sidecar + rng.randrange(1, self._sidecars))
                    % self._sidecars, "", "", op.method, op.path)
         await asyncio.gather(self._caller.send(op), self._caller.send(other))
-
-
-@dataclass
-class Probe:
-    """One health answer: /readyz's status, or /v1/status's postgres tier and dead letters
-    (None: no answer)."""
-
-    sidecar: int
-    what: str  # "ready" | "status"
-    started: float
-    ended: float
-    status: int | None = None
-    postgres: str | None = None
-    dead_letters: int | None = None
-
-
-class Prober:
-    """Asks every sidecar /readyz and /v1/status every `interval_s` until stopped."""
-
-    def __init__(self, url_of: Callable[[int], str], sidecars: int,
-                 interval_s: float = 0.3) -> None:
-        self._url_of = url_of
-        self._sidecars = sidecars
-        self._interval_s = interval_s
-        self.probes: list[Probe] = []
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="nemesis-prober")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=1.0)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
-            http._retry_connection = False
-            while True:
-                await asyncio.gather(*(self._probe(http, i) for i in range(self._sidecars)))
-                await asyncio.sleep(self._interval_s)  # the polling period
-
-    async def _probe(self, http: aiohttp.ClientSession, i: int) -> None:
-        for what, path in (("ready", "/readyz"), ("status", "/v1/status")):
-            probe = Probe(i, what, time.monotonic(), 0.0)
-            try:
-                async with http.get(self._url_of(i) + path) as resp:
-                    probe.status = resp.status
-                    if what == "status" and resp.status == 200:
-                        doc = await resp.json()
-                        probe.postgres = doc["tiers"]["postgres"]["state"]
-                        probe.dead_letters = doc["sinks"]["pg"]["dead_letters"]
-            except (aiohttp.ClientError, TimeoutError, OSError):
-                pass
-            probe.ended = time.monotonic()
-            self.probes.append(probe)
