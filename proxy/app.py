@@ -35,6 +35,7 @@ from proxy.flusher import FlushConfig, Flusher
 from proxy.hot import HotTier
 from proxy.hub import WebSocketHub
 from proxy.monitor import Monitor
+from proxy.reconcile import Reconciler
 from proxy.redisconn import connect
 from proxy.settings import Settings
 from proxy.workers import Health, Workers
@@ -116,9 +117,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         if CH.name in s.flush.sink_names:
             workers.start("flusher-ch", lambda: _prepared(ch_store.create_schema, (Unavailable,),
                                                           "clickhouse schema", ch.run), ch.stop)
-        monitor = app[routes.MONITOR] = Monitor(log, circuits, hot.backlog,
-                                                s.flush.trim_interval_s, consumer,
-                                                2 * s.flush.claim_idle_ms, s.flush.max_lag_s)
+        monitor = app[routes.MONITOR] = Monitor(
+            log, circuits, hot.backlog, s.flush.trim_interval_s, consumer,
+            2 * s.flush.claim_idle_ms, s.flush.max_lag_s,
+            Reconciler(client, pg_store, s.redis.shards))
         workers.start("monitor", monitor.run, monitor.stop)
         health.started = True
         yield

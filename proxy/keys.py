@@ -84,6 +84,16 @@ def state(shard: int, key: str) -> str:
     return f"{_tag(shard)}:k:{key}"
 
 
+def pattern(shard: int, kind: str) -> str:
+    """SCAN pattern of a shard's thread ('t') or state ('k') hashes; ids hold no glob chars."""
+    return f"{_tag(shard)}:{kind}:*"
+
+
+def id_in(key: str) -> str:
+    """The thread id or state key in a key made above (the part after the third colon)."""
+    return key.split(":", 3)[3]
+
+
 def fence(shard: int, kind: str, entity_id: str) -> str:
     return f"{_tag(shard)}:lf:{kind}:{entity_id}"
 

@@ -44,6 +44,11 @@ VERSION_CONFLICTS = Counter(
     "tierproxy_version_conflicts_total",
     "Rows that reached PostgreSQL at a version it already held with other content (kept the "
     "stored one; each is logged)", ["table"])
+REDIS_DATA_LOSS = Counter(
+    "tierproxy_redis_data_loss_total",
+    "Signs that Redis lost acknowledged data: its epoch changed (all), or PostgreSQL already "
+    "held a seq or version it handed out (seq_taken, version_taken); each triggers a "
+    "reconciliation of Redis's counters", ["kind"])
 READ_THROUGH = Counter("tierproxy_read_through_total", "Reads served below Redis", ["tier"])
 
 WS_CONNECTIONS = Gauge("tierproxy_ws_connections", "Open WebSocket connections")

@@ -14,6 +14,7 @@ from proxy import metrics
 from proxy.backends import PG, SINKS
 from proxy.circuit import Circuit
 from proxy.errors import Unavailable
+from proxy.reconcile import Reconciler
 from proxy.writelog import Backlog, WriteLog
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,10 @@ class Snapshot:
 class Monitor:
     def __init__(self, log: WriteLog, circuits: Mapping[str, Circuit], backlog: Backlog,
                  interval_s: float, consumer: str, dead_consumer_idle_ms: int,
-                 max_lag_s: float) -> None:
+                 max_lag_s: float, reconciler: Reconciler | None = None) -> None:
         self._log = log
+        self._reconciler = reconciler
+        self._loss_seen = _total(metrics.REDIS_DATA_LOSS)
         self._max_lag_s = max_lag_s
         self._circuits = circuits
         self._backlog = backlog
@@ -66,10 +69,7 @@ class Monitor:
         self._stopping.set()
 
     async def refresh(self) -> None:
-        if await self._log.lost_data():
-            logger.error("redis has lost its data (restarted empty or flushed): acknowledged "
-                         "writes not yet flushed are gone; recreating the log groups")
-            await self._log.ensure_groups()
+        await self._check_data_loss()
         sinks = {name: SinkStatus(circuit=c.state) for name, c in self._circuits.items()}
         for shard in range(self._log.shards):
             await self._log.trim(shard)
@@ -87,6 +87,23 @@ class Monitor:
             metrics.LAG.labels(name).set(st.lag_s)
         self._backlog.entries = sinks[PG.name].backlog if PG.name in sinks else 0
         self.snapshot.sinks = sinks
+
+    async def _check_data_loss(self) -> None:
+        """Redis lost data it had acknowledged: all of it (its epoch changed), or some (a seq
+        or version PostgreSQL already had came back from Redis: see REDIS_DATA_LOSS). Say so,
+        recreate what the log needs, and reconcile Redis's counters with PostgreSQL."""
+        if await self._log.epoch_changed():
+            metrics.REDIS_DATA_LOSS.labels("all").inc()
+            lost = self.snapshot.sinks[PG.name].backlog if PG.name in self.snapshot.sinks else 0
+            logger.error("redis lost its data (restarted empty, flushed, or failed over to a "
+                         "server without it): the ~%d acknowledged writes not yet flushed at "
+                         "the last count are gone; recreating the log groups", lost)
+            self._log.epoch = None
+            await self._log.ensure_groups()
+        signals = _total(metrics.REDIS_DATA_LOSS)
+        if signals > self._loss_seen and self._reconciler is not None:
+            await self._reconciler.run()
+        self._loss_seen = signals
 
     def status(self) -> dict[str, Any]:
         tiers = {"redis": {"state": self.snapshot.redis}}
@@ -131,3 +148,9 @@ class Monitor:
             total += await self._log.replay_dead_letters(shard)
         logger.info("replayed %d dead letters", total)
         return total
+
+
+def _total(counter: Any) -> float:
+    """The sum of a labelled counter's children in this process."""
+    return float(sum(sample.value for metric in counter.collect()
+                     for sample in metric.samples if sample.name.endswith("_total")))

@@ -69,6 +69,7 @@ class WriteLog:
         self._failpoints = failpoints
         self.shards = shards
         self.groups = groups  # every consumer group (one per sink)
+        self.epoch: str | None = None  # Redis's epoch marker as this process first saw it
         # A blocking read must return well within the socket timeout, or an idle stream looks
         # like a dead Redis (a timeout, a reconnect and a warning every read).
         timeout_s = client.connection_pool.connection_kwargs.get("socket_timeout")
@@ -82,15 +83,20 @@ class WriteLog:
                 f"redis maxmemory-policy is {policy!r}, which can evict writes not yet flushed; "
                 f"use one of {', '.join(SAFE_POLICIES)} (tierproxy only sets TTLs on flushed keys)")
 
-    async def lost_data(self) -> bool:
-        """True if this Redis no longer holds the epoch marker that ensure_groups sets: it
-        restarted empty or was flushed, and every unflushed write in it is gone."""
-        return not await redis_call(lambda: self._r.exists(keys.EPOCH))
+    async def epoch_changed(self) -> bool:
+        """True if Redis's epoch marker (a random token set once per dataset) is gone or not
+        the one this process saw first: Redis restarted empty, was flushed or failed over to a
+        server without the data, and every unflushed write in it is gone. Whoever notices first
+        sets a new one (ensure_groups), so every other process sees a change too."""
+        current = await redis_call(lambda: self._r.get(keys.EPOCH))
+        return current is None or current.decode() != self.epoch
 
     async def ensure_groups(self) -> None:
         """Create every group at 0 with MKSTREAM, all of a shard's at once (create_groups.lua);
-        groups another sidecar made are kept."""
+        groups another sidecar made are kept. The first call remembers Redis's epoch."""
         await redis_call(lambda: self._r.set(keys.EPOCH, os.urandom(8).hex(), nx=True))
+        if self.epoch is None:
+            self.epoch = (await redis_call(lambda: self._r.get(keys.EPOCH)) or b"").decode()
         for shard in range(self.shards):
             await self._scripts.run("create_groups", [keys.log(shard)], list(self.groups))
 

@@ -270,6 +270,13 @@ class PostgresStore:
             async with self._pool.acquire() as conn, conn.transaction():
                 await self._write(conn, rows)
                 await self._failpoints.hit("before-pg-commit")
+        except asyncpg.UniqueViolationError as e:
+            if e.constraint_name != "messages_thread_seq":
+                raise PoisonError(f"postgres rejected the data: {e}") from e
+            # A seq handed out twice: Redis went back to an older state (lost data).
+            metrics.REDIS_DATA_LOSS.labels("seq_taken").inc()
+            raise PoisonError(f"seq already taken in postgres (redis lost data; its counters "
+                              f"are reconciled): {e}") from e
         except _DATA_ERRORS as e:
             raise PoisonError(f"postgres rejected the data: {e}") from e
 
@@ -293,6 +300,7 @@ class PostgresStore:
         ids = [r[0] for r in await conn.fetch(CONFLICTS[table], *rows.conflict_args(table))]
         if ids:
             metrics.VERSION_CONFLICTS.labels(table).inc(len(ids))
+            metrics.REDIS_DATA_LOSS.labels("version_taken").inc()
             logger.error("postgres %s: %d rows arrived at a version already stored with other "
                          "content (kept what was stored): %s", table, len(ids), ids[:20])
 
@@ -322,6 +330,27 @@ class PostgresStore:
             "SELECT key, value::text AS value, version, expires_at, updated_at, deleted"
             " FROM state_entries WHERE key = $1", key)
         return dict(row) if row else None
+
+
+    async def fetch_counters(self, tids: list[str], keys_: list[str],
+                             mids: list[tuple[str, str]]) -> dict[str, Any]:
+        """Versions and last seqs, for raising Redis's counters after it lost data: threads
+        {tid: (version, last_seq)}, state {key: version}, messages {tid: [(mid, version)]}."""
+        async with self._pool.acquire() as conn:
+            threads = await conn.fetch("SELECT thread_id, version, last_seq FROM threads"
+                                       " WHERE thread_id = ANY($1)", tids)
+            state = await conn.fetch("SELECT key, version FROM state_entries"
+                                     " WHERE key = ANY($1)", keys_)
+            messages = await conn.fetch(
+                "SELECT m.thread_id, m.message_id, m.version FROM messages m JOIN"
+                " unnest($1::text[], $2::text[]) AS x(tid, mid)"
+                " ON m.thread_id = x.tid AND m.message_id = x.mid",
+                [t for t, _ in mids], [m for _, m in mids])
+        by_thread: dict[str, list[tuple[str, int]]] = {}
+        for r in messages:
+            by_thread.setdefault(r["thread_id"], []).append((r["message_id"], r["version"]))
+        return {"threads": {r["thread_id"]: (r["version"], r["last_seq"]) for r in threads},
+                "state": {r["key"]: r["version"] for r in state}, "messages": by_thread}
 
 
 class PostgresSink:
