@@ -17,7 +17,8 @@ Redis restarts on its own clock:
 
 A schedule starts with every kind of its class once, in a random order (so even the short run
 meets them all), then draws kinds at random until the duration is used up. The schedule is a
-pure function of (seed, duration): the same seed replays the same faults at the same offsets.
+pure function of (seed, duration): the same seed replays the same faults at the same offsets
+(and a longer run of it begins with the faults of a shorter one).
 """
 
 from __future__ import annotations
@@ -68,9 +69,11 @@ class Fault:
 
 
 def schedule(seed: int, duration_s: float, sidecars: int) -> list[Fault]:
-    rng = random.Random(f"nemesis:{seed}")
+    """Each class draws from its own generator, so a longer run of the same seed starts with
+    the same faults as a shorter one."""
     faults: list[Fault] = []
     for cls in sorted(CLASSES):
+        rng = random.Random(f"nemesis:{seed}:{cls}")
         faults += _class_schedule(rng, cls, duration_s, sidecars)
     return sorted(faults, key=lambda f: f.at_s)
 

@@ -1,7 +1,10 @@
 """Issue 8's randomized race-and-fault test: three sidecars on shared Redis, PostgreSQL and
 ClickHouse under random operations and random faults; after healing, the history checker looks
-for lost, regressed, duplicated or resurrected writes by itself (checker.py, endstate.py,
-sampler.py; labels are ARCHITECTURE.md's invariants).
+for lost, regressed, duplicated or resurrected writes by itself. Labels are ARCHITECTURE.md's
+invariants (violations.py). The parts: cluster.py (the processes), workload.py (the ops),
+nemesis.py (the fault schedule), sampler.py (Redis and PostgreSQL watched during the run),
+health.py (/readyz and /v1/status during the faults), checker.py (the history), endstate.py
+(PostgreSQL, every sidecar and ClickHouse after healing).
 
     make test                                  the short run, seed DEFAULT_SEED, 30 s
     make soak SEED=7 DURATION=600              a long run (SEED=random: a fresh one)
@@ -43,9 +46,20 @@ from tests.faults.workload import Caller, Knowledge, Op, Workload
 from tests.sidecar import clickhouse_query
 
 DEFAULT_SEED = 20261201
-_SEED = os.environ.get("TIERPROXY_NEMESIS_SEED", "")
-SEED = random.SystemRandom().randrange(2**31) if _SEED == "random" else int(_SEED or
-                                                                              DEFAULT_SEED)
+
+
+def _seed(raw: str) -> int:
+    """TIERPROXY_NEMESIS_SEED: a whole number, "random" (a fresh one, printed) or unset."""
+    if raw == "random":
+        return random.SystemRandom().randrange(2**31)
+    try:
+        return int(raw or DEFAULT_SEED)
+    except ValueError:
+        raise ValueError(f"TIERPROXY_NEMESIS_SEED must be a whole number or 'random', "
+                         f"not {raw!r}") from None
+
+
+SEED = _seed(os.environ.get("TIERPROXY_NEMESIS_SEED", ""))
 DURATION_S = float(os.environ.get("TIERPROXY_NEMESIS_DURATION_S") or 30)
 HEAL_DEADLINE_S = 20.0
 STALL_REPORT_S = 120.0  # past the duration: before the test's timeout (150 s past it)
