@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -36,14 +35,14 @@ from proxy.hot import HotTier
 from proxy.hub import WebSocketHub
 from proxy.monitor import Monitor
 from proxy.reconcile import Reconciler
-from proxy.redisconn import connect
+from proxy.redisconn import RedisClient, connect
 from proxy.settings import Settings
 from proxy.workers import Health, Workers
 from proxy.writelog import Backlog, WriteLog
 
 logger = logging.getLogger(__name__)
 HEALTH = web.AppKey("health", Health)
-REDIS = web.AppKey("redis", aioredis.Redis)
+REDIS = web.AppKey("redis", RedisClient)
 FAILPOINTS = web.AppKey("failpoints", Failpoints)  # tests switch them at runtime
 
 
@@ -173,6 +172,8 @@ async def readiness(app: web.Application) -> web.Response:
     monitor = app.get(routes.MONITOR)
     if monitor is not None:
         problems += monitor.stuck()
+        if not monitor.snapshot.measured:  # backlog unknown: admission and status would lie
+            problems.append("monitor: first measurement pending")
     if not health.started:
         problems.append("starting")
     if health.draining:

@@ -32,6 +32,7 @@ class SinkStatus:
 class Snapshot:
     redis: str = "unknown"
     sinks: dict[str, SinkStatus] = field(default_factory=dict)
+    measured: bool = False  # a refresh has completed: backlog and lag are real figures
 
 
 class Monitor:
@@ -87,6 +88,7 @@ class Monitor:
             metrics.LAG.labels(name).set(st.lag_s)
         self._backlog.entries = sinks[PG.name].backlog if PG.name in sinks else 0
         self.snapshot.sinks = sinks
+        self.snapshot.measured = True
 
     async def _check_data_loss(self) -> None:
         """Redis lost data it had acknowledged: all of it (its epoch changed), or some (a seq

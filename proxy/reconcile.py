@@ -12,18 +12,16 @@ import logging
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from proxy import keys
 from proxy.backends.postgres import PostgresStore
-from proxy.redisconn import Scripts, redis_call
+from proxy.redisconn import RedisClient, Scripts, redis_call
 
 logger = logging.getLogger(__name__)
 BATCH = 200  # entities compared per PostgreSQL round trip
 
 
 class Reconciler:
-    def __init__(self, client: aioredis.Redis, store: PostgresStore, shards: int) -> None:
+    def __init__(self, client: RedisClient, store: PostgresStore, shards: int) -> None:
         self._r = client
         self._store = store
         self._shards = shards

@@ -15,6 +15,7 @@ from proxy.errors import Unavailable
 from proxy.settings import Settings
 
 T = TypeVar("T")
+RedisClient = aioredis.Redis  # the client type other modules name, without importing redis
 SCRIPTS = Path(__file__).parent / "scripts"
 # Replies that mean Redis cannot take the command now (not that the command is wrong): a 503
 # on the request path, a retry with backoff in the background. Inside a script's error (Redis

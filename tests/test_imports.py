@@ -24,14 +24,13 @@ MAX_LINES = 400
 # Which modules may import a driver or framework (STYLE.md: drivers are fenced). A name ending
 # in ".*" allows a whole package; a plain name must really import it (no stale allowances).
 FENCES = {
-    "asyncpg": {"proxy.backends.postgres"},
+    "asyncpg": {"proxy.backends.postgres", "proxy.backends.postgres.*"},
     "clickhouse_connect": {"proxy.backends.clickhouse"},
     "chdb": set(),  # reached only through clickhouse-connect's chdb:// DSN
     "uvloop": {"proxy.main"},
-    # The modules that talk to Redis: the connection and scripts, the log, pub/sub fan-out,
-    # the topology's clients, and, for the client's type only, app.py and the hot tier.
-    "redis": {"proxy.redisconn", "proxy.writelog", "proxy.hub", "proxy.topology", "proxy.app",
-              "proxy.hot", "proxy.hot.core"},
+    # The modules that talk to Redis: the connection and scripts, the log, pub/sub fan-out and
+    # the topology's clients (others name the client type as redisconn.RedisClient).
+    "redis": {"proxy.redisconn", "proxy.writelog", "proxy.hub", "proxy.topology"},
     # HTTP and WebSocket: the server side and the typed client package.
     "aiohttp": {"proxy.routes", "proxy.app", "proxy.main", "proxy.hub", "proxy.wsconn",
                 "proxy.wsframes", "proxy.client.*"},

@@ -134,6 +134,8 @@ REFUSALS: list[tuple[str, str, Any]] = [
     ("replay: nothing to replay", "replay", ([keys.dead_letters(S), keys.log(S)], [100]), 0),
     ("remove_consumers: nobody idle", "remove_consumers", ([keys.log(S)],
                                                             [GROUPS[0], "me", 60_000]), 0),
+    ("raise_counters: Redis is not behind", "raise_counters",
+     ([*thread_keys("t")[:3], *thread_keys("t")[5:]], [1, 1, "m1", 1]), 0),
 ]
 
 
@@ -152,7 +154,7 @@ async def test_a_refusal_changes_nothing(prepared: aioredis.Redis, case: str, na
 def test_every_script_with_a_refusal_has_a_case() -> None:
     refusing = {"thread_put", "message_append", "message_update", "state_put", "fill_thread",
                 "fill_state", "fill_meta", "fill_messages", "trim", "dead_letter", "replay",
-                "remove_consumers"}
+                "remove_consumers", "raise_counters"}
     assert {name for _, name, _, _ in REFUSALS} == refusing
     # The others never refuse: they read, or always write (groups, fences, the release).
     assert set(SCRIPTS) - refusing == {"read_page", "get_message", "create_groups",

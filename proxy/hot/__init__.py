@@ -9,8 +9,6 @@ thread's window) is read through the backing (PostgreSQL) and cached again.
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
 from proxy.backends import Backing
 from proxy.failpoints import Failpoints
 from proxy.hot.core import Core, Result
@@ -19,6 +17,7 @@ from proxy.hot.pages import Page, Pages, page_range
 from proxy.hot.release import Release
 from proxy.hot.state import States
 from proxy.hot.threads import Threads
+from proxy.redisconn import RedisClient
 from proxy.settings import Settings
 from proxy.writelog import Backlog
 
@@ -26,7 +25,7 @@ __all__ = ["HotTier", "Page", "Result", "page_range"]
 
 
 class HotTier:
-    def __init__(self, client: aioredis.Redis, settings: Settings, backing: Backing,
+    def __init__(self, client: RedisClient, settings: Settings, backing: Backing,
                  backlog: Backlog, degraded: Backing | None, failpoints: Failpoints) -> None:
         core = Core(client, settings, backing, backlog, degraded, failpoints)
         self.backlog = backlog

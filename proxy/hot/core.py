@@ -11,14 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-
 from proxy import keys
 from proxy.backends import Backing
 from proxy.errors import Backpressure, Unavailable
 from proxy.failpoints import Failpoints
 from proxy.flights import SingleFlight
-from proxy.redisconn import Scripts, redis_call
+from proxy.redisconn import RedisClient, Scripts, redis_call
 from proxy.settings import Settings
 from proxy.writelog import Backlog
 
@@ -43,7 +41,7 @@ class Result:
 
 
 class Core:
-    def __init__(self, client: aioredis.Redis, settings: Settings, backing: Backing,
+    def __init__(self, client: RedisClient, settings: Settings, backing: Backing,
                  backlog: Backlog, degraded: Backing | None, failpoints: Failpoints) -> None:
         self.redis = client
         self.failpoints = failpoints

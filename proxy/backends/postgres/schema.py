@@ -1,0 +1,72 @@
+"""The PostgreSQL schema: migrations applied in order, idempotently, one sidecar at a time."""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+
+logger = logging.getLogger(__name__)
+LOCK_ID = 0x7469_6572  # advisory lock serialising migrations across sidecars ("tier")
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE IF NOT EXISTS threads (
+        thread_id text PRIMARY KEY,
+        title text NOT NULL DEFAULT '',
+        owner_id text NOT NULL DEFAULT '',
+        metadata jsonb NOT NULL DEFAULT '{}',
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        version bigint NOT NULL,
+        last_seq bigint NOT NULL DEFAULT 0,
+        deleted boolean NOT NULL DEFAULT false
+    );
+    CREATE TABLE IF NOT EXISTS messages (
+        message_id text NOT NULL,
+        thread_id text NOT NULL,
+        seq bigint NOT NULL,
+        role text NOT NULL,
+        content text NOT NULL,
+        metadata jsonb NOT NULL DEFAULT '{}',
+        created_at timestamptz NOT NULL,
+        updated_at timestamptz NOT NULL,
+        version bigint NOT NULL,
+        deleted boolean NOT NULL DEFAULT false,
+        PRIMARY KEY (thread_id, message_id),
+        CONSTRAINT messages_thread_seq UNIQUE (thread_id, seq)
+    );
+    CREATE TABLE IF NOT EXISTS state_entries (
+        key text PRIMARY KEY,
+        value jsonb,
+        version bigint NOT NULL,
+        expires_at timestamptz,
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        deleted boolean NOT NULL DEFAULT false
+    );
+    """,
+    # The fingerprint of the body a message was appended with, kept across edits: a retry of
+    # the original append is recognized even after an edit (NULL: appended before this).
+    "ALTER TABLE messages ADD COLUMN IF NOT EXISTS fingerprint text",
+]
+
+async def apply_migrations(conn: asyncpg.Connection) -> None:
+    """Apply the schema idempotently, one sidecar at a time (advisory lock)."""
+    await conn.execute("SELECT pg_advisory_lock($1)", LOCK_ID)
+    try:
+        for statement in MIGRATIONS:
+            await conn.execute(statement)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_ID)
+    logger.info("postgres schema is up to date (%d migrations)", len(MIGRATIONS))
+
+
+async def migrate(url: str) -> None:
+    """`tierproxy migrate`."""
+    conn = await asyncpg.connect(url)
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+
+

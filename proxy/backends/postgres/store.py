@@ -1,0 +1,146 @@
+"""PostgresStore: the pool, the batch upserts (the flush transaction) and the point reads."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import asyncpg
+
+from proxy import metrics
+from proxy.backends import PoisonError
+from proxy.backends.postgres.rows import Rows
+from proxy.backends.postgres.schema import apply_migrations
+from proxy.backends.postgres.sql import (
+    BUMP_LAST_SEQ,
+    CONFLICTS,
+    UPSERT_MESSAGES,
+    UPSERT_STATE,
+    UPSERT_THREADS,
+)
+from proxy.failpoints import Failpoints
+
+logger = logging.getLogger(__name__)
+
+# What keeps the schema from being applied while PostgreSQL is down or starting (retried).
+SCHEMA_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
+                asyncpg.ProgramLimitExceededError, asyncpg.UntranslatableCharacterError,
+                asyncpg.CharacterNotInRepertoireError)
+
+
+class PostgresStore:
+    """The pool, the batch upserts and the point reads."""
+
+    def __init__(self, pool: asyncpg.Pool, failpoints: Failpoints) -> None:
+        self._pool = pool
+        self._failpoints = failpoints
+
+    @classmethod
+    async def open(cls, url: str, pool_max: int, timeout_s: float,
+                   failpoints: Failpoints) -> PostgresStore:
+        """The pool is lazy (no connection at start), so a sidecar starts while PostgreSQL
+        is down."""
+        pool = await asyncpg.create_pool(url, min_size=0, max_size=pool_max,
+                                         command_timeout=timeout_s, timeout=timeout_s)
+        return cls(pool, failpoints)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def migrate(self) -> None:
+        async with self._pool.acquire() as conn:
+            await apply_migrations(conn)
+
+    async def upsert(self, docs: Iterable[tuple[str, bytes, str]]) -> None:
+        """One transaction for the whole batch of (kind, doc, fingerprint); unique per
+        entity."""
+        rows = Rows.of(docs)
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._write(conn, rows)
+                await self._failpoints.hit("before-pg-commit")
+        except asyncpg.UniqueViolationError as e:
+            if e.constraint_name != "messages_thread_seq":
+                raise PoisonError(f"postgres rejected the data: {e}") from e
+            # A seq handed out twice: Redis went back to an older state (lost data).
+            metrics.REDIS_DATA_LOSS.labels("seq_taken").inc()
+            raise PoisonError(f"seq already taken in postgres (redis lost data; its counters "
+                              f"are reconciled): {e}") from e
+        except _DATA_ERRORS as e:
+            raise PoisonError(f"postgres rejected the data: {e}") from e
+
+    @classmethod
+    async def _write(cls, conn: asyncpg.Connection, rows: Rows) -> None:
+        for table, sql, columns in (("threads", UPSERT_THREADS, rows.threads),
+                                    ("messages", UPSERT_MESSAGES, rows.messages),
+                                    ("state_entries", UPSERT_STATE, rows.state)):
+            if not columns[0]:
+                continue
+            written = int((await conn.execute(sql, *columns)).rsplit(" ", 1)[1])
+            if written < len(columns[0]):  # some were there already: replays, or conflicts
+                await cls._count_conflicts(conn, table, rows)
+        if rows.last_seq:
+            tids = sorted(rows.last_seq)
+            await conn.execute(BUMP_LAST_SEQ, tids, [0] * len(tids),
+                               [rows.last_seq[t] for t in tids])
+
+    @staticmethod
+    async def _count_conflicts(conn: asyncpg.Connection, table: str, rows: Rows) -> None:
+        ids = [r[0] for r in await conn.fetch(CONFLICTS[table], *rows.conflict_args(table))]
+        if ids:
+            metrics.VERSION_CONFLICTS.labels(table).inc(len(ids))
+            metrics.REDIS_DATA_LOSS.labels("version_taken").inc()
+            logger.error("postgres %s: %d rows arrived at a version already stored with other "
+                         "content (kept what was stored): %s", table, len(ids), ids[:20])
+
+    async def fetch_thread(self, tid: str) -> dict[str, Any] | None:
+        row = await self._pool.fetchrow(
+            "SELECT thread_id, title, owner_id, metadata::text AS metadata, created_at,"
+            " updated_at, version, last_seq, deleted FROM threads"
+            " WHERE thread_id = $1 AND version > 0", tid)
+        return dict(row) if row else None
+
+    async def fetch_messages(self, tid: str, lo: int, hi: int) -> list[dict[str, Any]]:
+        rows = await self._pool.fetch(
+            "SELECT message_id, thread_id, seq, role, content, metadata::text AS metadata,"
+            " created_at, updated_at, version, deleted, fingerprint FROM messages"
+            " WHERE thread_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq", tid, lo, hi)
+        return [dict(r) for r in rows]
+
+    async def fetch_message(self, tid: str, mid: str) -> dict[str, Any] | None:
+        row = await self._pool.fetchrow(
+            "SELECT message_id, thread_id, seq, role, content, metadata::text AS metadata,"
+            " created_at, updated_at, version, deleted, fingerprint FROM messages"
+            " WHERE thread_id = $1 AND message_id = $2", tid, mid)
+        return dict(row) if row else None
+
+    async def fetch_state(self, key: str) -> dict[str, Any] | None:
+        row = await self._pool.fetchrow(
+            "SELECT key, value::text AS value, version, expires_at, updated_at, deleted"
+            " FROM state_entries WHERE key = $1", key)
+        return dict(row) if row else None
+
+
+    async def fetch_counters(self, tids: list[str], keys_: list[str],
+                             mids: list[tuple[str, str]]) -> dict[str, Any]:
+        """Versions and last seqs, for raising Redis's counters after it lost data: threads
+        {tid: (version, last_seq)}, state {key: version}, messages {tid: [(mid, version)]}."""
+        async with self._pool.acquire() as conn:
+            threads = await conn.fetch("SELECT thread_id, version, last_seq FROM threads"
+                                       " WHERE thread_id = ANY($1)", tids)
+            state = await conn.fetch("SELECT key, version FROM state_entries"
+                                     " WHERE key = ANY($1)", keys_)
+            messages = await conn.fetch(
+                "SELECT m.thread_id, m.message_id, m.version FROM messages m JOIN"
+                " unnest($1::text[], $2::text[]) AS x(tid, mid)"
+                " ON m.thread_id = x.tid AND m.message_id = x.mid",
+                [t for t, _ in mids], [m for _, m in mids])
+        by_thread: dict[str, list[tuple[str, int]]] = {}
+        for r in messages:
+            by_thread.setdefault(r["thread_id"], []).append((r["message_id"], r["version"]))
+        return {"threads": {r["thread_id"]: (r["version"], r["last_seq"]) for r in threads},
+                "state": {r["key"]: r["version"] for r in state}, "messages": by_thread}
+
+
