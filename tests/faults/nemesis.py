@@ -100,7 +100,7 @@ def _draw(rng: random.Random, kind: str, at_s: float, sidecars: int) -> Fault:
     detail = ""
     if kind == "stall":
         extra = rng.choice(STALLS)
-        detail = f"after-load-before-fill:sleep:{rng.uniform(2.0, 3.0):.1f}"
+        detail = f"after-load-before-fill:sleep:{rng.uniform(3.0, 3.8):.1f}"
         detail += f",{extra}" if extra else ""
     elif kind == "pg-stop":
         detail = rng.choice(["fast", "immediate"])
