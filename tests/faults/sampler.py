@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,6 +166,8 @@ class Sampler:
         self._seen_seq: dict[str, int] = {}
         self._undelivered: dict[int, dict[str, str]] = {}  # shard -> group -> oldest id
         self.samples = 0
+        self.skipped: Counter[str] = Counter()  # why samples were skipped (a dependency down)
+        self.seconds = 0.0  # spent sampling
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -185,15 +188,18 @@ class Sampler:
         conn: asyncpg.Connection | None = None
         try:
             while True:
+                started = time.monotonic()
                 try:
                     if conn is None or conn.is_closed():
                         conn = await asyncpg.connect(self._pg_url, timeout=2)
                     await self.sample(conn)
                 except (rexc.RedisError, OSError, asyncpg.PostgresError,
-                        asyncpg.InterfaceError, TimeoutError):
-                    if conn is not None:  # a dependency is down: skip this sample
+                        asyncpg.InterfaceError, TimeoutError) as e:
+                    self.skipped[type(e).__name__] += 1  # a dependency is down
+                    if conn is not None:
                         conn.terminate()
                     conn = None
+                self.seconds += time.monotonic() - started
                 await asyncio.sleep(self._interval_s)  # the sampling period
         finally:
             if conn is not None:

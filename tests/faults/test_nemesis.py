@@ -113,6 +113,7 @@ async def test_nemesis_finds_no_lost_regressed_duplicated_or_resurrected_write(
     if out.items:
         dump_history(history, tmp_path / "history.jsonl")
         print(cluster.log_tails())
+    assert run.sampler.samples, f"the sampler took no sample (skipped: {run.sampler.skipped})"
     assert not out.items, (f"nemesis seed {cfg.seed}: {len(out.items)} violations\n"
                            f"{out.report()}\nrerun: {cfg.rerun()}")
 
@@ -132,7 +133,7 @@ class Run:
     history: list[Op]
     events: list[nemesis.FaultEvent]
     prober: Prober
-    samples: int
+    sampler: Sampler
     ready: list[int]  # the sidecars ready after healing
     index: Index | None = None
 
@@ -163,7 +164,7 @@ async def drive(cfg: Config, cluster: Cluster, caller: Caller, faults: list[neme
         await asyncio.sleep(AFTER_HEAL_S)
         await load.stop()
         ready = await heal(cluster, caller, out)
-    return Run(caller.history, chaos.events, prober, sampler.samples, ready)
+    return Run(caller.history, chaos.events, prober, sampler, ready)
 
 
 async def heal(cluster: Cluster, caller: Caller, out: Violations) -> list[int]:
@@ -225,8 +226,10 @@ def dump_history(history: list[Op], path: Path) -> None:
 
 def summary(cfg: Config, history: list[Op], run: Run) -> str:
     counts = Counter(f"{o.kind}:{o.outcome}" for o in history if o.client >= 0)
-    lines = [f"nemesis seed {cfg.seed}: {sum(counts.values())} ops, {run.samples} samples, "
-             f"{len(run.prober.probes)} probes", "faults run:"]
+    s = run.sampler
+    lines = [f"nemesis seed {cfg.seed}: {sum(counts.values())} ops, {len(run.prober.probes)} "
+             f"probes, {s.samples} samples ({s.seconds / max(1, s.samples):.2f} s each), "
+             f"skipped: {dict(s.skipped)}", "faults run:"]
     lines += [f"  {e}" for e in run.events]
     lines += ["what the probes saw:", *(f"  {line}" for line in
                                         probe_summary(run.prober.probes, run.events))]
