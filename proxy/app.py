@@ -10,6 +10,7 @@ after the last handler, so it takes their writes too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -77,7 +78,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(client.aclose)
         consumers = connect(s, s.redis.url, 2 * s.redis.shards + 8)
         stack.push_async_callback(consumers.aclose)
-        log = WriteLog(client, s.redis.shards, GROUPS, failpoints)
+        log = WriteLog(client, s.redis.shards, GROUPS, failpoints, s.redis.socket_timeout_s)
         await log.check_eviction_policy()
         await log.ensure_groups()
         app[REDIS] = client
@@ -93,6 +94,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         hot = app[routes.HOT] = HotTier(
             client, s, PostgresBacking(pg_store, circuits[PG.name]), Backlog(),
             ClickHouseBacking(ch_store, s.clickhouse.store_content), failpoints)
+        stack.push_async_callback(hot.aclose)
         app[routes.ANALYTICS] = ch_store
         hub = app[routes.HUB] = WebSocketHub(s, hot)
         # 4. Background work, stopped first on exit (final flush within the deadline).
@@ -100,7 +102,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(workers.stop, s.shutdown.deadline_s)
         workers.start("ws-hub", hub.run)
         consumer = consumer_name()
-        consumer_log = WriteLog(consumers, s.redis.shards, GROUPS, failpoints)
+        consumer_log = WriteLog(consumers, s.redis.shards, GROUPS, failpoints,
+                                s.redis.socket_timeout_s)
         cfg = _flush_config(s)
         pg = Flusher(consumer_log, PostgresSink(pg_store), circuits[PG.name], cfg, consumer,
                      s.flush.max_inflight, hot.release, failpoints)
@@ -120,6 +123,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             log, circuits, hot.backlog, s.flush.trim_interval_s, consumer,
             2 * s.flush.claim_idle_ms, s.flush.max_lag_s,
             Reconciler(client, pg_store, s.redis.shards))
+        with contextlib.suppress(Unavailable):  # measured before ready; else the loop does
+            await monitor.refresh()
         workers.start("monitor", monitor.run, monitor.stop)
         health.started = True
         yield

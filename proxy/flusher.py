@@ -247,7 +247,7 @@ class Flusher:
     def _observe(self, unique: list[Change], dead: set[str], seconds: float) -> None:
         metrics.FLUSH_BATCH.labels(self.name).observe(len(unique))
         metrics.FLUSH_SECONDS.labels(self.name).observe(seconds)
-        metrics.FLUSHED_ROWS.labels(self.name).inc(len(unique) - len(dead))
+        metrics.FLUSHED_ROWS.labels(self.name).inc(sum(e.entry_id not in dead for e in unique))
         now_ms = time.time() * 1000
         hist = metrics.ACK_TO_COMMIT.labels(self.name)
         for e in unique:

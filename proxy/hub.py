@@ -30,16 +30,14 @@ from collections import deque
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 from redis import exceptions as rexc
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from proxy import keys, metrics
+from proxy import keys, metrics, topology
 from proxy.backoff import Backoff
 from proxy.errors import ProxyError, TooManySubscriptions, Unavailable
 from proxy.hot import HotTier
+from proxy.redisconn import connect
 from proxy.settings import Settings
 from proxy.wsconn import (
     CLOSE_GOING_AWAY,
@@ -75,9 +73,7 @@ class WebSocketHub:
 
     async def run(self) -> None:
         """Receive every shard's events until cancelled; reconnect with backoff."""
-        client = aioredis.Redis.from_url(
-            self._s.redis.url, socket_connect_timeout=self._s.redis.socket_timeout_s,
-            socket_timeout=self._s.redis.socket_timeout_s, retry=Retry(NoBackoff(), 0))
+        client = connect(self._s, self._s.redis.url, max_connections=2)
         backoff = Backoff(_BACKOFF_BASE_S, _BACKOFF_MAX_S)
         try:
             while True:
@@ -96,8 +92,8 @@ class WebSocketHub:
         finally:
             await client.aclose()
 
-    async def _listen(self, client: aioredis.Redis) -> None:
-        pubsub: Any = client.pubsub()  # redis-py leaves PubSub untyped
+    async def _listen(self, client: Any) -> None:
+        pubsub: Any = await topology.pubsub(client)  # redis-py leaves PubSub untyped
         self.subscribed_shards.clear()
         self.pubsub_connects += 1
         try:

@@ -16,7 +16,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from proxy import failpoints
+from proxy import failpoints, topology
 from proxy import settings as config
 from proxy.backends import SINKS
 from proxy.settings import ConfigError, Settings
@@ -51,6 +51,11 @@ def load_settings(args: argparse.Namespace) -> Settings:
         failpoints.parse(s.debug.failpoint)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if s.redis.url:
+        try:
+            topology.parse(s.redis.url)
+        except ValueError as e:
+            raise ConfigError(f"redis.url: {e}") from e
     known = {sink.name for sink in SINKS}
     for name in s.flush.sink_names:
         if name not in known:

@@ -1,8 +1,8 @@
-"""The Redis connection, error mapping and Lua scripts shared by the hot tier and the log."""
+"""Redis connections, error mapping and Lua scripts: redis-py clients (from the topology
+`redis.url` names) for the background work, and the auto-pipeline for the request path."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -11,27 +11,25 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.commands.core import AsyncScript
 
+from proxy import topology
+from proxy.autopipe import unavailable_reply
 from proxy.errors import Unavailable
 from proxy.settings import Settings
 
 T = TypeVar("T")
 RedisClient = aioredis.Redis  # the client type other modules name, without importing redis
 SCRIPTS = Path(__file__).parent / "scripts"
-# Replies that mean Redis cannot take the command now (not that the command is wrong): a 503
-# on the request path, a retry with backoff in the background. Inside a script's error (Redis
-# 6.2 wraps them: "Error running script ...: -NOREPLICAS ...") they follow a dash.
-_UNAVAILABLE = re.compile(r"(?:^|-)(MISCONF|OOM|READONLY|LOADING|MASTERDOWN|NOGROUP|NOREPLICAS"
-                          r"|BUSY|CLUSTERDOWN|TRYAGAIN|NOTREADY)\b")
 
 
-def connect(settings: Settings, url: str, max_connections: int | None = None) -> aioredis.Redis:
-    """A bounded pool with socket timeouts and health checks (dead TCP must not hang us)."""
+
+def connect(settings: Settings, url: str, max_connections: int | None = None) -> Any:
+    """A redis-py client for the deployment `url` names: bounded pools with socket timeouts
+    and health checks (dead TCP must not hang us), no command retries (a resent script would
+    run twice)."""
     r = settings.redis
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections or r.pool_size, timeout=r.socket_timeout_s,
-        socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s,
-        health_check_interval=r.health_check_interval_s)
-    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+    return topology.connect(topology.parse(url), max_connections=max_connections or r.pool_size,
+                            socket_timeout_s=r.socket_timeout_s,
+                            health_check_interval_s=r.health_check_interval_s)
 
 
 async def redis_call(make: Callable[[], Awaitable[T]]) -> T:
@@ -41,7 +39,7 @@ async def redis_call(make: Callable[[], Awaitable[T]]) -> T:
     except (rexc.ConnectionError, rexc.TimeoutError, OSError) as e:
         raise Unavailable(f"redis: {e or type(e).__name__}") from e
     except rexc.ResponseError as e:
-        if _UNAVAILABLE.search(str(e)):
+        if unavailable_reply(str(e)):
             raise Unavailable(f"redis: {e}") from e
         raise
 

@@ -162,7 +162,8 @@ _POSITIVE = {
 }
 _CHOICES = {"log.level": {"debug", "info", "warning", "error"}, "log.format": {"text", "json"}}
 _URL_SCHEMES = {
-    "redis.url": ("redis://", "rediss://", "unix://"),
+    "redis.url": ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://",
+                  "redis+cluster://", "rediss+cluster://"),
     "postgres.url": ("postgres://", "postgresql://"),
     "clickhouse.url": ("http://", "https://", "chdb://"),
 }

@@ -9,7 +9,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from proxy import keys
@@ -62,8 +61,8 @@ class Backlog:
 
 
 class WriteLog:
-    def __init__(self, client: aioredis.Redis, shards: int, groups: tuple[str, ...],
-                 failpoints: Failpoints) -> None:
+    def __init__(self, client: Any, shards: int, groups: tuple[str, ...],
+                 failpoints: Failpoints, socket_timeout_s: float) -> None:
         self._r = client
         self._scripts = Scripts(client)
         self._failpoints = failpoints
@@ -72,8 +71,7 @@ class WriteLog:
         self.epoch: str | None = None  # Redis's epoch marker as this process first saw it
         # A blocking read must return well within the socket timeout, or an idle stream looks
         # like a dead Redis (a timeout, a reconnect and a warning every read).
-        timeout_s = client.connection_pool.connection_kwargs.get("socket_timeout")
-        self._max_block_ms = max(1, int(timeout_s * 500)) if timeout_s else None
+        self._max_block_ms = max(1, int(socket_timeout_s * 500))
 
     async def check_eviction_policy(self) -> None:
         """Refuse a Redis that may evict keys without TTL (allkeys-*): they hold unflushed data."""
@@ -106,7 +104,7 @@ class WriteLog:
         malformed ones come back as `Unreadable`."""
         stream = keys.log(shard)
         if block_ms is not None:
-            block_ms = min(block_ms, self._max_block_ms or block_ms)
+            block_ms = min(block_ms, self._max_block_ms)
         reply = await redis_call(lambda: self._r.xreadgroup(
             group, consumer, {stream: ">"}, count=count, block=block_ms))
         return self._decode_all(shard, reply[0][1] if reply else [])

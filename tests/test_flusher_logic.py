@@ -37,7 +37,7 @@ class Rig:
     def __init__(self, r: aioredis.Redis, sink: MemorySink) -> None:
         self.redis = r
         self.sink = sink
-        self.log = WriteLog(r, SHARDS, (GROUP,), Failpoints(""))
+        self.log = WriteLog(r, SHARDS, (GROUP,), Failpoints(""), 3.0)
         self.circuit = Circuit(threshold=2, open_s=0.02)
         self.acks: Acks = []
         self.flusher = Flusher(self.log, sink, self.circuit, CFG, "consumer-1", 2, self._ack,

@@ -237,7 +237,8 @@ def serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess
 @pytest.mark.parametrize(("args", "env", "message"), [
     ((), {"TIERPROXY_REDIS_SHARDS": "0"}, "redis.shards: must be greater than 0"),
     ((), {"TIERPROXY_REDIS_URL": "http://x"},
-     "redis.url: 'http://x' must start with one of redis://, rediss://, unix://"),
+     "redis.url: 'http://x' must start with one of redis://, rediss://, unix://, "
+     "redis+sentinel://, rediss+sentinel://, redis+cluster://, rediss+cluster://"),
     (("--port", "70000"), {}, "api.port: must be a TCP port (1-65535)"),
     (("--config", "missing.toml"), {},
      "config file missing.toml: No such file or directory"),

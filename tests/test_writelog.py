@@ -17,7 +17,7 @@ STREAM = keys.log(0)
 
 
 def log_on(redis: aioredis.Redis) -> WriteLog:
-    return WriteLog(redis, 1, GROUPS, Failpoints(""))
+    return WriteLog(redis, 1, GROUPS, Failpoints(""), 3.0)
 
 
 async def add(redis: aioredis.Redis, n: int) -> None:

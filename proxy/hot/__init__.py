@@ -34,3 +34,4 @@ class HotTier:
         self.pages = Pages(core, self.threads, self.messages)
         self.state = States(core)
         self.release = Release(core)
+        self.aclose = core.aclose

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from proxy import keys
+from proxy import autopipe, keys
 from proxy.backends import Backing
 from proxy.errors import Backpressure, Unavailable
 from proxy.failpoints import Failpoints
 from proxy.flights import SingleFlight
-from proxy.redisconn import RedisClient, Scripts, redis_call
+from proxy.redisconn import RedisClient
 from proxy.settings import Settings
 from proxy.writelog import Backlog
 
@@ -27,6 +27,12 @@ FENCE_MS = 60_000  # a read-through's fill comes within this of its load, or is 
 
 
 ACKNOWLEDGED, PERSISTED = "acknowledged", "persisted"
+
+
+@dataclass
+class Fence:
+    token: str
+    held: bool = False  # set when the fenced block ends
 
 
 @dataclass(frozen=True)
@@ -43,17 +49,24 @@ class Result:
 class Core:
     def __init__(self, client: RedisClient, settings: Settings, backing: Backing,
                  backlog: Backlog, degraded: Backing | None, failpoints: Failpoints) -> None:
-        self.redis = client
         self.failpoints = failpoints
+        self._pipe = autopipe.for_client(settings, client)
         self.settings = settings
         self.backing = backing
         self.degraded = degraded  # read-only, when the backing is down
         self.backlog = backlog
         self.flights = SingleFlight()
-        self._scripts = Scripts(client)
 
     async def run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
-        return await self._scripts.run(name, keys_, args)
+        """One script call, auto-pipelined with the other requests' calls of this tick."""
+        return await self._pipe.script(name, keys_, args)
+
+    async def call(self, key: str, *command: Any) -> Any:
+        """One plain command on `key`'s server, auto-pipelined."""
+        return await self._pipe.call(key, *command)
+
+    async def aclose(self) -> None:
+        await self._pipe.aclose()
 
     def shard(self, entity_id: str) -> int:
         return keys.shard_of(entity_id, self.settings.redis.shards)
@@ -63,16 +76,30 @@ class Core:
         return keys.fence(self.shard(entity_id), kind, entity_id)
 
     @contextlib.asynccontextmanager
-    async def fenced(self, kind: str, entity_id: str) -> AsyncIterator[str]:
+    async def fenced(self, kind: str, entity_id: str) -> AsyncIterator[Fence]:
         """Around a load from below and what is written into Redis based on it: the token the
-        fill (or the write) must present, registered before the load (see keys.py)."""
-        key, token = self.fence_key(kind, entity_id), os.urandom(8).hex()
-        await self.run("load_fence", [key], [token, FENCE_MS])
+        fill (or the write) must present, registered before the load (see keys.py). After the
+        block, `held` says whether it still was: False means the entity was released since
+        the load began, so what it read may be older than what was flushed meanwhile."""
+        key, fence = self.fence_key(kind, entity_id), Fence(os.urandom(8).hex())
+        await self.run("load_fence", [key], [fence.token, FENCE_MS])
         try:
-            yield token
+            yield fence
         finally:
             with contextlib.suppress(Unavailable):  # else it expires with the set
-                await redis_call(lambda: self.redis.srem(key, token))
+                fence.held = bool(await self.call(key, "SREM", key, fence.token))
+
+    async def fresh(self, kind: str, entity_id: str,
+                    load: Callable[[str], Awaitable[T]]) -> T:
+        """`load(token)` under a fence, again until no release of the entity happened while
+        it ran: its result is then at least as new as every write acknowledged before it
+        began, for the caller and for everyone who joined the same single-flight load."""
+        for _ in range(MAX_ATTEMPTS):
+            async with self.fenced(kind, entity_id) as fence:
+                result = await load(fence.token)
+            if fence.held:
+                return result
+        raise Unavailable(f"{kind} {entity_id}: changed during every read-through, try again")
 
     def thread_keys(self, tid: str) -> list[str]:
         """thread, messages, window, log: the keys of the thread scripts, in that order."""

@@ -73,11 +73,11 @@ class Messages:
     async def _check(self, req: _Append) -> Result | None:
         """Is the id in PostgreSQL only? Then this is a repeat; else append under the fence
         of the load that said so (a peer's copy flushed and trimmed meanwhile moves it)."""
-        async with self._c.fenced("t", req.tid) as token:
+        async with self._c.fenced("t", req.tid) as fence:
             row = await self._c.backing.load_message(req.tid, req.mid)
             await self._c.failpoints.hit("after-load-before-fill")
             if row is None:
-                return await self._append_once(req, token)
+                return await self._append_once(req, fence.token)
         if row.fingerprint != req.fingerprint:
             raise Conflict(f"message {req.mid} exists with a different body")
         return Result(row.doc, durability=PERSISTED)  # it is in PostgreSQL
@@ -111,12 +111,14 @@ class Messages:
         return await self._c.flights.do(("m", tid, mid), lambda: self._load(tid, mid))
 
     async def _load(self, tid: str, mid: str) -> MessageRow | None:
-        async with self._c.fenced("t", tid) as token:
+        async def load(token: str) -> MessageRow | None:
             row = await self._c.backing.load_message(tid, mid)
             await self._c.failpoints.hit("after-load-before-fill")
             if row is not None:
                 await self.refill([row], tid, token)
-        return row
+            return row
+
+        return await self._c.fresh("t", tid, load)
 
     async def refill(self, rows: list[MessageRow], tid: str, token: str) -> None:
         """Cache messages read through (under the load fence `token`, taken before the load):
@@ -183,14 +185,14 @@ class Messages:
         be checked and applied atomically."""
         if await self._threads.fill(tid) is None:
             raise NotFound(f"thread {tid} not found")
-        async with self._c.fenced("t", tid) as token:
+        async with self._c.fenced("t", tid) as fence:
             row = await self._c.backing.load_message(tid, mid)
             await self._c.failpoints.hit("after-load-before-fill")
             if row is None:
                 raise NotFound(f"message {mid} not found in thread {tid}")
             await self._c.run("fill_meta", self._c.thread_keys(tid)[:2] + [
                 self._c.fence_key("t", tid)], [mid, row.version, row.fingerprint, row.doc,
-                                               token])
+                                               fence.token])
 
 
 async def _degraded_message(below: Backing, tid: str, mid: str) -> MessageRow | None:

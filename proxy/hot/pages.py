@@ -70,12 +70,14 @@ class Pages:
         return Page(tid, last, lo, hi, below + window_docs, tier)
 
     async def _load(self, tid: str, lo: int, hi: int) -> list[MessageRow]:
-        async with self._c.fenced("t", tid) as token:
+        async def load(token: str) -> list[MessageRow]:
             rows = await self._c.backing.load_messages(tid, lo, hi)
             await self._c.failpoints.hit("after-load-before-fill")
             if rows:
                 await self._messages.refill(rows, tid, token)
-        return rows
+            return rows
+
+        return await self._c.fresh("t", tid, load)
 
     async def _degraded(self, tid: str, thread: ThreadRow, mode: str, cursor: int,
                         limit: int) -> Page:

@@ -7,7 +7,6 @@ from proxy import keys, model
 from proxy.backends import StateRow
 from proxy.errors import NotFound, PreconditionFailed
 from proxy.hot.core import Core, Result, settle
-from proxy.redisconn import redis_call
 
 
 class States:
@@ -16,7 +15,7 @@ class States:
 
     async def get(self, key: str) -> Result:
         k = keys.state(self._c.shard(key), key)
-        doc, deleted, expires = await redis_call(lambda: self._c.redis.hmget(k, "doc", "del", "x"))
+        doc, deleted, expires = await self._c.call(k, "HMGET", k, "doc", "del", "x")
         if doc is None:
             row = await self._c.flights.do(("s", key), lambda: self._load(key))
             if row is None:
@@ -28,7 +27,7 @@ class States:
 
     async def _load(self, key: str) -> StateRow | None:
         """A live entry from below, cached again; None if absent, deleted or expired."""
-        async with self._c.fenced("k", key) as token:
+        async def load(token: str) -> StateRow | None:
             row = await self._c.backing.load_state(key)
             await self._c.failpoints.hit("after-load-before-fill")
             if row is None or row.deleted or _expired(row.expires_at_ms):
@@ -37,7 +36,9 @@ class States:
                                              self._c.fence_key("k", key)], [
                 row.doc, row.version, row.expires_at_ms or "", self._c.ttl_ms,
                 model.now_ms(), token])
-        return row
+            return row
+
+        return await self._c.fresh("k", key, load)
 
     async def put(self, key: str, st: model.StateInput, if_match: str,
                   persisted: bool = False) -> Result:
@@ -64,11 +65,12 @@ class States:
             if status == "MISS" and base:  # the fence moved: the entry was released since
                 return None
             if status == "MISS":  # not in Redis: the script needs PostgreSQL's entry
-                async with self._c.fenced("k", key) as token:
+                async with self._c.fenced("k", key) as fence:
                     row = await self._c.backing.load_state(key)
                     await self._c.failpoints.hit("after-load-before-fill")
                     return await attempt(f"{row.version},{int(row.deleted)},"
-                                         f"{row.expires_at_ms or ''}" if row else "0,1,", token)
+                                         f"{row.expires_at_ms or ''}" if row else "0,1,",
+                                         fence.token)
             if status == "NOTFOUND":
                 raise NotFound(f"state {key} not found")
             if status == "PRECONDITION":

@@ -9,7 +9,6 @@ from proxy import keys, model
 from proxy.backends import ThreadRow
 from proxy.errors import Conflict, NotFound, PreconditionFailed
 from proxy.hot.core import Core, Result, settle
-from proxy.redisconn import redis_call
 
 
 class Threads:
@@ -18,7 +17,7 @@ class Threads:
 
     async def get(self, tid: str) -> Result:
         t = self._c.thread_keys(tid)[0]
-        doc, seq, deleted = await redis_call(lambda: self._c.redis.hmget(t, "doc", "seq", "del"))
+        doc, seq, deleted = await self._c.call(t, "HMGET", t, "doc", "seq", "del")
         tier = "redis"
         if doc is None:
             row, tier = await self._c.below(lambda: self.fill(tid), lambda b: b.load_thread(tid))
@@ -32,17 +31,16 @@ class Threads:
     async def fill(self, tid: str) -> ThreadRow | None:
         """Load the thread from the backing into Redis (one load for concurrent misses);
         a fill whose load began before the thread was released again is refused."""
-        async def load() -> ThreadRow | None:
-            async with self._c.fenced("t", tid) as token:
-                row = await self._c.backing.load_thread(tid)
-                await self._c.failpoints.hit("after-load-before-fill")
-                if row is not None:
-                    await self._c.run("fill_thread", self._fill_keys(tid), [
-                        row.doc, row.version, row.created_at, row.last_seq, int(row.deleted),
-                        self._c.ttl_ms, token, model.now_ms()])
+        async def load(token: str) -> ThreadRow | None:
+            row = await self._c.backing.load_thread(tid)
+            await self._c.failpoints.hit("after-load-before-fill")
+            if row is not None:
+                await self._c.run("fill_thread", self._fill_keys(tid), [
+                    row.doc, row.version, row.created_at, row.last_seq, int(row.deleted),
+                    self._c.ttl_ms, token, model.now_ms()])
             return row
 
-        return await self._c.flights.do(("t", tid), load)
+        return await self._c.flights.do(("t", tid), lambda: self._c.fresh("t", tid, load))
 
     def _fill_keys(self, tid: str) -> list[str]:
         return self._c.thread_keys(tid)[:3] + [
@@ -70,10 +68,10 @@ class Threads:
             if status == "MISS" and new:  # the fence moved: the thread was released since
                 return None
             if status == "MISS":  # not in Redis: PostgreSQL has it, or it is new
-                async with self._c.fenced("t", tid) as token:  # before the load saying "new"
+                async with self._c.fenced("t", tid) as fence:  # before the load saying "new"
                     if await self.fill(tid) is not None:
                         return None
-                    return await attempt(token)
+                    return await attempt(fence.token)
             if status == "GONE":
                 raise (NotFound if op == "del" else Conflict)(f"thread {tid} was deleted")
             if status == "NOTFOUND":
