@@ -64,12 +64,20 @@ def pack(args: tuple[Any, ...]) -> bytes:
     return b"".join(out)
 
 
+@dataclass
+class Stats:
+    writes: int = 0  # socket writes
+    calls: int = 0  # calls they carried
+
+
 class Link(asyncio.Protocol):
     """One connection to one server: calls queued in a tick are written together; replies
     resolve their futures in order."""
 
-    def __init__(self, resolve: Resolve, topology: Topology, timeout_s: float) -> None:
+    def __init__(self, resolve: Resolve, topology: Topology, timeout_s: float,
+                 stats: Stats) -> None:
         self._resolve = resolve
+        self._stats = stats
         self._address = Address()
         self._topology = topology
         self._timeout_s = timeout_s
@@ -106,6 +114,8 @@ class Link(asyncio.Protocol):
             return  # lost meanwhile: connection_lost failed the calls
         out, self._out = self._out[:MAX_WRITE], self._out[MAX_WRITE:]
         self._transport.write(b"".join(out))
+        self._stats.writes += 1
+        self._stats.calls += len(out)
         if self._out:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -189,8 +199,16 @@ class AutoPipeline:
         self._refresh = refresh
         self._timeout_s = timeout_s
         self._links: dict[str, Link] = {}
-        self._texts = {p.stem: p.read_text() for p in SCRIPTS.glob("*.lua")}
-        self._shas = {n: hashlib.sha1(t.encode()).hexdigest() for n, t in self._texts.items()}
+        self._texts: dict[str, str] = {}
+        self._shas: dict[str, str] = {}
+        self.stats = Stats()
+        for path in SCRIPTS.glob("*.lua"):
+            self.add_script(path.stem, path.read_text())
+
+    def add_script(self, name: str, text: str) -> None:
+        """Make a script callable by name (the sidecar's come from proxy/scripts)."""
+        self._texts[name] = text
+        self._shas[name] = hashlib.sha1(text.encode()).hexdigest()
 
     async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         call = ("EVALSHA", self._shas[name], len(keys), *keys, *args)
@@ -216,7 +234,8 @@ class AutoPipeline:
     def _link(self, name: str, resolve: Resolve) -> Link:
         link = self._links.get(name)
         if link is None:
-            link = self._links[name] = Link(resolve, self._topology, self._timeout_s)
+            link = self._links[name] = Link(resolve, self._topology, self._timeout_s,
+                                            self.stats)
         return link
 
     async def aclose(self) -> None:

@@ -23,6 +23,7 @@ from proxy.backends.clickhouse import ClickHouseStore
 from proxy.backends.postgres import apply_migrations
 from proxy.embedded import PostgresServer, RedisServer, clickhouse_url
 from proxy.settings import Settings
+from tests.redis_topology import Cluster, SentinelSet
 
 AppClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -62,6 +63,24 @@ def servers() -> Iterator[Servers]:
         if pg_srv:
             pg_srv.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
+    """A Redis primary, its replica and three sentinels (started on first use, ~2 s)."""
+    deployment = SentinelSet(tmp_path_factory.mktemp("sentinel"))
+    deployment.start()
+    yield deployment
+    deployment.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A three-primary Redis Cluster (started on first use, ~2 s)."""
+    deployment = Cluster(tmp_path_factory.mktemp("cluster"))
+    deployment.start()
+    yield deployment
+    deployment.stop()
 
 
 def make_settings(servers: Servers, **sections: dict[str, Any]) -> Settings:

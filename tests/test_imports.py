@@ -30,10 +30,12 @@ FENCES = {
     "uvloop": {"proxy.main"},
     # The modules that talk to Redis: the connection and scripts, the log, pub/sub fan-out and
     # the topology's clients (others name the client type as redisconn.RedisClient).
-    "redis": {"proxy.redisconn", "proxy.writelog", "proxy.hub", "proxy.topology"},
+    "redis": {"proxy.redisconn", "proxy.autopipe", "proxy.writelog", "proxy.hub",
+              "proxy.topology"},
     # HTTP and WebSocket: the server side and the typed client package.
     "aiohttp": {"proxy.routes", "proxy.app", "proxy.main", "proxy.hub", "proxy.wsconn",
-                "proxy.wsframes", "proxy.client.*"},
+                "proxy.wsframes", "proxy.tracing", "proxy.client.*"},
+    "opentelemetry": {"proxy.tracing"},  # optional (the otel extra), imported lazily
 }
 # What the backends must never reach, directly or through another module: the log and the
 # hot tier (the flusher hands them changes; the hot tier calls them, never the reverse).

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,22 +45,6 @@ def client_of(url: str, max_connections: int = 8) -> Client:
 
 
 # ---- fixtures (module scope: a set starts in about 2 s, a cluster in about 2-3 s)
-
-
-@pytest.fixture(scope="module")
-def sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
-    deployment = SentinelSet(tmp_path_factory.mktemp("sentinel"))
-    deployment.start()
-    yield deployment
-    deployment.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    deployment = Cluster(tmp_path_factory.mktemp("cluster"))
-    deployment.start()
-    yield deployment
-    deployment.stop()
 
 
 @pytest.fixture
