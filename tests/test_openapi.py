@@ -1,6 +1,7 @@
-"""proxy/openapi.py: the document is valid OpenAPI 3.1, documents exactly the routes the app
-registers, its request-body schemas accept and reject what model.py does, and real responses
-have documented statuses, headers and shapes."""
+"""proxy/openapi: the document is valid OpenAPI 3.1 and follows the settings (bearer security only
+with a token, the configured limits), documents exactly the routes the app registers, its links
+lead where they say, its request-body schemas accept and reject what model.py does, and real
+responses have documented statuses, headers and shapes. tests/test_schemathesis.py fuzzes it."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from proxy import keys, model, routes
+from proxy import keys, model, openapi, routes
 from proxy import settings as config
 from proxy.app import create_app, create_metrics_app
 from proxy.errors import Invalid, Malformed
 from proxy.openapi import DOCUMENT
 from tests.conftest import AppClient
+
+GUARDED = openapi.document(config.Settings().replace("api", token="s3cret"))
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
 
@@ -42,10 +45,10 @@ def schema_validator(schema: Any) -> Draft202012Validator:
                                 format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
-def resolve(node: Any) -> Any:
+def resolve(node: Any, document: dict[str, Any] = DOCUMENT) -> Any:
     """Follow local $refs to the object they name."""
     while isinstance(node, dict) and "$ref" in node:
-        target: Any = DOCUMENT
+        target: Any = document
         for part in node["$ref"].removeprefix("#/").split("/"):
             target = target[part.replace("~1", "/").replace("~0", "~")]
         node = target
@@ -55,23 +58,48 @@ def resolve(node: Any) -> Any:
 # ---- (1) a valid OpenAPI 3.1 document, as served
 
 
-def test_document_is_valid_openapi_31() -> None:
-    validate(DOCUMENT, cls=OpenAPIV31SpecValidator)
-    assert DOCUMENT["openapi"] == "3.1.0"
-    assert orjson.loads(orjson.dumps(DOCUMENT)) == DOCUMENT  # what /openapi.json sends
+@pytest.mark.parametrize("document", [DOCUMENT, GUARDED], ids=["no-token", "token"])
+def test_document_is_valid_openapi_31(document: dict[str, Any]) -> None:
+    validate(document, cls=OpenAPIV31SpecValidator)
+    assert document["openapi"] == "3.1.0"
+    assert orjson.loads(orjson.dumps(document)) == document  # what /openapi.json sends
 
 
-def operations() -> list[tuple[str, str, dict[str, Any]]]:
-    return [(method.upper(), path, op) for path, item in DOCUMENT["paths"].items()
+def operations(document: dict[str, Any] = DOCUMENT) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(method.upper(), path, op) for path, item in document["paths"].items()
             for method, op in item.items() if method in HTTP_METHODS]
 
 
-def test_v1_operations_need_the_bearer_token_and_probes_do_not() -> None:
+def test_with_a_token_v1_operations_need_it_and_probes_do_not() -> None:
+    assert GUARDED["components"]["securitySchemes"] == {"bearer": openapi.BEARER}
+    for method, path, op in operations(GUARDED):
+        guarded = path.startswith("/v1")
+        assert op.get("security") == ([{"bearer": []}] if guarded else None), (method, path)
+        assert ("401" in op["responses"]) == guarded, (method, path)
+    unauthorized = resolve(GUARDED["components"]["responses"]["Unauthorized"], GUARDED)
+    assert set(unauthorized["headers"]) == {"WWW-Authenticate"}
+
+
+def test_without_a_token_nothing_declares_security_or_401() -> None:
+    assert "securitySchemes" not in DOCUMENT["components"]
+    assert "Unauthorized" not in DOCUMENT["components"]["responses"]
+    assert "WWW-Authenticate" not in DOCUMENT["components"]["headers"]
     for method, path, op in operations():
-        expected = [{"bearer": []}] if path.startswith("/v1") else []
-        assert op["security"] == expected, (method, path)
-        if path.startswith("/v1"):
-            assert "401" in op["responses"], (method, path)
+        assert "security" not in op and "401" not in op["responses"], (method, path)
+
+
+def test_document_states_the_configured_limits_and_addresses() -> None:
+    s = config.Settings()
+    s = s.replace("api", host="127.0.0.2", port=9001, max_content_chars=300,
+                  max_body_bytes=5000).replace("metrics", port=9002)
+    document = openapi.document(s)
+    schemas = document["components"]["schemas"]
+    assert schemas["MessageInput"]["properties"]["content"]["maxLength"] == 300
+    assert schemas["MessagePatch"]["properties"]["content"]["maxLength"] == 300
+    assert "5000 bytes" in document["components"]["responses"]["TooLarge"]["description"]
+    assert document["servers"][0]["url"] == "http://127.0.0.2:9001"
+    assert document["paths"]["/metrics"]["servers"][0]["url"] == "http://{host}:9002"
+    assert openapi.document() == DOCUMENT == openapi.document(config.load(env={}))
 
 
 def test_every_503_carries_retry_after_and_entity_responses_carry_etag() -> None:
@@ -223,16 +251,78 @@ def test_id_pattern_agrees_with_check_id(value: str) -> None:
     assert param["schema"]["pattern"] == keys.ID_PATTERN
 
 
-def test_page_limits_agree_with_routes() -> None:
-    limit = resolve({"$ref": "#/components/parameters/limit"})["schema"]
+def test_page_query_agrees_with_routes() -> None:
+    page = resolve({"$ref": "#/components/parameters/page"})
+    assert (page["in"], page["style"], page["explode"]) == ("query", "form", True)
+    props = page["schema"]["properties"]
+    limit = props["limit"]
     assert (limit["minimum"], limit["maximum"], limit["default"]) == (
         1, model.MAX_PAGE, model.DEFAULT_PAGE)
     for name, low in (("after", 0), ("before", 1)):
-        schema = resolve({"$ref": f"#/components/parameters/{name}"})["schema"]
         routes._int_param(str(low), name, low, model.MAX_CURSOR)
         with pytest.raises(Malformed):
             routes._int_param(str(low - 1), name, low, model.MAX_CURSOR)
-        assert (schema["minimum"], schema["maximum"]) == (low, model.MAX_CURSOR)
+        assert (props[name]["minimum"], props[name]["maximum"]) == (low, model.MAX_CURSOR)
+
+
+@pytest.mark.parametrize(("query", "accepted"), [
+    ({}, True), ({"limit": 5}, True), ({"before": 3, "limit": 2}, True), ({"after": 0}, True),
+    ({"before": 3, "after": 1}, False), ({"cursor": 1}, False), ({"limit": 0}, False)])
+def test_page_schema_refuses_what_routes_refuse(query: dict[str, int], accepted: bool) -> None:
+    page = resolve({"$ref": "#/components/parameters/page"})
+    assert schema_validator(page["schema"]).is_valid(query) == accepted
+
+
+def _target(op_id: str) -> tuple[dict[str, Any], set[str]]:
+    """The operation with that id and the names of its parameters (path item's included)."""
+    for item in DOCUMENT["paths"].values():
+        for method, op in item.items():
+            if method in HTTP_METHODS and op["operationId"] == op_id:
+                params = [resolve(p) for p in item.get("parameters", []) + op.get("parameters", [])]
+                return op, {f"{p['in']}.{p['name']}" for p in params}
+    raise AssertionError(f"no operation {op_id}")
+
+
+def test_links_lead_to_operations_with_the_parameters_they_set() -> None:
+    found = 0
+    for method, path, op in operations():
+        source = {f"{p['in']}.{p['name']}" for p in map(resolve, DOCUMENT["paths"][path].get(
+            "parameters", []) + op.get("parameters", []))}
+        for status, spec in op["responses"].items():
+            for name, link in resolve(spec).get("links", {}).items():
+                found += 1
+                target, params = _target(link["operationId"])
+                where = f"{method} {path} {status} {name}"
+                for param, expression in link["parameters"].items():
+                    assert (param if "." in param else f"path.{param}") in params, where
+                    if expression.startswith("$request.path."):
+                        assert "path." + expression.removeprefix("$request.path.") in source
+                    if expression.startswith("$response.body#/"):
+                        body = resolve(resolve(spec)["content"]["application/json"]["schema"])
+                        assert expression.removeprefix("$response.body#/") in body["properties"]
+                    if expression.startswith("$response.header."):
+                        assert expression.removeprefix("$response.header.") in spec_headers(spec)
+    assert found >= 30
+
+
+def spec_headers(spec: dict[str, Any]) -> set[str]:
+    return set(resolve(spec).get("headers", {}))
+
+
+def test_links_cover_the_stateful_chains() -> None:
+    """put thread -> read it, append; append -> read, edit, delete the message by the id
+    answered; put state -> read, delete; a delete -> read again."""
+    def leads(op_id: str, status: str) -> set[str]:
+        op, _ = _target(op_id)
+        return {link["operationId"] for link in
+                resolve(op["responses"][status]).get("links", {}).values()}
+
+    assert {"getThread", "appendMessage", "deleteThread"} <= leads("putThread", "201")
+    assert {"getMessage", "patchMessage", "deleteMessage"} <= leads("appendMessage", "201")
+    assert {"getState", "deleteState"} <= leads("putState", "201")
+    assert leads("deleteMessage", "200") == {"getMessage"}
+    mid = _target("appendMessage")[0]["responses"]["201"]["links"]["GetMessage"]
+    assert mid["parameters"]["mid"] == "$response.body#/message_id"
 
 
 # Known disagreements between model.py and the documented contract (found while writing this
@@ -252,17 +342,17 @@ def test_metadata_may_contain_the_text_backslash_u0000() -> None:
 class Exchange:
     """Requests against a real app, each response checked against the documented operation."""
 
-    def __init__(self, client: Any) -> None:
-        self.client = client
+    def __init__(self, client: Any, document: dict[str, Any] = DOCUMENT) -> None:
+        self.client, self.document = client, document
 
     async def __call__(self, method: str, template: str, url: str, status: int,
                        **kwargs: Any) -> Any:
         resp = await self.client.request(method, url, **kwargs)
         body = await resp.read()
         assert resp.status == status, body
-        op = DOCUMENT["paths"][template][method.lower()]
+        op = self.document["paths"][template][method.lower()]
         assert str(status) in op["responses"], f"{method} {template}: {status} not documented"
-        spec = resolve(op["responses"][str(status)])
+        spec = resolve(op["responses"][str(status)], self.document)
         for name in spec.get("headers", {}):
             assert name in resp.headers, f"{method} {url}: no {name} header"
         if "content" not in spec:
@@ -274,7 +364,7 @@ class Exchange:
         return data
 
 
-async def test_responses_match_the_document(client: Any) -> None:
+async def test_responses_match_the_document(client: Any, settings: config.Settings) -> None:
     call = Exchange(client)
     thread, msgs, msg, state = ("/v1/threads/{tid}", "/v1/threads/{tid}/messages",
                                 "/v1/threads/{tid}/messages/{mid}", "/v1/state/{key}")
@@ -325,12 +415,33 @@ async def test_responses_match_the_document(client: Any) -> None:
     await call("POST", "/v1/admin/dead-letters/replay", "/v1/admin/dead-letters/replay", 200)
     await call("GET", "/healthz", "/healthz", 200)
     await call("GET", "/readyz", "/readyz", 200)
-    assert await call("GET", "/openapi.json", "/openapi.json", 200) == DOCUMENT
+    assert await call("GET", "/openapi.json", "/openapi.json", 200) == openapi.document(settings)
+
+
+async def test_what_schemathesis_found_is_answered_as_documented(client: Any) -> None:
+    """Issue 11.5: each answer a documented status with a documented body."""
+    call = Exchange(client)
+    thread, state = "/v1/threads/{tid}", "/v1/state/{key}"
+    # An empty X-Durability names no level (it was taken for the default and stored).
+    await call("PUT", thread, "/v1/threads/t1", 400, json={}, headers={"X-Durability": ""})
+    await call("GET", thread, "/v1/threads/t1", 404)
+    # An empty If-Match names no version: 412, saying what the entry is at (nothing).
+    error = await call("PUT", state, "/v1/state/k1", 412, json={"value": 1},
+                       headers={"If-Match": ""})
+    assert error["error"]["message"] == "state k1 does not exist"
+    assert error["error"]["detail"] == {"version": None}
+    # before with after: refused, and the page schema says so (test_page_schema_refuses...).
+    await call("PUT", thread, "/v1/threads/t1", 201, json={})
+    await call("GET", "/v1/threads/{tid}/messages", "/v1/threads/t1/messages?before=2&after=0",
+               400)
+    # A GET of /v1/ws that is no WebSocket handshake.
+    await call("GET", "/v1/ws", "/v1/ws", 400)
 
 
 async def test_unauthorized_responses_match_the_document(client_for: AppClient,
                                                          settings: config.Settings) -> None:
-    call = Exchange(await client_for(settings.replace("api", token="s3cret")))
+    guarded = settings.replace("api", token="s3cret")
+    call = Exchange(await client_for(guarded), openapi.document(guarded))
     await call("GET", "/v1/threads/{tid}", "/v1/threads/t1", 401)
     await call("GET", "/v1/state/{key}", "/v1/state/k", 401,
                headers={"Authorization": "Bearer wrong"})

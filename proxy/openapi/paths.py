@@ -4,6 +4,7 @@ statuses, parameters, body)."""
 from __future__ import annotations
 
 from proxy.openapi.schemas import STR, Schema, operation, ref, response
+from proxy.settings import Metrics
 
 ACCEPTED = ("Stored (in Redis, and flushed to PostgreSQL later) but not at the durability asked "
             "for in X-Durability: e.g. `persisted` while PostgreSQL is down. The response's "
@@ -12,7 +13,8 @@ ACCEPTED = ("Stored (in Redis, and flushed to PostgreSQL later) but not at the d
 
 WS_PROTOCOL = """\
 Upgrade to a WebSocket; every frame is a text frame holding one JSON object. With api.token
-set, send the bearer header, or (browsers cannot) `?token=<token>` on this path only.
+set, send the bearer header, or (browsers cannot) `?token=<token>` on this path only. A GET
+without the WebSocket handshake (`Upgrade: websocket` and its headers) is answered 400.
 
 Client to server (`WsClientMessage`):
 - `{"op": "subscribe", "thread_id": ..., "after_seq": N}`: the thread's events from now on;
@@ -38,6 +40,50 @@ and last live message (null without any). 404: no event of the thread, or it is 
 """
 
 
+# ---- links: where a response's ids lead (the stateful tests follow them)
+
+TID = {"tid": "$request.path.tid"}
+MID = {**TID, "mid": "$response.body#/message_id"}
+KEY = {"key": "$request.path.key"}
+CURRENT = {"header.If-Match": "$response.header.ETag"}  # compare-and-set on what was answered
+
+
+def link(op_id: str, description: str, params: dict[str, str]) -> Schema:
+    return {"operationId": op_id, "parameters": params, "description": description}
+
+
+def thread_links() -> Schema:
+    return {"GetThread": link("getThread", "Read the thread back.", TID),
+            "ReplaceThread": link("putThread", "Replace it at the version answered.",
+                                  {**TID, **CURRENT}),
+            "DeleteThread": link("deleteThread", "Tombstone it at the version answered.",
+                                 {**TID, **CURRENT}),
+            "AppendMessage": link("appendMessage", "Append to it.", TID),
+            "ListMessages": link("listMessages", "Read its messages.", TID)}
+
+
+def message_links() -> Schema:
+    return {"GetMessage": link("getMessage", "Read the message back.", MID),
+            "EditMessage": link("patchMessage", "Edit it at the version answered.",
+                                {**MID, **CURRENT}),
+            "DeleteMessage": link("deleteMessage", "Tombstone it at the version answered.",
+                                  {**MID, **CURRENT}),
+            "ListMessages": link("listMessages", "Read its thread's messages.", TID)}
+
+
+def state_links() -> Schema:
+    return {"GetState": link("getState", "Read the entry back.", KEY),
+            "ReplaceState": link("putState", "Replace it at the version answered.",
+                                 {**KEY, **CURRENT}),
+            "DeleteState": link("deleteState", "Delete it at the version answered.",
+                                {**KEY, **CURRENT})}
+
+
+def read_back(op_id: str, params: dict[str, str]) -> Schema:
+    """After a tombstone: reading it again answers 404."""
+    return {"GetDeleted": link(op_id, "Read it again: 404.", params)}
+
+
 # ---- paths
 
 
@@ -49,11 +95,13 @@ def v1_paths() -> Schema:
     def ok(description: str, schema: Schema) -> dict[str, Schema]:
         return {"200": response(description, schema, entity)}
 
-    def written(description: str, schema: Schema, created: str = "") -> dict[str, Schema]:
-        """A write's answers: 200 (and 201 created), or 202 stored below the durability asked."""
-        out = {"200": response(description, schema, done),
-               "202": response(ACCEPTED, schema, done)}
-        return {"201": response(created, schema, done), **out} if created else out
+    def written(description: str, schema: Schema, links: Schema,
+                created: str = "") -> dict[str, Schema]:
+        """A write's answers: 200 (and 201 created), or 202 stored below the durability asked;
+        each leads on by `links`."""
+        out = {"200": response(description, schema, done, links),
+               "202": response(ACCEPTED, schema, done, links)}
+        return {"201": response(created, schema, done, links), **out} if created else out
 
     def at(*names: str) -> list[Schema]:
         return [ref(n, "parameters") for n in names]
@@ -62,87 +110,84 @@ def v1_paths() -> Schema:
         "/v1/threads/{tid}": {
             "parameters": at("tid"),
             "put": operation("putThread", "Create or replace a thread",
-                             written("Replaced.", thread, "Created."),
-                             "400 401 409 412 413 415 422 500 503", params=write,
+                             written("Replaced.", thread, thread_links(), "Created."),
+                             "400 409 412 413 415 422 500 503", params=write,
                              body="ThreadInput"),
             "get": operation("getThread", "A thread, with last_seq", ok("The thread.", thread),
-                             "401 404 422 500 503"),
+                             "404 422 500 503"),
             "delete": operation("deleteThread", "Tombstone a thread",
-                                written("The tombstone.", thread),
-                                "400 401 404 412 422 500 503", params=write),
+                                written("The tombstone.", thread, read_back("getThread", TID)),
+                                "400 404 412 422 500 503", params=write),
         },
         "/v1/threads/{tid}/messages": {
             "parameters": at("tid"),
             "post": operation("appendMessage", "Append a message",
                               written("Same message_id and body again: the original.", message,
-                                 "Appended with the thread's next seq."),
-                              "400 401 404 409 413 415 422 500 503", params=["X-Durability"],
+                                      message_links(), "Appended with the thread's next seq."),
+                              "400 404 409 413 415 422 500 503", params=["X-Durability"],
                               body="MessageInput"),
             "get": operation("listMessages", "A page of messages, ordered by seq",
                              {"200": response("The page.", ref("MessagePage"), ["X-Tier"])},
-                             "400 401 404 422 500 503", params=["limit", "before", "after"],
+                             "400 404 422 500 503", params=["page"],
                              description="Without a cursor: the latest page."),
         },
         "/v1/threads/{tid}/messages/{mid}": {
             "parameters": at("tid", "mid"),
             "get": operation("getMessage", "One message", ok("The message.", message),
-                             "401 404 422 500 503"),
+                             "404 422 500 503"),
             "patch": operation("patchMessage", "Edit a message",
-                               written("The new version.", message),
-                               "400 401 404 412 413 415 422 500 503", params=write,
+                               written("The new version.", message, message_links()),
+                               "400 404 412 413 415 422 500 503", params=write,
                                body="MessagePatch"),
             "delete": operation("deleteMessage", "Tombstone a message (its seq stays)",
-                                written("The tombstone.", message), "400 401 404 412 422 500 503",
-                                params=write),
+                                written("The tombstone.", message, read_back("getMessage", MID)),
+                                "400 404 412 422 500 503", params=write),
         },
         "/v1/threads/{tid}/stats": {"parameters": at("tid"), "get": operation(
             "getThreadStats", "Message counts and sizes of a thread",
             {"200": response("The statistics.", ref("ThreadStats"),
-                             ["X-Tier", "X-Staleness-S"])}, "401 404 422 500 503",
+                             ["X-Tier", "X-Staleness-S"])}, "404 422 500 503",
             description=STATS)},
         "/v1/state/{key}": {
             "parameters": at("key"),
             "put": operation("putState", "Write a state entry",
-                             written("Replaced.", state, "Created."),
-                             "400 401 412 413 415 422 500 503", params=write, body="StateInput"),
+                             written("Replaced.", state, state_links(), "Created."),
+                             "400 412 413 415 422 500 503", params=write, body="StateInput"),
             "get": operation("getState", "A state entry", ok("The entry.", state),
-                             "401 404 422 500 503"),
+                             "404 422 500 503"),
             "delete": operation("deleteState", "Delete a state entry",
-                                written("The tombstone.", state),
-                                "400 401 404 412 422 500 503", params=write),
+                                written("The tombstone.", state, read_back("getState", KEY)),
+                                "400 404 412 422 500 503", params=write),
         },
         "/v1/status": {"get": operation(
             "getStatus", "Tiers, circuit states, backlog and lag per sink, dead letters",
-            {"200": response("The status.", ref("Status"))}, "401 500 503")},
+            {"200": response("The status.", ref("Status"))}, "500 503")},
         "/v1/admin/dead-letters/replay": {"post": operation(
             "replayDeadLetters", "Put dead-lettered entries back into their shard's log",
-            {"200": response("How many were replayed.", ref("ReplayResult"))}, "401 500 503")},
+            {"200": response("How many were replayed.", ref("ReplayResult"))}, "500 503")},
         "/v1/ws": {"get": operation(
             "webSocket", "Subscribe to threads' events",
-            {"101": response("Switching Protocols: the socket is open.")}, "400 401 500 503",
+            {"101": response("Switching Protocols: the socket is open.")}, "400 500 503",
             description=WS_PROTOCOL)},
     }
 
 
-def probe_paths() -> Schema:
-    metrics_port = [{"url": "http://{host}:9750", "description": "the metrics port",
+def probe_paths(metrics: Metrics) -> Schema:
+    metrics_port = [{"url": f"http://{{host}}:{metrics.port}", "description": "the metrics port",
                      "variables": {"host": {"default": "localhost"}}}]
     exposition = {"description": "Text exposition format.",
                   "content": {"text/plain": {"schema": STR}}}
     return {
         "/healthz": {"get": operation("healthz", "Liveness",
-                                      {"200": response("Alive.", ref("Health"))}, public=True)},
+                                      {"200": response("Alive.", ref("Health"))})},
         "/readyz": {"get": operation(
             "readyz", "Readiness: started, not draining, workers alive, Redis answering",
             {"200": response("Ready.", ref("Readiness")),
-             "503": response("Not ready; `problems` says why.", ref("Readiness"))},
-            public=True)},
+             "503": response("Not ready; `problems` says why.", ref("Readiness"))})},
         "/openapi.json": {"get": operation(
-            "openapi", "This document", {"200": response("OpenAPI 3.1.", {"type": "object"})},
-            public=True)},
+            "openapi", "This document", {"200": response("OpenAPI 3.1.", {"type": "object"})})},
         "/metrics": {"servers": metrics_port, "get": operation(
-            "metrics", "Prometheus metrics (on the metrics port only)", {"200": exposition},
-            public=True)},
+            "metrics", "Prometheus metrics (on the metrics port only)", {"200": exposition})},
     }
 
 

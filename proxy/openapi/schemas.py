@@ -1,6 +1,5 @@
 """The OpenAPI document's building blocks and components: schemas of every body, parameter,
-header and error response. Size limits shown are the defaults (settings.Api); a deployment may
-configure others."""
+header and error response, with the size limits of the settings it describes (settings.Api)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from proxy.settings import Api
 
 Schema = dict[str, Any]
 
-LIMITS = Api()
 NO_NUL = "^[^\\u0000]*$"
 JSON = "application/json"
 STR: Schema = {"type": "string"}
@@ -58,19 +56,22 @@ def const(value: str) -> Schema:
 
 
 def response(description: str, schema: Schema | None = None,
-             headers: list[str] | None = None) -> Schema:
+             headers: list[str] | None = None, links: Schema | None = None) -> Schema:
     out: Schema = {"description": description}
     if schema is not None:
         out["content"] = {JSON: {"schema": schema}}
     if headers:
         out["headers"] = {h: ref(h, "headers") for h in headers}
+    if links:
+        out["links"] = links
     return out
 
 
 def operation(op_id: str, summary: str, ok: dict[str, Schema], errors: str = "", *,
               params: list[str] | None = None, body: str | None = None,
-              description: str = "", public: bool = False) -> Schema:
-    """`ok` maps success statuses to responses; `errors` lists the error statuses."""
+              description: str = "") -> Schema:
+    """`ok` maps success statuses to responses; `errors` lists the error statuses (401 and
+    the security requirement are the document's to add: only when api.token is set)."""
     op: Schema = {"operationId": op_id, "summary": summary}
     if description:
         op["description"] = description
@@ -80,8 +81,13 @@ def operation(op_id: str, summary: str, ok: dict[str, Schema], errors: str = "",
         op["requestBody"] = {"required": True, "content": {JSON: {"schema": ref(body)}}}
     op["responses"] = {**ok, **{code: ref(ERRORS[code][0], "responses")
                                 for code in errors.split()}}
-    op["security"] = [] if public else [{"bearer": []}]
     return op
+
+
+def authenticated(op: Schema) -> Schema:
+    """The operation behind the bearer token: it may answer 401."""
+    responses = {**op["responses"], "401": ref("Unauthorized", "responses")}
+    return {**op, "responses": dict(sorted(responses.items())), "security": [{"bearer": []}]}
 
 
 # ---- components
@@ -92,7 +98,7 @@ ERRORS = {
     "404": ("NotFound", "`not_found`: unknown or deleted."),
     "409": ("Conflict", "`conflict`: thread deleted, or message id exists with another body."),
     "412": ("PreconditionFailed", "`precondition_failed`: stale If-Match; see `detail.version`."),
-    "413": ("TooLarge", f"`too_large`: the body is over {LIMITS.max_body_bytes} bytes."),
+    "413": ("TooLarge", "`too_large`: the body is over api.max_body_bytes ({max_body_bytes})."),
     "415": ("UnsupportedMediaType", "`unsupported_media_type`: send application/json."),
     "422": ("Invalid", "`invalid_field`: a bad, missing or unknown field: `detail.field`."),
     "500": ("Internal", "`internal`: a bug (logged)."),
@@ -102,8 +108,12 @@ ERRORS = {
 }
 
 
-def error_responses() -> Schema:
-    return {name: response(desc, ref("Error"), ["Retry-After"] if code == "503" else None)
+ERROR_HEADERS = {"401": ["WWW-Authenticate"], "503": ["Retry-After"]}
+
+
+def error_responses(api: Api) -> Schema:
+    return {name: response(desc.format(max_body_bytes=f"{api.max_body_bytes} bytes"),
+                           ref("Error"), ERROR_HEADERS.get(code))
             for code, (name, desc) in ERRORS.items()}
 
 
@@ -115,26 +125,37 @@ def param(name: str, where: str, schema: Schema, description: str) -> Schema:
 def parameters() -> Schema:
     ident = {"type": "string", "pattern": ID_PATTERN}
     invalid = "(422 if it does not match the pattern)."
-    one = "Give at most one of before and after; no other query parameter is accepted."
     return {
         "tid": param("tid", "path", ident, f"Thread id {invalid}"),
         "mid": param("mid", "path", ident, f"Message id {invalid}"),
         "key": param("key", "path", ident, f"State key {invalid}"),
-        "limit": param("limit", "query", {**integer(1, MAX_PAGE), "default": DEFAULT_PAGE},
-                       "Page size."),
-        "before": param("before", "query", integer(1, MAX_CURSOR),
-                        f"The page of messages just below seq `before`. {one}"),
-        "after": param("after", "query", integer(0, MAX_CURSOR),
-                       f"The page of messages just above seq `after` (resume). {one}"),
+        "page": page_parameter(),
         "If-Match": param("If-Match", "header", STR,
-                          "Expected current version (`\"3\"`, `3` or `W/\"3\"`); `*` or "
-                          "absent: any. Another version: 412."),
+                          "The version the write expects the entity to be at (`\"3\"`, `3` "
+                          "or `W/\"3\"`); `*` or absent: any. Another version, or a value "
+                          "that names none (empty, `\"\"`, a list), never matches: 412."),
         "X-Durability": param("X-Durability", "header",
                               {"type": "string", "enum": ["acknowledged", "persisted"],
                                "default": "acknowledged"},
                               "`persisted`: answer once committed in PostgreSQL, not only "
-                              "in Redis."),
+                              "in Redis. Case-insensitive; absent: `acknowledged`; another "
+                              "value (an empty one too): 400."),
     }
+
+
+def page_parameter() -> Schema:
+    """The page query as one object (form style, exploded: `?limit=10&before=7`), since only
+    an object schema can say that before and after exclude each other."""
+    schema = obj({"limit": {**integer(1, MAX_PAGE), "default": DEFAULT_PAGE,
+                            "description": "Page size."},
+                  "before": {**integer(1, MAX_CURSOR),
+                             "description": "The page of messages just below seq `before`."},
+                  "after": {**integer(0, MAX_CURSOR), "description": "The page of messages "
+                            "just above seq `after` (resume)."}},
+                 "", closed=True, **{"not": {"required": ["before", "after"]}})
+    return {**param("page", "query", schema, "Without before or after: the latest page. "
+                    "Both, or any other query parameter: 400."),
+            "style": "form", "explode": True}
 
 
 def headers() -> Schema:
@@ -153,18 +174,21 @@ def headers() -> Schema:
                          "schema": {"type": "string", "enum": ["acknowledged", "persisted"]}},
         "Retry-After": {"description": "Seconds to wait before retrying.",
                         "schema": integer(1)},
+        "WWW-Authenticate": {"description": "The scheme to authenticate with: `Bearer`.",
+                             "schema": STR},
     }
 
 
-def input_schemas() -> Schema:
-    """Request bodies: exactly what model.parse_* accepts (size limits aside)."""
+def input_schemas(api: Api) -> Schema:
+    """Request bodies: exactly what model.parse_* accepts (byte sizes aside: JSON Schema
+    cannot count the bytes of a serialised value)."""
     no_nul = {"propertyNames": {"pattern": NO_NUL}, "additionalProperties": ref("JsonValue")}
-    role, content, meta = text(64, 1), text(LIMITS.max_content_chars), ref("Metadata")
+    role, content, meta = text(64, 1), text(api.max_content_chars), ref("Metadata")
     return {
         "JsonValue": {"description": "Any JSON value without NUL characters.",
                       "pattern": NO_NUL, "items": ref("JsonValue"), **no_nul},
         "Metadata": {"type": "object", **no_nul,
-                     "description": f"A JSON object of at most {LIMITS.max_metadata_bytes} "
+                     "description": f"A JSON object of at most {api.max_metadata_bytes} "
                                     "bytes, without NUL characters."},
         "ThreadInput": obj({"title": text(1024), "owner_id": text(128), "metadata": meta},
                            "", closed=True,
@@ -178,7 +202,7 @@ def input_schemas() -> Schema:
                             closed=True, minProperties=1),
         "StateInput": obj({"value": {**ref("JsonValue"),
                                      "description": "Any JSON value without NUL characters, at "
-                                                    f"most {LIMITS.max_body_bytes} bytes."},
+                                                    f"most {api.max_body_bytes} bytes."},
                            "ttl": {"type": ["number", "null"], "exclusiveMinimum": 0,
                                    "maximum": TTL_MAX_S, "description": "Seconds to live."}},
                           "value", closed=True),
