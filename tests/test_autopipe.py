@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +28,31 @@ from tests.redis_topology import Cluster, SentinelSet
 COUNT = "local n = redis.call('INCR', KEYS[1]) return {n, ARGV[1]}"
 
 
+Pipelines = Callable[[str], Awaitable[AutoPipeline]]
+
+
 @pytest.fixture
-async def pipe(servers: Servers, redis: aioredis.Redis) -> AsyncIterator[AutoPipeline]:
-    yield await _pipeline(servers, servers.redis_url)
+async def pipelines(servers: Servers) -> AsyncIterator[Pipelines]:
+    """Makes auto-pipelines on a URL; each and its redis-py client are closed at the end."""
+    made: list[tuple[AutoPipeline, Any]] = []
+
+    async def make(url: str) -> AutoPipeline:
+        s = make_settings(servers, redis={"url": url, "socket_timeout_s": 1.0})
+        client = connect(s, url, 4)
+        if hasattr(client, "initialize"):  # a cluster client reads the slot map first
+            await client.initialize()
+        made.append((autopipe.for_client(s, client), client))
+        return made[-1][0]
+
+    yield make
+    for pipe, client in made:
+        await pipe.aclose()
+        await client.aclose()
 
 
-async def _pipeline(servers: Servers, url: str, **redis_settings: Any) -> AutoPipeline:
-    s = make_settings(servers, redis={"url": url, "socket_timeout_s": 1.0, **redis_settings})
-    client = connect(s, url, 4)
-    if hasattr(client, "initialize"):  # a cluster client reads the slot map first
-        await client.initialize()
-    return autopipe.for_client(s, client)
+@pytest.fixture
+async def pipe(servers: Servers, pipelines: Pipelines) -> AutoPipeline:
+    return await pipelines(servers.redis_url)
 
 
 async def test_concurrent_calls_share_writes_and_get_their_own_replies(
@@ -52,7 +66,6 @@ async def test_concurrent_calls_share_writes_and_get_their_own_replies(
     for j in range(7):
         mine = [replies[i] for i in range(200) if i % 7 == j]
         assert mine == [sum(range(j, i + 1, 7)) for i in range(j, 200, 7)]
-    await pipe.aclose()
 
 
 async def test_a_flushed_script_cache_reloads_and_runs_once(
@@ -62,7 +75,6 @@ async def test_a_flushed_script_cache_reloads_and_runs_once(
     await redis.script_flush()  # as a restart or SCRIPT FLUSH leaves it
     assert await pipe.script("count", ["c"], ["b"]) == [2, b"b"]  # it ran once
     assert await redis.get("c") == b"2"
-    await pipe.aclose()
 
 
 async def test_errors_are_unavailable_or_raised_as_they_mean(
@@ -76,7 +88,6 @@ async def test_errors_are_unavailable_or_raised_as_they_mean(
     finally:
         await redis.config_set("min-replicas-to-write", 0)
     assert await pipe.call("x", "SET", "x", "1") == b"OK"
-    await pipe.aclose()
 
 
 async def test_a_killed_connection_fails_its_calls_and_the_next_reconnects(
@@ -88,14 +99,13 @@ async def test_a_killed_connection_fails_its_calls_and_the_next_reconnects(
     with pytest.raises(Unavailable):
         await blocked
     assert await pipe.call("a", "GET", "a") == b"1"
-    await pipe.aclose()
 
 
 async def test_a_silent_server_fails_calls_within_the_timeout_then_heals(
-        servers: Servers, redis: aioredis.Redis) -> None:
+        servers: Servers, pipelines: Pipelines) -> None:
     port = int(servers.redis_url.rsplit(":", 1)[1].split("/")[0])
     with FaultProxy("127.0.0.1", port) as proxy:
-        pipe = await _pipeline(servers, f"redis://127.0.0.1:{proxy.port}/0")
+        pipe = await pipelines(f"redis://127.0.0.1:{proxy.port}/0")
         assert await pipe.call("a", "SET", "a", "1") == b"OK"
         proxy.set_mode("blackhole")
         started = time.monotonic()
@@ -105,7 +115,6 @@ async def test_a_silent_server_fails_calls_within_the_timeout_then_heals(
         proxy.set_mode("pass")
         proxy.cut()
         assert await pipe.call("a", "GET", "a") == b"1"
-        await pipe.aclose()
 
 
 @pytest.fixture
@@ -119,25 +128,23 @@ def guarded(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 async def test_the_handshake_authenticates_and_selects_the_database(
-        servers: Servers, guarded: RedisServer) -> None:
+        pipelines: Pipelines, guarded: RedisServer) -> None:
     url = f"redis://:s3cret@127.0.0.1:{guarded.port}/3"
-    pipe = await _pipeline(servers, url)
+    pipe = await pipelines(url)
     assert await pipe.call("k", "SET", "k", "v") == b"OK"
     direct = aioredis.Redis(port=guarded.port, password="s3cret", db=3)
     assert await direct.get("k") == b"v"
     await direct.aclose()
-    await pipe.aclose()
-    wrong = await _pipeline(servers, f"redis://:nope@127.0.0.1:{guarded.port}/0")
+    wrong = await pipelines(f"redis://:nope@127.0.0.1:{guarded.port}/0")
     with pytest.raises(Unavailable):
         await wrong.call("k", "GET", "k")
-    await wrong.aclose()
 
 
-async def test_calls_follow_a_sentinel_failover(servers: Servers, tmp_path: Path) -> None:
+async def test_calls_follow_a_sentinel_failover(pipelines: Pipelines, tmp_path: Path) -> None:
     deployment = SentinelSet(tmp_path)
     deployment.start()
     try:
-        pipe = await _pipeline(servers, deployment.url)
+        pipe = await pipelines(deployment.url)
         assert await pipe.call("k", "SET", "k", "before") == b"OK"
         old = deployment.kill_primary()
         await asyncio.to_thread(deployment.wait_promoted, old)
@@ -149,13 +156,13 @@ async def test_calls_follow_a_sentinel_failover(servers: Servers, tmp_path: Path
             except Unavailable:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.1)
-        await pipe.aclose()
     finally:
         deployment.stop()
 
 
-async def test_calls_reach_the_node_of_their_slot(servers: Servers, cluster: Cluster) -> None:
-    pipe = await _pipeline(servers, cluster.url)
+async def test_calls_reach_the_node_of_their_slot(pipelines: Pipelines,
+                                                  cluster: Cluster) -> None:
+    pipe = await pipelines(cluster.url)
     shard_keys = [keys.thread(s, "t") for s in range(16)]
     await asyncio.gather(*(pipe.call(k, "SET", k, k) for k in shard_keys))
     for k in shard_keys:
@@ -166,4 +173,3 @@ async def test_calls_reach_the_node_of_their_slot(servers: Servers, cluster: Clu
     pipe.add_script("count", COUNT)
     assert [r[0] for r in await asyncio.gather(
         *(pipe.script("count", [f"{k}:n"], ["x"]) for k in shard_keys))] == [1] * 16
-    await pipe.aclose()
