@@ -15,10 +15,12 @@ failed attempts, and dead-letter replays stall 0.5 s between reading and moving 
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import signal
 import time
 from pathlib import Path
+
+import psutil
 
 from proxy.embedded import PostgresServer, RedisServer, clickhouse_url
 from tests.sidecar import Sidecar
@@ -103,9 +105,13 @@ class Cluster:
         self._signal(i, signal.SIGCONT)
 
     def _signal(self, i: int, sig: signal.Signals) -> None:
+        """To every process of the sidecar (its supervisor, API processes and worker)."""
         sidecar = self._sidecars[i]
         if sidecar is not None and sidecar.proc is not None and sidecar.proc.poll() is None:
-            os.kill(sidecar.proc.pid, sig)
+            tree = psutil.Process(sidecar.proc.pid)
+            for p in [tree, *tree.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.send_signal(sig)
 
     async def stop(self, i: int) -> None:
         """SIGTERM and wait (the final flush runs), kill -9 if it hangs."""

@@ -14,6 +14,7 @@ the constraint holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -61,9 +62,11 @@ class Prober:
         self._task = asyncio.create_task(self._run(), name="nemesis-prober")
 
     async def stop(self) -> None:
+        """Stop probing; a prober that died of an error fails the run (its checks saw nothing)."""
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=1.0)
@@ -80,9 +83,10 @@ class Prober:
                 async with http.get(probe.url + path) as resp:
                     probe.status = resp.status
                     if what == "status" and resp.status == 200:
+                        # A process that has no status from its worker yet names no tiers.
                         doc = await resp.json()
-                        probe.postgres = doc["tiers"]["postgres"]["state"]
-                        probe.dead_letters = doc["sinks"]["pg"]["dead_letters"]
+                        probe.postgres = doc["tiers"].get("postgres", {}).get("state")
+                        probe.dead_letters = doc["sinks"].get("pg", {}).get("dead_letters")
             except (aiohttp.ClientError, TimeoutError, OSError):
                 pass
             probe.ended = time.monotonic()
