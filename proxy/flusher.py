@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-from proxy import metrics
+from proxy import metrics, tracing
 from proxy.backends import PoisonError, Sink
 from proxy.backoff import Backoff
 from proxy.circuit import Circuit
@@ -100,6 +100,7 @@ class Flusher:
         self._queue: asyncio.Queue[Handoff | None] = asyncio.Queue()
         self._recovered = asyncio.Event()
         self.name = sink.info.name
+        metrics.sink_series(self.name)
 
     async def run(self) -> None:
         """Flush until stopped (the batches in hand are finished) or cancelled."""
@@ -227,10 +228,11 @@ class Flusher:
         unique = coalesce(entries) if self._sink.info.coalesce else distinct(entries)
         metrics.COALESCED.labels(self.name).inc(len(entries) - len(unique))
         started = time.perf_counter()
-        dead = await self._write(unique, folded(entries, unique))
-        await self._failpoints.hit(self._sink.info.after_write)
-        for shard, done in _by_shard(e for e in entries if e.entry_id not in dead).items():
-            await self._ack(self.name, shard, done)
+        with tracing.flush_span(self.name, rows=len(unique), shards=len(handoffs)):
+            dead = await self._write(unique, folded(entries, unique))
+            await self._failpoints.hit(self._sink.info.after_write)
+            for shard, done in _by_shard(e for e in entries if e.entry_id not in dead).items():
+                await self._ack(self.name, shard, done)
         self._observe(unique, dead, time.perf_counter() - started)
 
     async def _sort_out(self, h: Handoff) -> list[Change]:

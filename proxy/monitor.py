@@ -138,18 +138,16 @@ class Monitor:
                 out.append(f"{name}: {st.dead_letters} dead letters")
         return out
 
-    async def dead_letters(self, limit: int = 100) -> list[dict[str, str]]:
-        out: list[dict[str, str]] = []
-        for shard in range(self._log.shards):
-            out += await self._log.dead_letters(shard, limit)
-        return out[:limit]
+    @property
+    def measured(self) -> bool:
+        return self.snapshot.measured
 
-    async def replay_dead_letters(self) -> int:
-        total = 0
-        for shard in range(self._log.shards):
-            total += await self._log.replay_dead_letters(shard)
-        logger.info("replayed %d dead letters", total)
-        return total
+    def pg_backlog(self) -> int:
+        return self._backlog.entries
+
+    def lag_s(self, sink: str) -> float:
+        st = self.snapshot.sinks.get(sink)
+        return st.lag_s if st is not None else 0.0
 
 
 def _total(counter: Any) -> float:

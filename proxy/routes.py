@@ -1,43 +1,30 @@
-"""URL table and thin handlers. Middlewares map errors to statuses, check the token, time
-and count requests. No Redis or SQL here: handlers call the HotTier."""
+"""URL table and thin handlers (their middlewares are in middlewares.py). No Redis or SQL
+here: handlers call the HotTier."""
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import json
 import logging
 import re
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
-from proxy import metrics, model
+from proxy import model
 from proxy.backends import CH
 from proxy.errors import (
     Malformed,
     NotFound,
-    ProxyError,
     TooLarge,
-    Unauthorized,
-    Unavailable,
     UnsupportedMediaType,
 )
 from proxy.hot import HotTier, Page, Result
 from proxy.hub import WebSocketHub
-from proxy.monitor import Monitor
 from proxy.settings import Settings
+from proxy.writelog import WriteLog, all_dead_letters, replay_all
 
 logger = logging.getLogger(__name__)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-HOT = web.AppKey("hot", HotTier)
-SETTINGS = web.AppKey("settings", Settings)
-MONITOR = web.AppKey("monitor", Monitor)
-
 
 class Analytics(Protocol):
     """Answers /stats (ClickHouse)."""
@@ -45,17 +32,24 @@ class Analytics(Protocol):
     async def thread_stats(self, tid: str) -> dict[str, Any] | None: ...
 
 
+class Status(Protocol):
+    """The monitor's findings (this process's Monitor, or the worker's, polled)."""
+
+    @property
+    def measured(self) -> bool: ...
+    def status(self) -> dict[str, Any]: ...
+    def stuck(self) -> list[str]: ...
+    def lag_s(self, sink: str) -> float: ...
+
+
+HOT = web.AppKey("hot", HotTier)
+SETTINGS = web.AppKey("settings", Settings)
+STATUS: web.AppKey[Status] = web.AppKey("status")
+LOG = web.AppKey("log", WriteLog)
 ANALYTICS: web.AppKey[Analytics] = web.AppKey("analytics")
 HUB = web.AppKey("hub", WebSocketHub)
 
 _LONG_NUMBER = re.compile(rb"\d{19}")  # 19+ digits: an integer that may not fit in 64 bits
-
-
-def error_response(status: int, code: str, message: str, detail: Any = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": {"code": code, "message": message, "detail": detail}}
-    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
-                        content_type="application/json")
 
 
 def json_response(body: bytes, status: int = 200, tier: str | None = None,
@@ -66,81 +60,6 @@ def json_response(body: bytes, status: int = 200, tier: str | None = None,
     if etag is not None:
         resp.headers["ETag"] = f'"{etag}"'
     return resp
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as `{"error": {...}}` with the status its class maps to."""
-    try:
-        return await handler(request)
-    except ProxyError as e:
-        headers = {}
-        if isinstance(e, Unavailable):
-            headers["Retry-After"] = str(max(1, round(e.retry_after_s)))
-        if isinstance(e, Unauthorized):
-            headers["WWW-Authenticate"] = "Bearer"  # a 401 must name the scheme (RFC 9110)
-        return error_response(e.status, e.code, e.message, e.detail, headers)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(e.status,
-                                                                                 "http_error")
-        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None  # 405 needs it
-        return error_response(e.status, code, e.reason, headers=allow)
-    except Exception:
-        logger.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal", "internal error (logged)")
-
-
-def auth_middleware(token: str) -> Any:
-    """When a token is configured, every /v1 route needs `Authorization: Bearer <token>`.
-    /v1/ws also takes `?token=<token>`: a browser cannot set headers on a WebSocket."""
-    expected = f"Bearer {token}".encode()
-
-    def authorized(request: web.Request) -> bool:
-        # surrogateescape: aiohttp decodes header bytes that are not UTF-8 that way
-        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        if hmac.compare_digest(given, expected):
-            return True
-        query = request.query.get("token") if request.path == "/v1/ws" else None
-        return query is not None and hmac.compare_digest(query.encode(), token.encode())
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token and request.path.startswith("/v1") and not authorized(request):
-            raise Unauthorized("missing or wrong bearer token")
-        return await handler(request)
-
-    return check
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    start = time.perf_counter()
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    status = 500
-    try:
-        resp = await handler(request)
-        status = resp.status
-        return resp
-    finally:
-        metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
-        metrics.HTTP_SECONDS.labels(route, request.method).observe(time.perf_counter() - start)
-
-
-def timeout_middleware(seconds: float) -> Any:
-    @web.middleware
-    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path == "/v1/ws":  # a socket lives as long as the client wants
-            return await handler(request)
-        try:
-            async with asyncio.timeout(seconds):
-                return await handler(request)
-        except TimeoutError as e:
-            raise Unavailable(f"request not answered within {seconds} s") from e
-
-    return limit
 
 
 async def read_json(request: web.Request) -> Any:
@@ -184,8 +103,9 @@ def _if_match(request: web.Request) -> str:
 
 
 def _persisted(request: web.Request) -> bool:
-    value = request.headers.get("X-Durability", "").lower()
-    if value not in ("", "acknowledged", "persisted"):
+    """Absent: acknowledged. Present, it must name a level (an empty value names none)."""
+    value = request.headers.get("X-Durability", "acknowledged").lower()
+    if value not in ("acknowledged", "persisted"):
         raise Malformed("X-Durability must be 'acknowledged' or 'persisted'",
                         {"header": "X-Durability"})
     return value == "persisted"
@@ -237,9 +157,8 @@ async def get_thread(request: web.Request) -> web.Response:
 
 def _staleness(request: web.Request, resp: web.Response) -> web.Response:
     """An answer from ClickHouse says how far behind it may be: the age of the `ch` backlog."""
-    sink = request.app[MONITOR].snapshot.sinks.get(CH.name)
-    if resp.headers.get("X-Tier") == "clickhouse" and sink is not None:
-        resp.headers["X-Staleness-S"] = f"{sink.lag_s:.3f}"
+    if resp.headers.get("X-Tier") == "clickhouse":
+        resp.headers["X-Staleness-S"] = f"{request.app[STATUS].lag_s(CH.name):.3f}"
     return resp
 
 
@@ -354,14 +273,13 @@ async def delete_state(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    monitor = request.app[MONITOR]
-    body = {**monitor.status(), "dead_letters": await monitor.dead_letters(20)}
+    body = {**request.app[STATUS].status(),
+            "dead_letters": await all_dead_letters(request.app[LOG], 20)}
     return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
 
 
 async def replay_dead_letters(request: web.Request) -> web.Response:
-    replayed = await request.app[MONITOR].replay_dead_letters()
-    return web.json_response({"replayed": replayed})
+    return web.json_response({"replayed": await replay_all(request.app[LOG])})
 
 
 # ---- push

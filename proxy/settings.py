@@ -110,6 +110,11 @@ class WebSocket:
 
 
 @dataclass(frozen=True)
+class Worker:
+    socket: str = ""
+
+
+@dataclass(frozen=True)
 class Shutdown:
     deadline_s: float = 10.0
 
@@ -137,6 +142,7 @@ class Settings:
     circuit: Circuit = field(default_factory=Circuit)
     cache: Cache = field(default_factory=Cache)
     ws: WebSocket = field(default_factory=WebSocket)
+    worker: Worker = field(default_factory=Worker)
     shutdown: Shutdown = field(default_factory=Shutdown)
     log: Log = field(default_factory=Log)
     debug: Debug = field(default_factory=Debug)

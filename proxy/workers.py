@@ -63,6 +63,7 @@ class Workers:
     def start(self, name: str, run: Callable[[], Awaitable[None]],
               stop: Callable[[], None] | None = None) -> None:
         """Run `run` as a background task; `stop` asks it to finish what it holds."""
+        metrics.WORKER_ERRORS.labels(name)  # exported at 0 from the start
         task = asyncio.create_task(self._guard(name, run), name=name)
         self._workers.append(_Worker(task, stop))
 

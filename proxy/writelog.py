@@ -233,6 +233,23 @@ class WriteLog:
                                            [REPLAY_MAX]))
 
 
+async def all_dead_letters(log: WriteLog, limit: int = 100) -> list[dict[str, str]]:
+    """The first dead letters of every shard, at most `limit`."""
+    out: list[dict[str, str]] = []
+    for shard in range(log.shards):
+        out += await log.dead_letters(shard, limit)
+    return out[:limit]
+
+
+async def replay_all(log: WriteLog) -> int:
+    """Put every shard's dead letters back in its log; how many."""
+    total = 0
+    for shard in range(log.shards):
+        total += await log.replay_dead_letters(shard)
+    logger.info("replayed %d dead letters", total)
+    return total
+
+
 def _as_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 

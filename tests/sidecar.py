@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 
 from proxy.embedded import free_port
 
@@ -39,14 +42,16 @@ class Sidecar:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 30.0) -> Sidecar:
+    def start(self, timeout_s: float = 30.0, ready: bool = True) -> Sidecar:
+        """Start it (its supervisor, which starts the rest); with `ready`, return once it is."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "serve", "--port", str(self.port),
                  "--metrics-port", str(self.metrics_port), "--data-dir", str(self.data_dir)],
                 cwd=ROOT, env=self._env, stdout=log, stderr=subprocess.STDOUT)
-        self.wait_ready(timeout_s)
+        if ready:
+            self.wait_ready(timeout_s)
         return self
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -63,14 +68,40 @@ class Sidecar:
             time.sleep(0.05)
         raise TimeoutError(f"sidecar not ready within {timeout_s} s:\n{self.logs()}")
 
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
+    def logs(self, tail: int = 5000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:] if self.log_path.exists() else ""
 
     def kill(self) -> None:
-        """kill -9: no cleanup, no final flush."""
+        """kill -9 of the whole sidecar (its supervisor, API processes and worker): no
+        cleanup, no final flush; returns once every process of it is gone."""
         if self.proc and self.proc.poll() is None:
+            family = psutil.Process(self.proc.pid).children(recursive=True)
             self.proc.kill()
+            for child in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            psutil.wait_procs(family, timeout=10)
         self.wait()
+
+    def processes(self, role: str) -> list[psutil.Process]:
+        """The sidecar's live processes of a role (api or worker)."""
+        assert self.proc is not None
+        found = []
+        for p in psutil.Process(self.proc.pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+                if p.status() != psutil.STATUS_ZOMBIE and p.cmdline()[-2:] == ["--role", role]:
+                    found.append(p)
+        return found
+
+    def exits(self, role: str) -> list[int]:
+        """The exit codes the supervisor logged for processes of `role` (api, worker)."""
+        return [int(code) for code in re.findall(rf"{role} process \d+ exited with (-?\d+)",
+                                                 self.logs(10**7))]
+
+    async def worker_killed(self) -> bool:
+        """Its worker process died of SIGKILL (a failpoint crash; the supervisor restarts it,
+        so the sidecar itself lives on: tests then kill it)."""
+        return -signal.SIGKILL in self.exits("worker")
 
     def terminate(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -361,16 +361,14 @@ def test_app_image_is_required_while_enabled(chart: helm.Chart) -> None:
     assert "app.image.repository" in render_error(chart, {**URLS})
 
 
-@pytest.mark.xfail(raises=SystemExit, strict=True,
-                   reason="tierproxy serve takes no --workers yet (the lead adds it)")
 def test_rendered_command_is_accepted_by_the_cli(chart: helm.Chart) -> None:
     from proxy.main import parse_args
 
     command = sidecar(render(chart, merged({"sidecar": {"workers": 3}})))["command"]
     assert command[0] == "tierproxy"
     args = parse_args(command[1:])
-    assert (args.command, args.host, args.port, args.metrics_port) == (
-        "serve", "127.0.0.1", 8750, 9750)
+    assert (args.command, args.host, args.port, args.metrics_port, args.workers) == (
+        "serve", "127.0.0.1", 8750, 9750, "3")
     assert str(args.config) == "/etc/tierproxy/config.toml"
 
 

@@ -287,11 +287,16 @@ async def exposition(servers: Servers, redis: aioredis.Redis, pg: asyncpg.Connec
             return await pg.fetchval("SELECT count(*) FROM messages WHERE thread_id = 'dash-1'")
 
         await wait_for(flushed, 30)
-        async with aiohttp.ClientSession() as http, \
-                http.get(f"http://127.0.0.1:{side.metrics_port}/metrics") as resp:
-            assert resp.status == 200
-            text = await resp.text()
-        yield read_exposition(text)
+
+        async def scraped() -> str | None:
+            """Once the requests are in (processes fold them in once a second)."""
+            async with aiohttp.ClientSession() as http, \
+                    http.get(f"http://127.0.0.1:{side.metrics_port}/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            return text if 'route="/v1/threads/{tid}/messages"' in text else None
+
+        yield read_exposition(await wait_for(scraped, 30, 0.2))
     finally:
         await asyncio.to_thread(side.stop)
 

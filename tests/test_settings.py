@@ -21,7 +21,7 @@ OTHER_TEXT = {
     "api.host": "0.0.0.0", "api.token": "t0k", "metrics.host": "127.0.0.1", "data.dir": "/d",
     "redis.url": "redis://h:1/0", "postgres.url": "postgresql://u@h:5/db",
     "clickhouse.url": "chdb:///var/ch", "log.level": "debug", "log.format": "json",
-    "debug.failpoint": "after-read:raise", "flush.sinks": "pg",
+    "debug.failpoint": "after-read:raise", "flush.sinks": "pg", "worker.socket": "/run/w.sock",
 }
 
 

@@ -47,7 +47,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import clickhouse_connect
 import orjson
@@ -337,6 +337,14 @@ class ClickHouseSink:
             raise  # the server's health: the flusher backs off and retries the same batch
 
 
+class EventReads(Protocol):
+    """What degraded reads need: ClickHouseStore, or the worker answering for it (chDB)."""
+
+    async def fetch_thread(self, tid: str) -> ThreadRow | None: ...
+    async def fetch_messages(self, tid: str, lo: int, hi: int) -> list[MessageRow]: ...
+    async def fetch_message(self, tid: str, mid: str) -> MessageRow | None: ...
+
+
 class ClickHouseBacking:
     """Degraded reads (backends.Backing, read-only) when PostgreSQL cannot answer: what Redis
     does not hold is read from ClickHouse, possibly stale (by the age of the `ch` backlog),
@@ -351,7 +359,7 @@ class ClickHouseBacking:
 
     tier = CH.tier
 
-    def __init__(self, store: ClickHouseStore, store_content: bool) -> None:
+    def __init__(self, store: EventReads, store_content: bool) -> None:
         self._store = store
         self._store_content = store_content
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from proxy.embedded.common import free_port
+from proxy.embedded.common import free_port, package_dir
 from proxy.embedded.postgres_server import PostgresServer
 from proxy.embedded.redis_server import RedisServer
 
@@ -64,6 +64,7 @@ class EmbeddedServers:
             if self.postgres:
                 self.postgres_url = self._start(stack, self.postgres)
             if self._clickhouse:
+                package_dir("chdb")  # a missing package is named now, not at the first insert
                 self.clickhouse_url = clickhouse_url(self.data_dir)
                 logger.info("embedded clickhouse (chDB, in-process) at %s", self.clickhouse_url)
             self._stack = stack.pop_all()

@@ -60,8 +60,11 @@ def package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def die_with_parent(parent_pid: int) -> Callable[[], None] | None:
-    """A preexec_fn that SIGTERMs the child when we die, so a kill -9'd sidecar leaves no server.
+def die_with_parent(parent_pid: int,
+                    sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
+    """A preexec_fn that signals the child when we die, so a kill -9'd sidecar leaves nothing
+    running: servers get SIGTERM (Redis then syncs its AOF), a supervisor's own processes
+    SIGKILL (as if the whole pod was killed: no final flush, peers reclaim what they held).
 
     Linux ties this to the forking *thread*: start servers from a thread that lives as long as
     the process (the main thread), or they are stopped when that thread exits.
@@ -71,7 +74,7 @@ def die_with_parent(parent_pid: int) -> Callable[[], None] | None:
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork, not in the child
 
     def arm() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl(_PR_SET_PDEATHSIG, sig)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from proxy import autopipe, keys
+from proxy import autopipe, keys, tracing
 from proxy.backends import Backing
 from proxy.errors import Backpressure, Unavailable
 from proxy.failpoints import Failpoints
@@ -59,7 +59,8 @@ class Core:
 
     async def run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
         """One script call, auto-pipelined with the other requests' calls of this tick."""
-        return await self._pipe.script(name, keys_, args)
+        with tracing.redis_span(name):
+            return await self._pipe.script(name, keys_, args)
 
     async def call(self, key: str, *command: Any) -> Any:
         """One plain command on `key`'s server, auto-pipelined."""

@@ -24,19 +24,20 @@ SHARDS = 4  # what tests/sidecar.py configures
 async def sidecars(servers: Servers, redis: aioredis.Redis, pg: asyncpg.Connection,
                    tmp_path: Path) -> AsyncIterator[StartSidecar]:
     """Start sidecar subprocesses on clean Redis and PostgreSQL: `await start(name, **env)`
-    (may_die: it may exit before it is ready). Each has its own data and chDB directory (chDB
-    is one process per directory); all are killed at teardown."""
+    (may_die: it may exit before it is ready; ready=False: do not wait until it is). Each has
+    its own data and chDB directory (chDB is one process per directory); all are killed at
+    teardown."""
     started: list[Sidecar] = []
 
     async def start(name: str, *, redis_url: str = "", postgres_url: str = "",
-                    may_die: bool = False, **env: Any) -> Sidecar:
+                    may_die: bool = False, ready: bool = True, **env: Any) -> Sidecar:
         data = tmp_path / name
         sidecar = Sidecar(data, redis_url or servers.redis_url,
                           postgres_url or servers.postgres_url, clickhouse_url(data),
                           **{k: str(v) for k, v in env.items()})
         started.append(sidecar)
         try:
-            await asyncio.to_thread(sidecar.start)
+            await asyncio.to_thread(sidecar.start, 30.0, ready)
         except RuntimeError:  # exited before it was ready (e.g. a failpoint crash)
             if not may_die:
                 raise

@@ -26,17 +26,13 @@ FAILPOINTS = ["after-read", "before-pg-commit", "after-pg-commit-before-xack"]
 
 
 def consumer_prefix(sidecar: Sidecar) -> str:
-    """Consumer names are host-pid-start_ms (proxy.app.consumer_name)."""
-    assert sidecar.proc is not None
-    return f"{socket.gethostname()}-{sidecar.proc.pid}-"
+    """Consumer names are host-pid-start_ms of the worker process (services.consumer_name)."""
+    [worker] = sidecar.processes("worker")
+    return f"{socket.gethostname()}-{worker.pid}-"
 
 
 async def pending_of(r: aioredis.Redis, group: str = PG.name) -> int:
     return sum([(await r.xpending(keys.log(s), group))["pending"] for s in range(SHARDS)])
-
-
-async def exited(sidecar: Sidecar) -> bool:
-    return sidecar.proc is not None and sidecar.proc.poll() is not None
 
 
 @pytest.mark.timeout(90)
@@ -55,10 +51,11 @@ async def test_kill_at_failpoint_then_a_new_sidecar_flushes_everything(
     assert len(history.of(OK, "append")) >= 100, history.summary()
     assert await _committed(pg) == 0
 
-    a = await sidecars("a", TIERPROXY_DEBUG_FAILPOINT=f"{failpoint}:crash", may_die=True)
-    await wait_for(lambda: exited(a), timeout_s=20, interval_s=0.05)
-    assert a.proc is not None and a.proc.returncode == -signal.SIGKILL, a.logs()
-    assert f"failpoint {failpoint}: crash" in a.logs()
+    # Its worker crashes on every start, so it never gets ready.
+    a = await sidecars("a", TIERPROXY_DEBUG_FAILPOINT=f"{failpoint}:crash", ready=False)
+    await wait_for(a.worker_killed, timeout_s=20, interval_s=0.05)
+    assert f"failpoint {failpoint}: crash" in a.logs(10**6)
+    a.kill()  # and the rest of the sidecar, before its supervisor restarts the worker
     # What A left: its batch pending (never acked), committed only past the commit.
     assert await pending_of(redis) > 0
     assert (await _committed(pg) > 0) == (failpoint == "after-pg-commit-before-xack")
@@ -107,9 +104,10 @@ class ConsumerWatch:
 @pytest.mark.timeout(90)
 async def test_peer_reclaims_a_dead_sidecars_pending_entries(
         sidecars: StartSidecar, servers: Servers, redis: aioredis.Redis) -> None:
-    # A holds each batch open for a second, so it always has entries in hand when killed.
-    a = await sidecars("a", TIERPROXY_FLUSH_MAX_DELAY_MS=1000)
-    b = await sidecars("b")
+    # A holds each batch open for a second, so it always has entries in hand when killed;
+    # B claims entries idle for 3 s, so not A's while A is alive (on a slow machine too).
+    a = await sidecars("a", TIERPROXY_FLUSH_MAX_DELAY_MS=1000, TIERPROXY_FLUSH_CLAIM_IDLE_MS=3000)
+    b = await sidecars("b", TIERPROXY_FLUSH_CLAIM_IDLE_MS=3000)
     watch = ConsumerWatch(consumer_prefix(a))
     async with Load([a.url, b.url], clients=16, rate_per_s=600) as load:
         await load.setup()
@@ -182,3 +180,30 @@ async def test_sigterm_mid_burst_answers_in_flight_requests_and_exits_in_time(
                           deadline_s=15)
     print(f"sigterm ({batch}): exit {exit_s:.2f} s, {len(reset)} requests sent after the "
           f"signal were reset; {verdict}")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("role", ["worker", "api"])
+async def test_a_killed_process_is_restarted_and_loses_nothing(
+        role: str, sidecars: StartSidecar, servers: Servers, redis: aioredis.Redis) -> None:
+    # One process of the sidecar dies of SIGKILL under load; its supervisor starts another.
+    # The worker's replacement reclaims what its predecessor held; an API process's requests in
+    # flight end unanswered (info), the others go on through the processes left or the new one.
+    a = await sidecars("a", TIERPROXY_FLUSH_CLAIM_IDLE_MS="1000")
+    async with Load([a.url], clients=16) as load:
+        await load.setup()
+        load.start()
+        await asyncio.sleep(1.0)  # writes flowing and being flushed
+        [victim] = a.processes(role)
+        victim.kill()
+        await wait_for(lambda: _replaced(a, role, victim.pid), timeout_s=20)
+        await asyncio.sleep(1.0)  # the new process under the same load
+        history = await load.stop()
+    assert -signal.SIGKILL in a.exits(role)
+    verdict = await check(history, servers.postgres_url, servers.redis_url, SHARDS,
+                          deadline_s=20)
+    print(f"{role} killed: {verdict}")
+
+
+async def _replaced(sidecar: Sidecar, role: str, dead: int) -> bool:
+    return any(p.pid != dead for p in sidecar.processes(role))

@@ -201,6 +201,7 @@ flush: {max_batch: int, max_delay_ms: int, max_inflight: int, max_attempts: int,
 circuit: {failure_threshold: int, open_s: float}
 cache: {ttl_s: int, recent_ids: int, id_clock_skew_s: float}
 ws: {queue_size: int, max_subscriptions: int}
+worker: {socket: str}
 shutdown: {deadline_s: float}
 log: {level: str, format: str}
 debug: {failpoint: str}
