@@ -11,6 +11,11 @@ again — NOSCRIPT means it did not run, so that second run is its only one. On 
 and ASK (it did not run either) refresh the slot map and send the call where it now belongs.
 A reply late by more than the socket timeout fails every call on that connection (Unavailable)
 and drops it; the next call connects anew (Sentinel: to the master it names then).
+
+Writes that must reach replicas (X-Durability: replicated) are confirmed on a second
+connection per server, its wait lane: a mark is written there, then WAIT. WAIT covers only its
+own connection's writes, and the mark follows every write answered before it in the
+replication stream; a blocked WAIT holds the calls behind it, so it never delays the others.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from proxy.topology import Tls, Topology
 SCRIPTS = Path(__file__).parent / "scripts"
 MAX_WRITE = 512  # calls one write carries at most; the rest go in the next tick's
 _REDIRECTS = 3  # MOVED/ASK hops one call follows before it gives up
+WAIT_LANE = "/wait"  # the second connection per server: a mark written, then WAIT
+MARK_MS = 60_000  # a wait mark's life (it only has to be written)
 # Replies that mean Redis cannot take the command now (not that the command is wrong): a 503
 # on the request path, a retry with backoff in the background. Inside a script's error (Redis
 # 6.2 wraps them: "Error running script ...: -NOREPLICAS ...") they follow a dash.
@@ -88,6 +95,7 @@ class Link(asyncio.Protocol):
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self._wait: tuple[tuple[int, int], asyncio.Future[Any]] | None = None
 
     # ---- calls
 
@@ -95,6 +103,19 @@ class Link(asyncio.Protocol):
         if self._transport is None:
             await self._connect()
         return await self._send(packed)
+
+    async def wait(self, mark: str, replicas: int, timeout_ms: int) -> tuple[Any, Any]:
+        """A write of `mark`, then WAIT, both on this connection (WAIT covers only its own
+        connection's writes): their replies. The callers of one tick share them; a blocked
+        WAIT holds the calls behind it, hence a connection of its own."""
+        if self._transport is None:
+            await self._connect()
+        if self._wait is None or self._wait[0] != (replicas, timeout_ms):
+            marked = self._send(pack(("SET", mark, "1", "PX", MARK_MS)))
+            waited = self._send(pack(("WAIT", replicas, timeout_ms)))
+            self._wait = ((replicas, timeout_ms), asyncio.gather(marked, waited))
+        marked, waited = await asyncio.shield(self._wait[1])
+        return marked, waited
 
     def _send(self, packed: bytes) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -110,6 +131,7 @@ class Link(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._wait = None  # its mark goes out now: a write answered later may come after it
         if self._transport is None:
             return  # lost meanwhile: connection_lost failed the calls
         out, self._out = self._out[:MAX_WRITE], self._out[MAX_WRITE:]
@@ -217,6 +239,18 @@ class AutoPipeline:
             await self._call(keys[0], ("SCRIPT", "LOAD", self._texts[name]))
             reply = await self._call(keys[0], call)
         return _checked(reply)
+
+    async def replicas(self, mark: str, wanted: int, timeout_ms: int) -> int:
+        """How many replicas (up to `wanted`, waiting at most `timeout_ms`) have every write
+        `mark`'s server answered before this call: a write of `mark`, then WAIT, on the
+        server's wait lane. WAIT covers its own connection's writes, and the mark comes
+        after all earlier writes in the replication stream, whichever connection made them."""
+        name, resolve = self._route(mark)
+        marked, waited = await self._link(name + WAIT_LANE, resolve).wait(mark, wanted,
+                                                                         timeout_ms)
+        if isinstance(marked, ResponseError):  # MOVED, a read-only replica: WAIT saw nothing
+            return 0
+        return int(_checked(waited))
 
     async def call(self, key: str, *command: Any) -> Any:
         return _checked(await self._call(key, command))

@@ -34,6 +34,8 @@ Dead letter (XADD to `dead_letters(s)`): the entry's fields plus
 Load fence `fence(s, kind, id)` (kind t: a thread and its messages, k: a state key): the token
     a read-through's fill must present; release.lua deletes it on every release of the entity,
     so a load that began before a newer version was flushed can never install what it read.
+Wait mark `wait_mark(s)`: written ('1', 60 s TTL) right before WAIT on the replication
+    connection, so that WAIT covers every write its server answered before (`replicated`).
 Flushed keys get the cache TTL; a key with `pend` > 0 never has one.
 """
 
@@ -96,6 +98,10 @@ def id_in(key: str) -> str:
 
 def fence(shard: int, kind: str, entity_id: str) -> str:
     return f"{_tag(shard)}:lf:{kind}:{entity_id}"
+
+
+def wait_mark(shard: int) -> str:
+    return f"{_tag(shard)}:wm"
 
 
 def log(shard: int) -> str:

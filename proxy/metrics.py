@@ -60,6 +60,17 @@ REDIS_DATA_LOSS = Counter(
     "held a seq or version it handed out (seq_taken, version_taken); each triggers a "
     "reconciliation of Redis's counters", ["kind"])
 READ_THROUGH = Counter("tierproxy_read_through_total", "Reads served below Redis", ["tier"])
+REPLICATION_WAITS = Counter(
+    "tierproxy_replication_waits_total",
+    "Writes that asked for X-Durability: replicated, by outcome (confirmed: on "
+    "redis.ack_replicas replicas in time; short: answered 202 as acknowledged)", ["result"])
+REDIS_MEMORY_RATIO = Gauge("tierproxy_redis_memory_ratio",
+                           "Redis used_memory / maxmemory (the highest node; 0 without "
+                           "maxmemory); writes are refused above redis.max_memory_ratio",
+                           multiprocess_mode="livemax")
+BACKPRESSURE = Counter("tierproxy_backpressure_refusals_total",
+                       "Writes refused with 503 because a bound was passed",
+                       ["bound"])
 
 WS_CONNECTIONS = Gauge("tierproxy_ws_connections", "Open WebSocket connections",
                        multiprocess_mode="livesum")
@@ -109,3 +120,8 @@ class RequestStats:
                 if count:
                     child._buckets[i].inc(count)
             child._sum.inc(hist[-1])
+
+for _result in ("confirmed", "short"):
+    REPLICATION_WAITS.labels(_result)
+for _bound in ("backlog", "lag", "memory"):
+    BACKPRESSURE.labels(_bound)

@@ -20,6 +20,7 @@ from proxy.errors import (
     UnsupportedMediaType,
 )
 from proxy.hot import HotTier, Page, Result
+from proxy.hot.core import ACKNOWLEDGED, LEVELS, REPLICATED
 from proxy.hub import WebSocketHub
 from proxy.settings import Settings
 from proxy.writelog import WriteLog, all_dead_letters, replay_all
@@ -102,13 +103,16 @@ def _if_match(request: web.Request) -> str:
     return raw.strip().removeprefix("W/").strip('"') or '""'
 
 
-def _persisted(request: web.Request) -> bool:
-    """Absent: acknowledged. Present, it must name a level (an empty value names none)."""
-    value = request.headers.get("X-Durability", "acknowledged").lower()
-    if value not in ("acknowledged", "persisted"):
-        raise Malformed("X-Durability must be 'acknowledged' or 'persisted'",
+def _durability(request: web.Request) -> str:
+    """The level the write asks for. Absent: `replicated` when redis.ack_replicas is set,
+    else `acknowledged`. Present, it must name a level (an empty value names none)."""
+    value = request.headers.get("X-Durability")
+    if value is None:
+        return REPLICATED if request.app[SETTINGS].redis.ack_replicas else ACKNOWLEDGED
+    if value.lower() not in LEVELS:
+        raise Malformed(f"X-Durability must be one of {', '.join(LEVELS)}",
                         {"header": "X-Durability"})
-    return value == "persisted"
+    return value.lower()
 
 
 def _tid(request: web.Request) -> str:
@@ -131,7 +135,7 @@ def _write_response(request: web.Request, result: Result) -> web.Response:
     """201 created / 200, or 202 when the write is stored but did not reach the durability
     the client asked for; X-Durability says the level it did reach."""
     status = 201 if result.created else 200
-    if _persisted(request) and result.durability != "persisted":
+    if result.durability != _durability(request):  # only ever a lower level than asked
         status = 202
     resp = json_response(result.doc, status, "redis", _version(result))
     resp.headers["X-Durability"] = result.durability
@@ -145,7 +149,7 @@ async def put_thread(request: web.Request) -> web.Response:
     tid = _tid(request)
     body = model.parse_thread(await read_json(request), _limits(request))
     result = await request.app[HOT].threads.put(tid, body, _if_match(request),
-                                                _persisted(request))
+                                                _durability(request))
     return _write_response(request, result)
 
 
@@ -164,7 +168,7 @@ def _staleness(request: web.Request, resp: web.Response) -> web.Response:
 
 async def delete_thread(request: web.Request) -> web.Response:
     tid = _tid(request)
-    result = await request.app[HOT].threads.delete(tid, _if_match(request), _persisted(request))
+    result = await request.app[HOT].threads.delete(tid, _if_match(request), _durability(request))
     return _write_response(request, result)
 
 
@@ -174,7 +178,7 @@ async def delete_thread(request: web.Request) -> web.Response:
 async def append_message(request: web.Request) -> web.Response:
     tid = _tid(request)
     body = model.parse_message(await read_json(request), _limits(request))
-    result = await request.app[HOT].messages.append(tid, body, _persisted(request))
+    result = await request.app[HOT].messages.append(tid, body, _durability(request))
     return _write_response(request, result)
 
 
@@ -237,14 +241,14 @@ async def patch_message(request: web.Request) -> web.Response:
     tid, mid = _tid(request), _mid(request)
     patch = model.parse_patch(await read_json(request), _limits(request))
     result = await request.app[HOT].messages.edit(tid, mid, patch, _if_match(request),
-                                                  _persisted(request))
+                                                  _durability(request))
     return _write_response(request, result)
 
 
 async def delete_message(request: web.Request) -> web.Response:
     tid, mid = _tid(request), _mid(request)
     result = await request.app[HOT].messages.delete(tid, mid, _if_match(request),
-                                                    _persisted(request))
+                                                    _durability(request))
     return _write_response(request, result)
 
 
@@ -254,7 +258,7 @@ async def delete_message(request: web.Request) -> web.Response:
 async def put_state(request: web.Request) -> web.Response:
     key = _key(request)
     body = model.parse_state(await read_json(request), request.app[SETTINGS].api.max_body_bytes)
-    result = await request.app[HOT].state.put(key, body, _if_match(request), _persisted(request))
+    result = await request.app[HOT].state.put(key, body, _if_match(request), _durability(request))
     return _write_response(request, result)
 
 
@@ -265,7 +269,7 @@ async def get_state(request: web.Request) -> web.Response:
 
 async def delete_state(request: web.Request) -> web.Response:
     key = _key(request)
-    result = await request.app[HOT].state.delete(key, _if_match(request), _persisted(request))
+    result = await request.app[HOT].state.delete(key, _if_match(request), _durability(request))
     return _write_response(request, result)
 
 

@@ -54,6 +54,9 @@ class Redis:
     pool_size: int = 64
     socket_timeout_s: float = 5.0
     health_check_interval_s: float = 5.0
+    ack_replicas: int = 0
+    ack_timeout_ms: int = 100
+    max_memory_ratio: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ _POSITIVE = {
     "api.port", "metrics.port", "api.max_body_bytes", "api.max_content_chars",
     "api.max_metadata_bytes", "api.request_timeout_s", "redis.shards", "redis.window",
     "redis.pool_size", "redis.socket_timeout_s", "redis.health_check_interval_s",
+    "redis.ack_timeout_ms", "redis.max_memory_ratio",
     "postgres.pool_max", "postgres.command_timeout_s",
     "clickhouse.max_batch", "clickhouse.interval_ms", "flush.max_batch", "flush.max_delay_ms",
     "flush.max_inflight", "flush.max_attempts", "flush.claim_idle_ms", "flush.backoff_base_ms",
@@ -281,3 +285,15 @@ def _validate(s: Settings) -> None:
         section, name = key.split(".")
         if getattr(getattr(s, section), name) > 65535:
             raise ConfigError(f"{key}: must be a TCP port (1-65535)")
+    _validate_redis(s.redis)
+
+
+def _validate_redis(r: Redis) -> None:
+    if r.ack_replicas < 0:
+        raise ConfigError("redis.ack_replicas: must be 0 or more")
+    if r.ack_timeout_ms * 2 >= r.socket_timeout_s * 1000:
+        # A write of the replication lane can wait behind one WAIT and then its own.
+        raise ConfigError("redis.ack_timeout_ms: must be less than half of "
+                          "redis.socket_timeout_s")
+    if r.max_memory_ratio > 1:
+        raise ConfigError("redis.max_memory_ratio: must be at most 1 (used_memory / maxmemory)")

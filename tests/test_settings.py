@@ -24,6 +24,8 @@ OTHER_TEXT = {
     "debug.failpoint": "after-read:raise", "flush.sinks": "pg", "worker.socket": "/run/w.sock",
 }
 
+OTHER_NUMBER = {"redis.max_memory_ratio": 0.5}  # default + 1 would be out of range
+
 
 def all_keys() -> dict[str, Any]:
     """Every `section.key` of Settings with its dataclass default."""
@@ -105,6 +107,8 @@ def test_every_key_has_an_environment_variable() -> None:
         want: Any
         if isinstance(default, bool):
             raw, want = str(not default).lower(), not default
+        elif key in OTHER_NUMBER:
+            raw, want = str(OTHER_NUMBER[key]), OTHER_NUMBER[key]
         elif isinstance(default, int | float):
             raw, want = str(default + 1), default + 1
         else:
@@ -181,6 +185,11 @@ def test_replace_validates_like_load() -> None:
     ("clickhouse.url", "tcp://ch:9000", "must start with one of http://"),
     ("log.level", "verbose", "must be one of debug, error, info, warning"),
     ("log.format", "xml", "must be one of json, text"),
+    ("redis.ack_replicas", "-1", "must be 0 or more"),
+    ("redis.ack_timeout_ms", "2500", "must be less than half of redis.socket_timeout_s"),
+    ("redis.ack_timeout_ms", "0", "must be greater than 0"),
+    ("redis.max_memory_ratio", "1.5", "must be at most 1"),
+    ("redis.max_memory_ratio", "0", "must be greater than 0"),
 ])
 def test_bad_environment_values_name_the_key(key: str, raw: str, problem: str) -> None:
     refused(key, problem, env={env_name(key): raw})

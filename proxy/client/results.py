@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Durability = Literal["acknowledged", "replicated", "fsynced", "persisted"]
+Durability = Literal["acknowledged", "replicated", "persisted"]
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 

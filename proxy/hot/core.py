@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from proxy import autopipe, keys, tracing
+from proxy import autopipe, keys, metrics, tracing
 from proxy.backends import Backing
 from proxy.errors import Backpressure, Unavailable
 from proxy.failpoints import Failpoints
@@ -26,7 +26,10 @@ MAX_ATTEMPTS = 5
 FENCE_MS = 60_000  # a read-through's fill comes within this of its load, or is refused
 
 
-ACKNOWLEDGED, PERSISTED = "acknowledged", "persisted"
+# X-Durability: in the Redis primary; also on redis.ack_replicas replicas; also committed in
+# PostgreSQL (each level answered only once reached: else 202 with the level reached).
+ACKNOWLEDGED, REPLICATED, PERSISTED = "acknowledged", "replicated", "persisted"
+LEVELS = (ACKNOWLEDGED, REPLICATED, PERSISTED)
 
 
 @dataclass
@@ -123,12 +126,16 @@ class Core:
             raise Backpressure(f"write-behind backlog is full ({self.backlog.entries} entries)",
                                retry_after_s=1.0)
 
-    async def stored(self, kind: str, doc: bytes, persisted: bool, created: bool = False,
-                     fingerprint: str = "") -> Result:
-        """A write that is in Redis; with `persisted`, also committed in PostgreSQL first —
-        or, if that fails or takes too long, answered as only acknowledged (never an error:
-        the write happened, and its flush will still bring it to PostgreSQL)."""
-        if not persisted:
+    async def stored(self, kind: str, entity_id: str, doc: bytes, durability: str,
+                     created: bool = False, fingerprint: str = "") -> Result:
+        """A write of the entity that happened in Redis (or was found there: a repeat),
+        answered at the level it reaches: `replicated` once WAIT saw it on
+        redis.ack_replicas replicas in time; `persisted` once also committed in PostgreSQL.
+        A level not reached in time is answered as acknowledged (never an error: the write
+        happened, and its flush will still bring it to PostgreSQL)."""
+        if durability == REPLICATED:
+            return Result(doc, created=created, durability=await self._replicated(entity_id))
+        if durability != PERSISTED:
             return Result(doc, created=created)
         try:
             async with asyncio.timeout(self.settings.api.request_timeout_s / 2):
@@ -138,6 +145,20 @@ class Core:
                            kind, e)
             return Result(doc, created=created)
         return Result(doc, created=created, durability=PERSISTED)
+
+    async def _replicated(self, entity_id: str) -> str:
+        wanted = max(1, self.settings.redis.ack_replicas)
+        try:
+            replicas = await self._pipe.replicas(keys.wait_mark(self.shard(entity_id)), wanted,
+                                                 self.settings.redis.ack_timeout_ms)
+        except Unavailable as e:  # the write happened: say only what is known
+            logger.warning("replication of a write not confirmed (%s): acknowledged", e)
+            replicas = 0
+        if replicas >= wanted:
+            metrics.REPLICATION_WAITS.labels("confirmed").inc()
+            return REPLICATED
+        metrics.REPLICATION_WAITS.labels("short").inc()
+        return ACKNOWLEDGED
 
     async def below(self, load: Callable[[], Awaitable[T]],
                     degraded: Callable[[Backing], Awaitable[T]]) -> tuple[T, str]:

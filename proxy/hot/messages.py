@@ -15,7 +15,7 @@ from proxy import keys, model
 from proxy.backends import Backing, MessageRow
 from proxy.errors import Conflict, NotFound, PreconditionFailed
 from proxy.flights import KeyedLocks
-from proxy.hot.core import PERSISTED, Core, Result, settle
+from proxy.hot.core import ACKNOWLEDGED, PERSISTED, Core, Result, settle
 from proxy.hot.threads import Threads
 
 Edit = Callable[[dict[str, Any], int], dict[str, Any]]
@@ -29,11 +29,12 @@ class Messages:
 
     # ---- append
 
-    async def append(self, tid: str, m: model.MessageInput, persisted: bool = False) -> Result:
+    async def append(self, tid: str, m: model.MessageInput,
+                     durability: str = ACKNOWLEDGED) -> Result:
         self._c.admit()
         mid, ms = m.message_id or model.new_id(), model.now_ms()
         req = _Append(tid, mid, m, ms, model.message_body(tid, mid, m, ms), m.fingerprint(),
-                      persisted)
+                      durability)
         # A generated id is new everywhere; a client's id may be in PostgreSQL only.
         return await settle(f"thread {tid}",
                             lambda: self._append_once(req, "" if m.message_id else "*"))
@@ -57,8 +58,9 @@ class Messages:
             raise Conflict(f"message {req.mid} exists with a different body")
         if status == "DUP":
             doc = out[1] or await self._original(req, out[2:])
-            return await c.stored("message", doc, req.persisted, fingerprint=req.fingerprint)
-        return await c.stored("message", out[1], req.persisted, True, req.fingerprint)
+            return await c.stored("message", tid, doc, req.durability,
+                                  fingerprint=req.fingerprint)
+        return await c.stored("message", tid, out[1], req.durability, True, req.fingerprint)
 
     async def _original(self, req: _Append, known: list[bytes]) -> bytes:
         """The doc of a repeated append whose message left the window: rebuilt from the
@@ -133,14 +135,15 @@ class Messages:
     # ---- edits and tombstones
 
     async def edit(self, tid: str, mid: str, patch: model.MessagePatch, if_match: str,
-                   persisted: bool = False) -> Result:
-        return await self._update(tid, mid, if_match, persisted,
+                   durability: str = ACKNOWLEDGED) -> Result:
+        return await self._update(tid, mid, if_match, durability,
                                   lambda d, ms: model.edited_message(d, patch.fields, ms))
 
-    async def delete(self, tid: str, mid: str, if_match: str, persisted: bool = False) -> Result:
-        return await self._update(tid, mid, if_match, persisted, model.deleted_message)
+    async def delete(self, tid: str, mid: str, if_match: str,
+                     durability: str = ACKNOWLEDGED) -> Result:
+        return await self._update(tid, mid, if_match, durability, model.deleted_message)
 
-    async def _update(self, tid: str, mid: str, if_match: str, persisted: bool,
+    async def _update(self, tid: str, mid: str, if_match: str, durability: str,
                       change: Edit) -> Result:
         """Read, change, compare-and-set on the version; retried on a lost race unless the
         client named the version it expects (then the race is its 412)."""
@@ -149,10 +152,10 @@ class Messages:
         # their retries losing the compare-and-set to each other (only to other sidecars).
         async with self._edits.hold((tid, mid)):
             return await settle(f"message {mid}",
-                                lambda: self._compare_and_set(tid, mid, if_match, persisted,
+                                lambda: self._compare_and_set(tid, mid, if_match, durability,
                                                               change))
 
-    async def _compare_and_set(self, tid: str, mid: str, if_match: str, persisted: bool,
+    async def _compare_and_set(self, tid: str, mid: str, if_match: str, durability: str,
                                change: Edit) -> Result | None:
         current = orjson.loads((await self.get(tid, mid)).doc)
         version = str(current["version"])
@@ -170,7 +173,8 @@ class Messages:
             ms, new["seq"]])
         status = out[0].decode()
         if status == "OK":
-            return await self._c.stored("message", doc, persisted, fingerprint=out[2].decode())
+            return await self._c.stored("message", tid, doc, durability,
+                                        fingerprint=out[2].decode())
         if status == "MISS":
             await self._fill_meta(tid, mid)
         elif status == "GONE":
@@ -210,4 +214,4 @@ class _Append:
     ms: int  # when the body was made: its created_at, and the append time the script keeps
     body: bytes  # the new message's doc without its seq
     fingerprint: str
-    persisted: bool
+    durability: str

@@ -6,7 +6,7 @@ from __future__ import annotations
 from proxy import keys, model
 from proxy.backends import StateRow
 from proxy.errors import NotFound, PreconditionFailed
-from proxy.hot.core import Core, Result, settle
+from proxy.hot.core import ACKNOWLEDGED, Core, Result, settle
 
 
 class States:
@@ -41,18 +41,18 @@ class States:
         return await self._c.fresh("k", key, load)
 
     async def put(self, key: str, st: model.StateInput, if_match: str,
-                  persisted: bool = False) -> Result:
+                  durability: str = ACKNOWLEDGED) -> Result:
         ms = model.now_ms()
         expires = ms + int(st.ttl_s * 1000) if st.ttl_s is not None else None
         return await self._write(key, model.state_body(key, st.value, expires, False, ms),
-                                 if_match, "put", expires, persisted)
+                                 if_match, "put", expires, durability)
 
-    async def delete(self, key: str, if_match: str, persisted: bool = False) -> Result:
+    async def delete(self, key: str, if_match: str, durability: str = ACKNOWLEDGED) -> Result:
         return await self._write(key, model.state_body(key, None, None, True, model.now_ms()),
-                                 if_match, "del", None, persisted)
+                                 if_match, "del", None, durability)
 
     async def _write(self, key: str, body: bytes, if_match: str, op: str,
-                     expires: int | None, persisted: bool) -> Result:
+                     expires: int | None, durability: str) -> Result:
         self._c.admit()
         s = self._c.shard(key)
         ks = [keys.state(s, key), keys.log(s), self._c.fence_key("k", key)]
@@ -77,7 +77,7 @@ class States:
                 current = out[1].decode() or None
                 what = f"is at version {current}" if current else "does not exist"
                 raise PreconditionFailed(f"state {key} {what}", {"version": current})
-            return await self._c.stored("state", out[2], persisted, status == "CREATED")
+            return await self._c.stored("state", key, out[2], durability, status == "CREATED")
 
         return await settle(f"state {key}", attempt)
 

@@ -8,7 +8,7 @@ import orjson
 from proxy import keys, model
 from proxy.backends import ThreadRow
 from proxy.errors import Conflict, NotFound, PreconditionFailed
-from proxy.hot.core import Core, Result, settle
+from proxy.hot.core import ACKNOWLEDGED, Core, Result, settle
 
 
 class Threads:
@@ -47,14 +47,14 @@ class Threads:
             self._c.fence_key("t", tid), self._c.recent_key(tid), self._c.overlay_key(tid)]
 
     async def put(self, tid: str, t: model.ThreadInput, if_match: str,
-                  persisted: bool = False) -> Result:
-        return await self._write(tid, t, if_match, "put", persisted)
+                  durability: str = ACKNOWLEDGED) -> Result:
+        return await self._write(tid, t, if_match, "put", durability)
 
-    async def delete(self, tid: str, if_match: str, persisted: bool = False) -> Result:
-        return await self._write(tid, model.ThreadInput("", "", {}), if_match, "del", persisted)
+    async def delete(self, tid: str, if_match: str, durability: str = ACKNOWLEDGED) -> Result:
+        return await self._write(tid, model.ThreadInput("", "", {}), if_match, "del", durability)
 
     async def _write(self, tid: str, t: model.ThreadInput, if_match: str, op: str,
-                     persisted: bool) -> Result:
+                     durability: str) -> Result:
         self._c.admit()
         ks = self._c.thread_keys(tid) + [self._c.fence_key("t", tid), self._c.recent_key(tid),
                                          self._c.overlay_key(tid)]
@@ -80,7 +80,7 @@ class Threads:
                 raise PreconditionFailed(f"thread {tid} is at version {out[1].decode()}",
                                          {"version": out[1].decode()})
             doc = with_last_seq(out[2], int(out[3]))
-            return await self._c.stored("thread", doc, persisted, status == "CREATED")
+            return await self._c.stored("thread", tid, doc, durability, status == "CREATED")
 
         return await settle(f"thread {tid}", attempt)
 

@@ -7,7 +7,8 @@ from proxy.openapi.schemas import STR, Schema, operation, ref, response
 from proxy.settings import Metrics
 
 ACCEPTED = ("Stored (in Redis, and flushed to PostgreSQL later) but not at the durability asked "
-            "for in X-Durability: e.g. `persisted` while PostgreSQL is down. The response's "
+            "for in X-Durability: e.g. `persisted` while PostgreSQL is down, `replicated` "
+            "while too few replicas answer within redis.ack_timeout_ms. The response's "
             "X-Durability says the level reached. Retrying is safe (same message_id or "
             "If-Match) and tells once it is persisted.")
 

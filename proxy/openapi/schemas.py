@@ -135,10 +135,12 @@ def parameters() -> Schema:
                           "or `W/\"3\"`); `*` or absent: any. Another version, or a value "
                           "that names none (empty, `\"\"`, a list), never matches: 412."),
         "X-Durability": param("X-Durability", "header",
-                              {"type": "string", "enum": ["acknowledged", "persisted"],
-                               "default": "acknowledged"},
-                              "`persisted`: answer once committed in PostgreSQL, not only "
-                              "in Redis. Case-insensitive; absent: `acknowledged`; another "
+                              {"type": "string",
+                               "enum": ["acknowledged", "replicated", "persisted"]},
+                              "`replicated`: answer once the write is on redis.ack_replicas "
+                              "Redis replicas (WAIT); `persisted`: once committed in "
+                              "PostgreSQL. Case-insensitive; absent: `replicated` when the "
+                              "sidecar sets redis.ack_replicas, else `acknowledged`; another "
                               "value (an empty one too): 400."),
     }
 
@@ -170,8 +172,11 @@ def headers() -> Schema:
                                          "may be, in seconds (the age of its backlog).",
                           "schema": {"type": "number", "minimum": 0}},
         "X-Durability": {"description": "The level the write reached (`acknowledged`: in "
-                                        "Redis; `persisted`: committed in PostgreSQL).",
-                         "schema": {"type": "string", "enum": ["acknowledged", "persisted"]}},
+                                        "the Redis primary; `replicated`: also on the "
+                                        "replicas asked for; `persisted`: committed in "
+                                        "PostgreSQL).",
+                         "schema": {"type": "string",
+                                    "enum": ["acknowledged", "replicated", "persisted"]}},
         "Retry-After": {"description": "Seconds to wait before retrying.",
                         "schema": integer(1)},
         "WWW-Authenticate": {"description": "The scheme to authenticate with: `Bearer`.",
