@@ -32,6 +32,7 @@ from typing import Any
 
 import hiredis
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from proxy import topology
@@ -174,7 +175,7 @@ class Link(asyncio.Protocol):
                 else:
                     await loop.create_connection(lambda: self, a.host, a.port,
                                                  ssl=_ssl(self._topology.tls))
-        except (OSError, TimeoutError, ConnectionError) as e:  # incl. no master found
+        except (OSError, TimeoutError, RedisConnectionError) as e:  # Sentinel: no master found
             raise Unavailable(f"redis at {_where(self._address)}: cannot connect: "
                               f"{e or type(e).__name__}") from e
         for setup in _handshake(self._topology):
