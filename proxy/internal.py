@@ -40,7 +40,7 @@ WORKER_HEALTH = web.AppKey("worker_health", Health)
 async def status(request: web.Request) -> web.Response:
     monitor, health = request.app[MONITOR], request.app[WORKER_HEALTH]
     return _json({"status": monitor.status(), "stuck": monitor.stuck() + health.failed,
-                  "measured": monitor.measured, "backlog": monitor.pg_backlog()})
+                  "measured": monitor.measured, "load": vars(monitor.load())})
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -128,7 +128,7 @@ class RemoteStatus:
         while not self._stopping.is_set():
             try:
                 self._last, self._at = await self._link.get("/internal/status"), time.monotonic()
-                self._backlog.entries = int(self._last["backlog"])
+                vars(self._backlog).update(self._last["load"])
             except Unavailable as e:
                 logger.debug("worker status: %s", e)
             with contextlib.suppress(TimeoutError):

@@ -86,7 +86,10 @@ class Monitor:
         for name, st in sinks.items():
             metrics.BACKLOG.labels(name).set(st.backlog)
             metrics.LAG.labels(name).set(st.lag_s)
-        self._backlog.entries = sinks[PG.name].backlog if PG.name in sinks else 0
+        pg = sinks.get(PG.name, SinkStatus())
+        self._backlog.entries, self._backlog.lag_s = pg.backlog, pg.lag_s
+        self._backlog.memory_ratio = await self._log.memory_ratio()
+        metrics.REDIS_MEMORY_RATIO.set(self._backlog.memory_ratio)
         self.snapshot.sinks = sinks
         self.snapshot.measured = True
 
@@ -142,8 +145,8 @@ class Monitor:
     def measured(self) -> bool:
         return self.snapshot.measured
 
-    def pg_backlog(self) -> int:
-        return self._backlog.entries
+    def load(self) -> Backlog:
+        return self._backlog
 
     def lag_s(self, sink: str) -> float:
         st = self.snapshot.sinks.get(sink)

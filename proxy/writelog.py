@@ -53,11 +53,14 @@ class ShardBacklog:
 
 
 class Backlog:
-    """The PostgreSQL backlog (entries in all shards), as last measured by the monitor; the
-    hot tier refuses writes above the bound."""
+    """What the monitor last measured of the write path's load: the PostgreSQL backlog
+    (entries in all shards, age of the oldest) and Redis's used_memory / maxmemory (0: no
+    maxmemory). The hot tier refuses writes while one passes its bound."""
 
     def __init__(self) -> None:
         self.entries = 0
+        self.lag_s = 0.0
+        self.memory_ratio = 0.0
 
 
 class WriteLog:
@@ -80,6 +83,14 @@ class WriteLog:
             raise UnsafeRedis(
                 f"redis maxmemory-policy is {policy!r}, which can evict writes not yet flushed; "
                 f"use one of {', '.join(SAFE_POLICIES)} (tierproxy only sets TTLs on flushed keys)")
+
+    async def memory_ratio(self) -> float:
+        """used_memory / maxmemory of the fullest server (a Cluster answers per node)."""
+        every = {"target_nodes": "primaries"} if hasattr(self._r, "get_primaries") else {}
+        info = await redis_call(lambda: self._r.info("memory", **every))
+        nodes = info.values() if all(isinstance(v, dict) for v in info.values()) else [info]
+        return max((n["used_memory"] / n["maxmemory"] for n in nodes if n.get("maxmemory")),
+                   default=0.0)
 
     async def epoch_changed(self) -> bool:
         """True if Redis's epoch marker (a random token set once per dataset) is gone or not

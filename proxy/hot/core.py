@@ -121,10 +121,18 @@ class Core:
         return self.settings.cache.ttl_s * 1000
 
     def admit(self) -> None:
-        """Refuse a write while the write-behind backlog is over its bound."""
-        if self.backlog.entries >= self.settings.flush.max_backlog:
-            raise Backpressure(f"write-behind backlog is full ({self.backlog.entries} entries)",
-                               retry_after_s=1.0)
+        """Refuse a write while the write-behind backlog, its age or Redis's memory use is
+        over its bound (reads go on; the monitor's next measurement lifts it)."""
+        b, s = self.backlog, self.settings
+        if b.entries >= s.flush.max_backlog:
+            _refuse("backlog", f"write-behind backlog is full ({b.entries} entries, "
+                               f"flush.max_backlog {s.flush.max_backlog})")
+        if b.lag_s > s.flush.max_lag_s:
+            _refuse("lag", f"write-behind is {b.lag_s:.0f} s behind (flush.max_lag_s "
+                           f"{s.flush.max_lag_s:g})")
+        if b.memory_ratio > s.redis.max_memory_ratio:
+            _refuse("memory", f"redis memory is {b.memory_ratio:.0%} of maxmemory "
+                              f"(redis.max_memory_ratio {s.redis.max_memory_ratio:g})")
 
     async def stored(self, kind: str, entity_id: str, doc: bytes, durability: str,
                      created: bool = False, fingerprint: str = "") -> Result:
@@ -171,6 +179,11 @@ class Core:
             if self.degraded is None:
                 raise
             return await degraded(self.degraded), self.degraded.tier
+
+
+def _refuse(bound: str, why: str) -> None:
+    metrics.BACKPRESSURE.labels(bound).inc()
+    raise Backpressure(why, retry_after_s=1.0)
 
 
 async def settle(what: str, attempt: Callable[[], Awaitable[T | None]]) -> T:
