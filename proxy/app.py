@@ -75,7 +75,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readiness(app: web.Application) -> web.Response:
     """Ready = started, not draining, no background worker dead or stuck (here or, for an
-    API process, in the worker), the monitor's figures known, Redis answering."""
+    API process, in the worker), the monitor's figures known, Redis answering (or, with
+    redis.write_through, PostgreSQL serving alone while it does not)."""
     health = app[HEALTH]
     problems = list(health.failed)
     status = app.get(routes.STATUS)
@@ -87,7 +88,8 @@ async def readiness(app: web.Application) -> web.Response:
         problems.append("starting")
     if health.draining:
         problems.append("draining")
-    if not problems:
+    failover = app.get(routes.FAILOVER)
+    if not problems and not (failover is not None and failover.down):  # else PostgreSQL serves
         try:
             await asyncio.wait_for(app[REDIS].ping(), 1.0)
         except Exception as e:  # any failure means not ready; the reason is reported

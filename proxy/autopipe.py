@@ -36,7 +36,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from proxy import topology
-from proxy.errors import Unavailable
+from proxy.errors import RedisDown, Unavailable
 from proxy.settings import Settings
 from proxy.topology import Tls, Topology
 
@@ -176,8 +176,8 @@ class Link(asyncio.Protocol):
                     await loop.create_connection(lambda: self, a.host, a.port,
                                                  ssl=_ssl(self._topology.tls))
         except (OSError, TimeoutError, RedisConnectionError) as e:  # Sentinel: no master found
-            raise Unavailable(f"redis at {_where(self._address)}: cannot connect: "
-                              f"{e or type(e).__name__}") from e
+            raise RedisDown(f"redis at {_where(self._address)}: cannot connect: "
+                            f"{e or type(e).__name__}", sent=False) from e
         for setup in _handshake(self._topology):
             reply = await self._send(setup)
             if isinstance(reply, ResponseError):
@@ -197,8 +197,8 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        error = Unavailable(f"redis at {_where(self._address)}: connection lost"
-                            f"{f' ({exc})' if exc else ''}")
+        error = RedisDown(f"redis at {_where(self._address)}: connection lost"
+                          f"{f' ({exc})' if exc else ''}", sent=True)
         while self._pending:
             fut, _ = self._pending.popleft()
             if not fut.done():

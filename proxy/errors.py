@@ -78,6 +78,15 @@ class Unavailable(ProxyError, ConnectionError):
         self.retry_after_s = retry_after_s
 
 
+class RedisDown(Unavailable):
+    """Redis did not answer a call. `sent` False: the call never left this process (no
+    connection), so it cannot have run — a write may then be made in PostgreSQL instead."""
+
+    def __init__(self, message: str, *, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
 class Backpressure(Unavailable):
     """The write-behind backlog is above its bound; the client should retry later."""
 

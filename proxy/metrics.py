@@ -68,6 +68,9 @@ REDIS_MEMORY_RATIO = Gauge("tierproxy_redis_memory_ratio",
                            "Redis used_memory / maxmemory (the highest node; 0 without "
                            "maxmemory); writes are refused above redis.max_memory_ratio",
                            multiprocess_mode="livemax")
+WRITE_THROUGH = Gauge("tierproxy_write_through",
+                      "1 while an API process serves from PostgreSQL alone (Redis down, "
+                      "redis.write_through on)", multiprocess_mode="livemax")
 BACKPRESSURE = Counter("tierproxy_backpressure_refusals_total",
                        "Writes refused with 503 because a bound was passed",
                        ["bound"])

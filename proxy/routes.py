@@ -19,10 +19,12 @@ from proxy.errors import (
     TooLarge,
     UnsupportedMediaType,
 )
+from proxy.failover import Failover
 from proxy.hot import HotTier, Page, Result
 from proxy.hot.core import ACKNOWLEDGED, LEVELS, REPLICATED
 from proxy.hub import WebSocketHub
 from proxy.settings import Settings
+from proxy.tiers import Tiers
 from proxy.writelog import WriteLog, all_dead_letters, replay_all
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ class Status(Protocol):
 
 
 HOT = web.AppKey("hot", HotTier)
+TIERS = web.AppKey("tiers", Tiers)
+FAILOVER = web.AppKey("failover", Failover)
 SETTINGS = web.AppKey("settings", Settings)
 STATUS: web.AppKey[Status] = web.AppKey("status")
 LOG = web.AppKey("log", WriteLog)
@@ -135,9 +139,9 @@ def _write_response(request: web.Request, result: Result) -> web.Response:
     """201 created / 200, or 202 when the write is stored but did not reach the durability
     the client asked for; X-Durability says the level it did reach."""
     status = 201 if result.created else 200
-    if result.durability != _durability(request):  # only ever a lower level than asked
+    if LEVELS.index(result.durability) < LEVELS.index(_durability(request)):
         status = 202
-    resp = json_response(result.doc, status, "redis", _version(result))
+    resp = json_response(result.doc, status, result.tier, _version(result))
     resp.headers["X-Durability"] = result.durability
     return resp
 
@@ -148,13 +152,13 @@ def _write_response(request: web.Request, result: Result) -> web.Response:
 async def put_thread(request: web.Request) -> web.Response:
     tid = _tid(request)
     body = model.parse_thread(await read_json(request), _limits(request))
-    result = await request.app[HOT].threads.put(tid, body, _if_match(request),
-                                                _durability(request))
+    result = await request.app[TIERS].put_thread(tid, body, _if_match(request),
+                                              _durability(request))
     return _write_response(request, result)
 
 
 async def get_thread(request: web.Request) -> web.Response:
-    result = await request.app[HOT].threads.get(_tid(request))
+    result = await request.app[TIERS].get_thread(_tid(request))
     return _staleness(request, json_response(result.doc, tier=result.tier,
                                              etag=_version(result)))
 
@@ -168,7 +172,7 @@ def _staleness(request: web.Request, resp: web.Response) -> web.Response:
 
 async def delete_thread(request: web.Request) -> web.Response:
     tid = _tid(request)
-    result = await request.app[HOT].threads.delete(tid, _if_match(request), _durability(request))
+    result = await request.app[TIERS].delete_thread(tid, _if_match(request), _durability(request))
     return _write_response(request, result)
 
 
@@ -178,7 +182,7 @@ async def delete_thread(request: web.Request) -> web.Response:
 async def append_message(request: web.Request) -> web.Response:
     tid = _tid(request)
     body = model.parse_message(await read_json(request), _limits(request))
-    result = await request.app[HOT].messages.append(tid, body, _durability(request))
+    result = await request.app[TIERS].append(tid, body, _durability(request))
     return _write_response(request, result)
 
 
@@ -218,12 +222,12 @@ def page_body(page: Page, mode: str) -> bytes:
 async def list_messages(request: web.Request) -> web.Response:
     tid = _tid(request)
     mode, cursor, limit = _page_query(request)
-    page = await request.app[HOT].pages.page(tid, mode, cursor, limit)
+    page = await request.app[TIERS].page(tid, mode, cursor, limit)
     return _staleness(request, json_response(page_body(page, mode), tier=page.tier))
 
 
 async def get_message(request: web.Request) -> web.Response:
-    result = await request.app[HOT].messages.get(_tid(request), _mid(request))
+    result = await request.app[TIERS].get_message(_tid(request), _mid(request))
     return _staleness(request, json_response(result.doc, tier=result.tier,
                                              etag=_version(result)))
 
@@ -240,14 +244,14 @@ async def thread_stats(request: web.Request) -> web.Response:
 async def patch_message(request: web.Request) -> web.Response:
     tid, mid = _tid(request), _mid(request)
     patch = model.parse_patch(await read_json(request), _limits(request))
-    result = await request.app[HOT].messages.edit(tid, mid, patch, _if_match(request),
-                                                  _durability(request))
+    result = await request.app[TIERS].edit(tid, mid, patch, _if_match(request),
+                                          _durability(request))
     return _write_response(request, result)
 
 
 async def delete_message(request: web.Request) -> web.Response:
     tid, mid = _tid(request), _mid(request)
-    result = await request.app[HOT].messages.delete(tid, mid, _if_match(request),
+    result = await request.app[TIERS].delete_message(tid, mid, _if_match(request),
                                                     _durability(request))
     return _write_response(request, result)
 
@@ -258,18 +262,18 @@ async def delete_message(request: web.Request) -> web.Response:
 async def put_state(request: web.Request) -> web.Response:
     key = _key(request)
     body = model.parse_state(await read_json(request), request.app[SETTINGS].api.max_body_bytes)
-    result = await request.app[HOT].state.put(key, body, _if_match(request), _durability(request))
+    result = await request.app[TIERS].put_state(key, body, _if_match(request), _durability(request))
     return _write_response(request, result)
 
 
 async def get_state(request: web.Request) -> web.Response:
-    result = await request.app[HOT].state.get(_key(request))
+    result = await request.app[TIERS].get_state(_key(request))
     return json_response(result.doc, tier=result.tier, etag=_version(result))
 
 
 async def delete_state(request: web.Request) -> web.Response:
     key = _key(request)
-    result = await request.app[HOT].state.delete(key, _if_match(request), _durability(request))
+    result = await request.app[TIERS].delete_state(key, _if_match(request), _durability(request))
     return _write_response(request, result)
 
 
@@ -277,8 +281,14 @@ async def delete_state(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    body = {**request.app[STATUS].status(),
-            "dead_letters": await all_dead_letters(request.app[LOG], 20)}
+    body = request.app[STATUS].status()
+    failover = request.app.get(FAILOVER)
+    if failover is not None and failover.down:  # this process serves from PostgreSQL alone
+        body["tiers"] = {**body["tiers"], "redis": {"state": "down"}}
+        body["dead_letters"] = None  # in Redis: unknown now
+    else:
+        body["dead_letters"] = await all_dead_letters(request.app[LOG], 20)
+    body["mode"] = failover.mode if failover is not None else "write-behind"
     return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
 
 

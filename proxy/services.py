@@ -27,9 +27,11 @@ from proxy import internal, routes
 from proxy.backends import CH, GROUPS, PG, SINKS
 from proxy.backends.clickhouse import ClickHouseBacking, ClickHouseSink, ClickHouseStore
 from proxy.backends.postgres import SCHEMA_ERRORS, PostgresBacking, PostgresSink, PostgresStore
+from proxy.backends.postgres.writethrough import WriteThrough
 from proxy.backoff import Backoff
 from proxy.circuit import Circuit
 from proxy.errors import Unavailable
+from proxy.failover import Failover
 from proxy.failpoints import Failpoints
 from proxy.flusher import FlushConfig, Flusher
 from proxy.hot import HotTier
@@ -39,6 +41,7 @@ from proxy.monitor import Monitor
 from proxy.reconcile import Reconciler
 from proxy.redisconn import RedisClient, connect
 from proxy.settings import Settings
+from proxy.tiers import PostgresTier, Tiers
 from proxy.workers import Health, Workers
 from proxy.writelog import Backlog, WriteLog
 
@@ -75,10 +78,13 @@ async def services(app: web.Application) -> AsyncIterator[None]:
                     for sink in SINKS}
         events = await _event_reads(stack, s, role, app)
         # 2. The hot tier (requests; the worker's flush acknowledgements).
+        backing = PostgresBacking(pg_store, circuits[PG.name])
         hot = app[routes.HOT] = HotTier(
-            client, s, PostgresBacking(pg_store, circuits[PG.name]), Backlog(),
+            client, s, backing, Backlog(),
             ClickHouseBacking(events, s.clickhouse.store_content), app[FAILPOINTS])
         stack.push_async_callback(hot.aclose)
+        failover = _failover(app, s, role, client, pg_store)
+        app[routes.TIERS] = Tiers(hot, PostgresTier(WriteThrough(pg_store), backing), failover)
         # 3. Background work, stopped first on exit (the final flush within the deadline);
         # the flushers' blocking reads on a pool of their own, closed after they stopped.
         if role in WORKER_ROLES:
@@ -91,6 +97,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         if role in API_ROLES:
             hub = app[routes.HUB] = WebSocketHub(s, hot)
             workers.start("ws-hub", hub.run)
+        if failover is not None:
+            workers.start("failover", failover.run, failover.stop)
         if role in WORKER_ROLES:
             await _background(app, workers, client, consumers, pg_store, circuits, hot)
         else:
@@ -99,6 +107,20 @@ async def services(app: web.Application) -> AsyncIterator[None]:
             workers.start("worker-status", remote.run, remote.stop)
         health.started = True
         yield
+
+
+def _failover(app: web.Application, s: Settings, role: str, client: Any,
+              pg_store: PostgresStore) -> Failover | None:
+    """redis.write_through: an API process's switch to PostgreSQL alone while Redis is down."""
+    if not (s.redis.write_through and role in API_ROLES):
+        return None
+    reconciler = Reconciler(client, pg_store, s.redis.shards)
+    # Flushes in hand commit within a couple of flush delays (and the statement timeout).
+    settle_s = 2 * s.flush.max_delay_ms / 1000 + 0.2
+    failover = app[routes.FAILOVER] = Failover(
+        s.circuit.failure_threshold, settle_s, lambda: asyncio.wait_for(client.ping(), 1.0),
+        reconciler.run)
+    return failover
 
 
 async def _event_reads(stack: AsyncExitStack, s: Settings, role: str,

@@ -57,6 +57,7 @@ class Redis:
     ack_replicas: int = 0
     ack_timeout_ms: int = 100
     max_memory_ratio: float = 0.9
+    write_through: bool = False
 
 
 @dataclass(frozen=True)

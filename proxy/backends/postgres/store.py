@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import asyncpg
@@ -48,6 +49,12 @@ class PostgresStore:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection in a transaction (write-through: its row locks last until the end)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield conn
 
     async def migrate(self) -> None:
         async with self._pool.acquire() as conn:

@@ -1,0 +1,174 @@
+"""Write-through while Redis is down: each write is one PostgreSQL transaction under a row lock
+on its entity (a thread's lock also orders its appends: seq = the thread's highest + 1), with
+the hot tier's rules — If-Match, idempotent appends by message_id and fingerprint, tombstones,
+expiry, versions counting up — so an answer means committed. The rows it returns are the ones
+read-through would load."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from proxy import model
+from proxy.backends import MessageRow, StateRow, ThreadRow, message_row, state_row, thread_row
+from proxy.backends.postgres.store import PostgresStore
+from proxy.errors import Conflict, NotFound, PreconditionFailed
+
+Change = Callable[[dict[str, Any], int], dict[str, Any]]
+
+_THREAD = ("thread_id, title, owner_id, metadata::text AS metadata, created_at, updated_at,"
+           " version, last_seq, deleted")
+_MESSAGE = ("message_id, thread_id, seq, role, content, metadata::text AS metadata,"
+            " created_at, updated_at, version, deleted, fingerprint")
+_STATE = "key, value::text AS value, version, expires_at, updated_at, deleted"
+
+PUT_THREAD = f"""
+INSERT INTO threads AS t (thread_id, title, owner_id, metadata, created_at, updated_at,
+                          version, deleted)
+VALUES ($1, $2, $3, $4::jsonb, $5, $5, $6, $7)
+ON CONFLICT (thread_id) DO UPDATE SET title = excluded.title, owner_id = excluded.owner_id,
+    metadata = excluded.metadata, updated_at = excluded.updated_at, version = excluded.version,
+    deleted = excluded.deleted,
+    created_at = CASE WHEN t.version = 0 THEN excluded.created_at ELSE t.created_at END
+RETURNING {_THREAD}"""
+APPEND = f"""
+INSERT INTO messages (message_id, thread_id, seq, role, content, metadata, created_at,
+                      updated_at, version, deleted, fingerprint)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $7, 1, false, $8)
+RETURNING {_MESSAGE}"""
+UPDATE_MESSAGE = f"""
+UPDATE messages SET role = $3, content = $4, metadata = $5::jsonb, updated_at = $6,
+    version = $7, deleted = $8
+WHERE thread_id = $1 AND message_id = $2
+RETURNING {_MESSAGE}"""
+PUT_STATE = f"""
+INSERT INTO state_entries (key, value, version, expires_at, updated_at, deleted)
+VALUES ($1, $2::jsonb, $3, $4, $5, $6)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = excluded.version,
+    expires_at = excluded.expires_at, updated_at = excluded.updated_at,
+    deleted = excluded.deleted
+RETURNING {_STATE}"""
+
+
+class WriteThrough:
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    async def put_thread(self, tid: str, t: model.ThreadInput, if_match: str,
+                         op: str) -> tuple[ThreadRow, bool]:
+        """Create, replace ('put') or tombstone ('del') a thread; True if it is new."""
+        async with self._store.transaction() as conn:
+            cur = await conn.fetchrow("SELECT version, deleted FROM threads"
+                                      " WHERE thread_id = $1 FOR UPDATE", tid)
+            v = cur["version"] if cur else 0
+            if v and cur["deleted"]:
+                raise (NotFound if op == "del" else Conflict)(f"thread {tid} was deleted")
+            if not v and op == "del":
+                raise NotFound(f"thread {tid} not found")
+            if if_match and if_match != str(v):
+                raise PreconditionFailed(f"thread {tid} is at version {v}", {"version": str(v)})
+            r = await conn.fetchrow(PUT_THREAD, tid, t.title, t.owner_id,
+                                    orjson.dumps(t.metadata).decode(), _now(), v + 1,
+                                    op == "del")
+        return _thread(r), v == 0
+
+    async def append(self, tid: str, mid: str, m: model.MessageInput,
+                     generated: bool) -> tuple[MessageRow, bool]:
+        """Append at the thread's next seq; a message_id seen before answers the original
+        (same body) or Conflict. True if it is new."""
+        async with self._store.transaction() as conn:
+            await _live_thread(conn, tid)
+            fingerprint = m.fingerprint()
+            if not generated:
+                old = await conn.fetchrow(f"SELECT {_MESSAGE} FROM messages"
+                                          " WHERE thread_id = $1 AND message_id = $2", tid, mid)
+                if old is not None:
+                    row = _message(old)
+                    if row.fingerprint != fingerprint:
+                        raise Conflict(f"message {mid} exists with a different body")
+                    return row, False
+            seq = 1 + await conn.fetchval(
+                "SELECT greatest((SELECT last_seq FROM threads WHERE thread_id = $1),"
+                " (SELECT coalesce(max(seq), 0) FROM messages WHERE thread_id = $1))", tid)
+            r = await conn.fetchrow(APPEND, mid, tid, seq, m.role, m.content,
+                                    orjson.dumps(m.metadata).decode(), _now(), fingerprint)
+            await conn.execute("UPDATE threads SET last_seq = $2 WHERE thread_id = $1", tid, seq)
+        return _message(r), True
+
+    async def update_message(self, tid: str, mid: str, if_match: str,
+                             change: Change) -> MessageRow:
+        """Edit or tombstone a live message at If-Match."""
+        async with self._store.transaction() as conn:
+            await _live_thread(conn, tid)
+            old = await conn.fetchrow(f"SELECT {_MESSAGE} FROM messages WHERE thread_id = $1"
+                                      " AND message_id = $2 FOR UPDATE", tid, mid)
+            if old is None:
+                raise NotFound(f"message {mid} not found in thread {tid}")
+            if old["deleted"]:
+                raise NotFound(f"message {mid} was deleted")
+            version = str(old["version"])
+            if if_match and if_match != version:
+                raise PreconditionFailed(f"message {mid} is at version {version}",
+                                         {"version": version})
+            new = change(orjson.loads(_message(old).doc), model.now_ms())
+            r = await conn.fetchrow(UPDATE_MESSAGE, tid, mid, new["role"], new["content"],
+                                    orjson.dumps(new["metadata"]).decode(), _now(),
+                                    new["version"], new["deleted"])
+        return _message(r)
+
+    async def put_state(self, key: str, value: Any, expires_at_ms: int | None, if_match: str,
+                        op: str) -> tuple[StateRow, bool]:
+        """Write ('put') or tombstone ('del') an entry; an expired one counts as absent but
+        its version keeps counting. True if it was absent."""
+        async with self._store.transaction() as conn:
+            cur = await conn.fetchrow("SELECT version, deleted, expires_at FROM state_entries"
+                                      " WHERE key = $1 FOR UPDATE", key)
+            v = cur["version"] if cur else 0
+            live = cur is not None and not cur["deleted"] and not (
+                cur["expires_at"] and cur["expires_at"] <= datetime.now(UTC))
+            if if_match and (not live or if_match != str(v)):
+                what = f"is at version {v}" if live else "does not exist"
+                raise PreconditionFailed(f"state {key} {what}", {"version": str(v) if live
+                                                                 else None})
+            if op == "del" and not live:
+                raise NotFound(f"state {key} not found")
+            expires = _at(expires_at_ms) if expires_at_ms is not None else None
+            r = await conn.fetchrow(PUT_STATE, key, None if op == "del" else
+                                    orjson.dumps(value).decode(), v + 1, expires, _now(),
+                                    op == "del")
+        return _state(r), not live
+
+
+async def _live_thread(conn: asyncpg.Connection, tid: str) -> None:
+    """Lock the thread (its appends take turns); NotFound unless it exists and is live."""
+    t = await conn.fetchrow("SELECT version, deleted FROM threads WHERE thread_id = $1"
+                            " FOR UPDATE", tid)
+    if t is None or t["version"] == 0:
+        raise NotFound(f"thread {tid} not found")
+    if t["deleted"]:
+        raise NotFound(f"thread {tid} was deleted")
+
+
+def _now() -> datetime:
+    return _at(model.now_ms())
+
+
+def _at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _thread(r: Any) -> ThreadRow:
+    return thread_row(**{**dict(r), "metadata": orjson.loads(r["metadata"])})
+
+
+def _message(r: Any) -> MessageRow:
+    return message_row(**{**dict(r), "metadata": orjson.loads(r["metadata"])})
+
+
+def _state(r: Any) -> StateRow:
+    value = orjson.loads(r["value"]) if r["value"] is not None else None
+    return state_row(**{**dict(r), "value": value})

@@ -1,0 +1,131 @@
+"""Write-through while Redis is down (redis.write_through, issue 11.1): a sidecar whose Redis
+is killed answers from PostgreSQL alone — writes committed there (X-Tier postgres,
+X-Durability persisted, seq assigned under the thread's row lock, idempotency and If-Match
+checked there), reads from it, ready, and saying so in /v1/status — and once Redis is back,
+Redis is reconciled with PostgreSQL before write-behind resumes, so seqs stay unique and
+gapless. The switch-over times are printed (never asserted: machines differ)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.embedded import RedisServer
+from tests.conftest import AppClient, Servers, make_settings
+from tests.helpers import body, wait_for
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis", extra_args=["--appendfsync", "always"])
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+async def sidecar(client_for: AppClient, servers: Servers, own_redis: RedisServer) -> Client:
+    s = make_settings(servers, redis={"url": own_redis.url, "write_through": True,
+                                      "socket_timeout_s": 1.0})
+    return await client_for(s)
+
+
+async def append(c: Client, tid: str, mid: str, content: str = "hi") -> Any:
+    return await c.post(f"/v1/threads/{tid}/messages",
+                        json={"message_id": mid, "role": "user", "content": content})
+
+
+async def flushed(pg: asyncpg.Connection, tid: str, n: int) -> bool:
+    return await pg.fetchval("SELECT count(*) FROM messages WHERE thread_id = $1", tid) == n
+
+
+async def test_writes_go_through_postgres_while_redis_is_down(
+        sidecar: Client, own_redis: RedisServer, pg: asyncpg.Connection) -> None:
+    await body(await sidecar.put("/v1/threads/f1", json={"title": "t"}), 201)
+    for i in (1, 2):
+        await body(await append(sidecar, "f1", f"m{i}"), 201)
+    await body(await sidecar.put("/v1/state/k1", json={"value": 1}), 201)
+    await wait_for(lambda: flushed(pg, "f1", 2))
+
+    own_redis.kill()
+    killed = time.monotonic()
+
+    async def through() -> Any:
+        resp = await append(sidecar, "f1", "m3")
+        if resp.status == 503:
+            return None
+        return resp
+
+    resp = await wait_for(through, timeout_s=20, interval_s=0.05)
+    switched = time.monotonic() - killed
+    doc = await body(resp, 201)
+    assert doc["seq"] == 3
+    assert (resp.headers["X-Tier"], resp.headers["X-Durability"]) == ("postgres", "persisted")
+    assert await pg.fetchval("SELECT seq FROM messages WHERE message_id = 'm3'") == 3
+    assert await pg.fetchval("SELECT last_seq FROM threads WHERE thread_id = 'f1'") == 3
+
+    # Idempotency and If-Match are PostgreSQL's now.
+    again = await append(sidecar, "f1", "m3")
+    assert (await body(again, 200))["seq"] == 3
+    await body(await append(sidecar, "f1", "m3", "other"), 409)
+    stale = await sidecar.put("/v1/state/k1", json={"value": 2}, headers={"If-Match": '"7"'})
+    await body(stale, 412)
+    put = await sidecar.put("/v1/state/k1", json={"value": 2}, headers={"If-Match": '"1"'})
+    assert (await body(put, 200))["version"] == 2
+    edited = await sidecar.patch("/v1/threads/f1/messages/m1", json={"content": "edited"})
+    assert (await body(edited, 200))["version"] == 2
+
+    # Reads from PostgreSQL; ready; status says how it serves.
+    page = await sidecar.get("/v1/threads/f1/messages")
+    items = (await body(page, 200))["items"]
+    assert page.headers["X-Tier"] == "postgres"
+    assert [(m["seq"], m["content"]) for m in items] == [(1, "edited"), (2, "hi"), (3, "hi")]
+    assert (await body(await sidecar.get("/v1/state/k1"), 200))["value"] == 2
+    assert (await sidecar.get("/readyz")).status == 200
+    status = await body(await sidecar.get("/v1/status"), 200)
+    assert (status["tiers"]["redis"]["state"], status["mode"]) == ("down", "write-through")
+
+    own_redis.start()
+    back = time.monotonic()
+
+    async def behind() -> Any:
+        resp = await append(sidecar, "f1", f"r{time.monotonic_ns()}")
+        doc = await body(resp, 201)
+        return doc if resp.headers["X-Tier"] == "redis" else None
+
+    doc = await wait_for(behind, timeout_s=20, interval_s=0.05)
+    resumed = time.monotonic() - back
+    print(f"\nredis killed -> first write-through write {switched:.2f} s; "
+          f"redis back -> write-behind {resumed:.2f} s")
+    status = await body(await sidecar.get("/v1/status"), 200)
+    assert status["mode"] == "write-behind"
+    # Reconciled: Redis carries on after PostgreSQL's seq, and every seq is used once.
+    n = doc["seq"]
+    assert n >= 4
+    await wait_for(lambda: flushed(pg, "f1", n))
+    seqs = [r["seq"] for r in await pg.fetch(
+        "SELECT seq FROM messages WHERE thread_id = 'f1' ORDER BY seq")]
+    assert seqs == list(range(1, n + 1))
+    page = await body(await sidecar.get("/v1/threads/f1/messages"), 200)
+    assert [m["seq"] for m in page["items"]] == seqs
+    assert page["items"][0]["content"] == "edited"
+
+
+async def test_without_write_through_redis_down_is_503(
+        client_for: AppClient, servers: Servers, own_redis: RedisServer) -> None:
+    c = await client_for(make_settings(servers, redis={"url": own_redis.url,
+                                                       "socket_timeout_s": 1.0}))
+    await body(await c.put("/v1/threads/f2", json={}), 201)
+    own_redis.kill()
+    for _ in range(5):
+        resp = await append(c, "f2", "m1")
+        assert (await body(resp, 503))["error"]["code"] == "unavailable"
+        assert "Retry-After" in resp.headers
