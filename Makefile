@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install run test lint bench loadtest wrk clean
+.PHONY: install run test faults lint bench loadtest wrk clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,18 @@ DURATION ?= 600
 soak: install
 	TIERPROXY_NEMESIS_SEED=$(SEED) TIERPROXY_NEMESIS_DURATION_S=$(DURATION) \
 		$(BIN)/pytest tests/faults/test_nemesis.py -s -p no:cacheprovider
+
+# The fault suite (tests/faults and the Sentinel failover in tests/test_topology_app.py) with
+# each scenario recording its figures, then RELIABILITY.md's fault matrix generated from them
+# (a few minutes). A failing scenario is in the matrix too (FAILED), and the target then fails.
+FAULTS_RESULTS := .bench/faults.jsonl
+FAULTS_TESTS := tests/faults \
+	tests/test_topology_app.py::test_sentinel_primary_killed_under_load_loses_no_replicated_append
+faults: install
+	@mkdir -p $(dir $(FAULTS_RESULTS)) && rm -f $(FAULTS_RESULTS)
+	TIERPROXY_FAULTS_RESULTS=$(FAULTS_RESULTS) $(BIN)/pytest $(FAULTS_TESTS) \
+		-p no:cacheprovider; status=$$?; \
+		$(BIN)/python -m tests.faults.report $(FAULTS_RESULTS) RELIABILITY.md && exit $$status
 
 lint: install
 	$(BIN)/ruff check proxy tests loadtests

@@ -30,6 +30,7 @@ from proxy.topology import Client as RedisClient
 from proxy.topology import connect, parse
 from tests.conftest import Servers
 from tests.faults.cluster import UNREACHABLE_CLICKHOUSE
+from tests.faults.results import Outcome, recording
 from tests.helpers import wait_for
 from tests.redis_topology import Cluster, SentinelSet, admin
 from tests.sidecar import Sidecar
@@ -277,6 +278,13 @@ class Load:
 
 
 @pytest.fixture
+def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
+    """The failover's figures, recorded for RELIABILITY.md's matrix when
+    TIERPROXY_FAULTS_RESULTS asks for them (tests/faults/results.py)."""
+    yield from recording(request)
+
+
+@pytest.fixture
 def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
     """A set of this test's own (its primary gets killed). Started from this thread: each
     server dies with the thread that started it."""
@@ -288,7 +296,10 @@ def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
 
 async def test_sentinel_primary_killed_under_load_loses_no_replicated_append(
         sentinel_set: SentinelSet, servers: Servers, pg: asyncpg.Connection,
-        tmp_path: Path) -> None:
+        tmp_path: Path, outcome: Outcome) -> None:
+    outcome.describe("Sentinel: the primary kill -9 under X-Durability: replicated appends, "
+                     "the replica promoted (down-after 1 s)", faults_md=None,
+                     recovery="kill -9 -> first append acknowledged after it")
     sidecar = Sidecar(tmp_path / "side", sentinel_set.url, servers.postgres_url,
                       UNREACHABLE_CLICKHOUSE, TIERPROXY_FLUSH_SINKS="pg", **FAST_REDIS)
     async with running(sidecar), Client(sidecar.url, retry=LOAD_RETRY, timeout_s=5) as client:
@@ -304,10 +315,10 @@ async def test_sentinel_primary_killed_under_load_loses_no_replicated_append(
             await wait_for(lambda: load.acked_after(promoted, 10), timeout_s=20)
         finally:
             await load.stop()
-        report_failover(load, killed, promoted)
+        report_failover(load, killed, promoted, outcome)
         durable = {a.message_id for a in load.acks if a.replicated}
         assert durable, f"no append was answered as replicated: {load.acks[:3]}"
-        await check_no_replicated_loss(client, pg, load, durable)
+        await check_no_replicated_loss(client, pg, load, durable, outcome)
     if load.server_errors:
         at, what = load.server_errors[0]
         pytest.fail(f"{len(load.server_errors)} appends answered 500 during the failover "
@@ -315,29 +326,41 @@ async def test_sentinel_primary_killed_under_load_loses_no_replicated_append(
 
 
 async def check_no_replicated_loss(client: Client, pg: asyncpg.Connection, load: Load,
-                                   durable: set[str]) -> None:
+                                   durable: set[str], outcome: Outcome) -> None:
     """Once PostgreSQL holds exactly what the thread's pages show, seq for seq (the flush
     has drained), every replicated append is in both; print how many plain
-    acknowledgements were lost."""
+    acknowledgements were lost. The outcome's lost counts replicated appends only (a plain
+    one may be lost in a failover: its notes say how many were)."""
     async def drained() -> list[tuple[int, str]] | None:
         page = await read_all(client, load.tid)
         return page if page == (await in_postgres(pg, [load.tid]))[load.tid] else None
 
     kept = await wait_for(drained, timeout_s=20)
+    ids = {mid for _, mid in kept}
+    lost, plain = durable - ids, {a.message_id for a in load.acks} - durable
+    outcome.lost, outcome.duplicated = len(lost), len(kept) - len(ids)
+    outcome.problems = len(lost) + len(kept) - len(ids)
+    outcome.notes += (f"; {len(durable)} replicated, {len(plain)} only acknowledged (202, "
+                      f"may be lost): {len(plain - ids)} of those lost")
     assert [seq for seq, _ in kept] == list(range(1, len(kept) + 1))
-    lost = durable - {mid for _, mid in kept}
     assert not lost, f"{len(lost)} replicated appends lost in the failover"
-    plain = {a.message_id for a in load.acks} - durable
     print(f"plain-acknowledged appends: {len(plain)}, lost: "
-          f"{len(plain - {mid for _, mid in kept})}; replicated: {len(durable)}, lost: 0")
+          f"{len(plain - ids)}; replicated: {len(durable)}, lost: 0")
 
 
-def report_failover(load: Load, killed: float, promoted: float) -> None:
-    """What the failover cost, measured (shown with -s), never asserted."""
+def report_failover(load: Load, killed: float, promoted: float, outcome: Outcome) -> None:
+    """What the failover cost, measured (shown with -s, and in the outcome), never
+    asserted."""
     first = load.after(killed)[0]
     replicated = next((a for a in load.after(killed) if a.replicated), None)
     failed = [what for at, what in load.unavailable if at > killed]
     kinds = sorted({what.split(":")[0] for what in failed})
+    outcome.acknowledged = len(load.acks)
+    outcome.refused = len(load.unavailable) + len(load.server_errors)  # each sent again
+    outcome.recovered(killed, first.at)
+    outcome.notes = (f"promoted {promoted - killed:.2f} s after the kill; first replicated "
+                     f"append {'none' if replicated is None else f'{replicated.at - killed:.2f} s'}"
+                     f"; {len(load.server_errors)} answered 500")
     print(f"\nprimary killed -> promoted {promoted - killed:.2f} s -> first acknowledged "
           f"append {first.at - killed:.2f} s ({first.status}, {first.durability}); first "
           f"replicated: {'none' if replicated is None else f'{replicated.at - killed:.2f} s'}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from proxy.embedded import clickhouse_url
 from tests.conftest import Servers
+from tests.faults.results import Outcome, recording
 from tests.sidecar import Sidecar
 
 StartSidecar = Callable[..., Awaitable[Sidecar]]
@@ -46,6 +47,13 @@ async def sidecars(servers: Servers, redis: aioredis.Redis, pg: asyncpg.Connecti
     yield start
     for sidecar in started:
         await asyncio.to_thread(sidecar.kill)
+
+
+@pytest.fixture
+def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
+    """The scenario's figures, recorded for RELIABILITY.md's matrix when
+    TIERPROXY_FAULTS_RESULTS asks for them (tests/faults/results.py)."""
+    yield from recording(request)
 
 
 async def metric(sidecar: Sidecar, sample: str) -> float:

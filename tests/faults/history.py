@@ -10,7 +10,8 @@ A 5xx is definite about the answer but not about the write: the request timeout 
 after the Lua script may have run, so the checker lets 5xx ops land or not, like info ops.
 
 Labels in brackets are ARCHITECTURE.md's invariants, as in the nemesis checker (checker.py:
-FAULTS.md's I1 is [1], I2 and I3 are [2], I4 is [9]).
+FAULTS.md's I1 is [1], I2 and I3 are [2], I4 is [9]). Each problem is also sorted as lost,
+duplicated, regressed or other, for the fault matrix (results.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import redis.asyncio as aioredis
 
 from proxy import keys
 from proxy.backends import GROUPS
+from tests.faults.results import Outcome
 
 OK, FAIL, INFO = "ok", "fail", "info"
 
@@ -221,6 +223,20 @@ def _record_answer(op: Op, raw: bytes) -> None:
 
 # ---- the checker
 
+LOST, DUPLICATED, REGRESSED, OTHER = "lost", "duplicated", "regressed", "other"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing that does not hold; `count` writes of `kind` (LOST ... OTHER) behind it."""
+
+    kind: str
+    text: str
+    count: int = 1
+
+    def __str__(self) -> str:
+        return self.text
+
 
 @dataclass
 class Stored:
@@ -267,9 +283,11 @@ def _stored_version(stored: Stored, kind: str, entity: str) -> tuple[int | None,
     return (trow[0], None) if trow else (None, None)
 
 
-def version_problems(history: History, stored: Stored) -> list[str]:
+def version_problems(history: History, stored: Stored) -> list[Problem]:
     """[1] (every ok version landed) and [2] (stored = the highest acked version, or one an
-    uncertain op may have written: each uncertain op adds at most one version)."""
+    uncertain op may have written: each uncertain op adds at most one version). Below the
+    highest acked version is a regression; above what the writes explain, a write applied
+    twice."""
     out = []
     for (kind, entity), ops in _by_entity(history).items():
         acked = [o for o in ops if o.outcome == OK]
@@ -278,14 +296,17 @@ def version_problems(history: History, stored: Stored) -> list[str]:
         version, value = _stored_version(stored, kind, entity)
         if version is None:
             if acked:
-                out.append(f"[1] lost: {kind} {entity} acked at v{top}, not in postgres")
+                out.append(Problem(LOST, f"[1] lost: {kind} {entity} acked at v{top}, not in "
+                                         f"postgres"))
             continue
         if not top <= version <= top + uncertain:
-            out.append(f"[2]: {kind} {entity} stored at v{version}, acked up to v{top} "
-                       f"with {uncertain} uncertain ops: {_brief(ops)}")
+            out.append(Problem(REGRESSED if version < top else DUPLICATED,
+                               f"[2]: {kind} {entity} stored at v{version}, acked up to v{top} "
+                               f"with {uncertain} uncertain ops: {_brief(ops)}"))
         last = next((o for o in acked if o.version == version), None)
         if last is not None and kind != "t" and last.value != value:
-            out.append(f"[2]: {kind} {entity} v{version} holds {value!r}, acked {last.value!r}")
+            out.append(Problem(OTHER, f"[2]: {kind} {entity} v{version} holds {value!r}, "
+                                      f"acked {last.value!r}"))
     return out
 
 
@@ -294,9 +315,9 @@ def _brief(ops: list[Op]) -> str:
                      for o in ops[-6:])
 
 
-def seq_problems(history: History, stored: Stored) -> list[str]:
+def seq_problems(history: History, stored: Stored) -> list[Problem]:
     """[2]: (thread, seq) unique, seqs gapless 1..last_seq per thread, acked seqs kept, and no
-    message that no op may have written."""
+    message that no op may have written. A seq held twice counts as duplicated."""
     out = []
     appends = {o.id: o for o in history.ops if o.kind == "append"}
     per_thread: dict[str, list[int]] = defaultdict(list)
@@ -304,22 +325,27 @@ def seq_problems(history: History, stored: Stored) -> list[str]:
         per_thread[tid].append(seq)
         op = appends.get(mid)
         if op is None or not (op.outcome == OK or op.uncertain):
-            out.append(f"[2]: message {mid} in postgres was never written (op: {op})")
+            out.append(Problem(OTHER, f"[2]: message {mid} in postgres was never written "
+                                      f"(op: {op})"))
         elif op.outcome == OK and (op.thread_id, op.seq) != (tid, seq):
-            out.append(f"[2]: message {mid} acked at {op.thread_id}#{op.seq}, stored {tid}#{seq}")
+            out.append(Problem(OTHER, f"[2]: message {mid} acked at {op.thread_id}#{op.seq}, "
+                                      f"stored {tid}#{seq}"))
     for tid in sorted({o.thread_id for o in history.ops if o.thread_id}):
         seqs = sorted(per_thread.get(tid, []))
         if seqs != list(range(1, len(seqs) + 1)):
             dupes = len(seqs) - len(set(seqs))
-            out.append(f"[2]: thread {tid} seqs not 1..{len(seqs)} ({dupes} duplicates, "
-                       f"max {seqs[-1] if seqs else 0})")
+            out.append(Problem(DUPLICATED if dupes else OTHER,
+                               f"[2]: thread {tid} seqs not 1..{len(seqs)} ({dupes} "
+                               f"duplicates, max {seqs[-1] if seqs else 0})", max(1, dupes)))
         last_seq = stored.threads.get(tid, (0, 0))[1]
         if seqs and last_seq != len(seqs):
-            out.append(f"[2]: thread {tid} last_seq {last_seq}, messages 1..{len(seqs)}")
+            out.append(Problem(OTHER, f"[2]: thread {tid} last_seq {last_seq}, messages "
+                                      f"1..{len(seqs)}"))
     return out
 
 
-async def log_problems(r: aioredis.Redis, shards: int, groups: Sequence[str]) -> list[str]:
+async def log_problems(r: aioredis.Redis, shards: int,
+                       groups: Sequence[str]) -> list[Problem]:
     """[9] (the backlog drains): no pending entry and nothing undelivered, per group and shard."""
     out = []
     for shard in range(shards):
@@ -329,15 +355,16 @@ async def log_problems(r: aioredis.Redis, shards: int, groups: Sequence[str]) ->
         info = {_text(g["name"]): g for g in await r.xinfo_groups(stream)}
         for group in groups:
             if group not in info:
-                out.append(f"[9]: shard {shard} has no group {group}")
+                out.append(Problem(OTHER, f"[9]: shard {shard} has no group {group}"))
                 continue
             pending = (await r.xpending(stream, group))["pending"]
             last = _text(info[group]["last-delivered-id"])
             ms, _, seq = last.partition("-")
             undelivered = await r.xrange(stream, min=f"{ms}-{int(seq) + 1}", count=1)
             if pending or undelivered:
-                out.append(f"[9]: shard {shard} group {group}: {pending} pending, "
-                           f"{'some' if undelivered else 'no'} undelivered entries")
+                out.append(Problem(OTHER, f"[9]: shard {shard} group {group}: {pending} "
+                                          f"pending, {'some' if undelivered else 'no'} "
+                                          f"undelivered entries"))
     return out
 
 
@@ -350,13 +377,35 @@ class Verdict:
     seconds: float  # how long the checks took to hold
     rows: int  # PostgreSQL rows of the history's entities
     summary: dict[str, int]
+    held_at: float = 0.0  # time.monotonic() when they held
+
+
+# What check() holding means, for recovery-time definitions.
+HELD = "every acknowledged write in PostgreSQL, nothing pending in the log"
+
+
+def tally(history: History, problems: Sequence[Problem], outcome: Outcome) -> None:
+    """The history's and the problems' figures, into the scenario's outcome."""
+    outcome.acknowledged = len(history.of(OK))
+    outcome.refused = sum((o.status or 500) >= 500 for o in history.of(FAIL))
+    outcome.unknown = len(history.of(INFO))
+    by_kind = {kind: sum(p.count for p in problems if p.kind == kind)
+               for kind in (LOST, DUPLICATED, REGRESSED)}
+    outcome.lost, outcome.duplicated = by_kind[LOST], by_kind[DUPLICATED]
+    outcome.regressed, outcome.problems = by_kind[REGRESSED], len(problems)
+
+
+def first_ack_after(history: History, since: float) -> float | None:
+    """time.monotonic() when the first op sent at or after `since` was acknowledged."""
+    return min((o.ended for o in history.of(OK) if o.started >= since), default=None)
 
 
 async def check(history: History, pg_url: str, redis_url: str, shards: int, *,
-                deadline_s: float = 15.0, groups: Sequence[str] = GROUPS) -> Verdict:
+                deadline_s: float = 15.0, groups: Sequence[str] = GROUPS,
+                outcome: Outcome | None = None) -> Verdict:
     """Poll PostgreSQL and the log until [1], [2] and [9] hold, or fail at the deadline with
     what does not hold. A stored version above every acked one never converges: it fails at
-    the end."""
+    the end. The last poll's figures go into `outcome` either way."""
     started = time.monotonic()
     conn = await asyncpg.connect(pg_url)
     r = aioredis.Redis.from_url(redis_url)
@@ -365,13 +414,16 @@ async def check(history: History, pg_url: str, redis_url: str, shards: int, *,
             stored = await read_pg(conn, history)
             problems = (version_problems(history, stored) + seq_problems(history, stored)
                         + await log_problems(r, shards, groups))
+            if outcome is not None:
+                tally(history, problems, outcome)
             if not problems:
                 rows = len(stored.threads) + len(stored.messages) + len(stored.state)
-                return Verdict(time.monotonic() - started, rows, history.summary())
+                now = time.monotonic()
+                return Verdict(now - started, rows, history.summary(), now)
             if time.monotonic() - started > deadline_s:
                 raise AssertionError(
                     f"{len(problems)} problems after {deadline_s} s (history "
-                    f"{history.summary()}):\n" + "\n".join(problems[:30]))
+                    f"{history.summary()}):\n" + "\n".join(map(str, problems[:30])))
             await asyncio.sleep(0.2)
     finally:
         await conn.close()

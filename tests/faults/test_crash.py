@@ -18,7 +18,8 @@ from proxy import keys
 from proxy.backends import PG
 from tests.conftest import Servers
 from tests.faults.conftest import SHARDS, StartSidecar, metric
-from tests.faults.history import INFO, OK, Load, check
+from tests.faults.history import HELD, INFO, OK, Load, check, first_ack_after
+from tests.faults.results import Outcome
 from tests.helpers import wait_for
 from tests.sidecar import Sidecar
 
@@ -39,7 +40,9 @@ async def pending_of(r: aioredis.Redis, group: str = PG.name) -> int:
 @pytest.mark.parametrize("failpoint", FAILPOINTS)
 async def test_kill_at_failpoint_then_a_new_sidecar_flushes_everything(
         failpoint: str, sidecars: StartSidecar, servers: Servers, redis: aioredis.Redis,
-        pg: asyncpg.Connection) -> None:
+        pg: asyncpg.Connection, outcome: Outcome) -> None:
+    outcome.describe(f"sidecar kill -9 at failpoint {failpoint} mid-flush, a new one started",
+                     faults_md=1, recovery=f"new sidecar started -> {HELD}")
     # A burst of writes through W, whose flushers park on their first batch (nothing flushed,
     # nothing acked); then W is gone. That leaves a backlog, so A's first flush holds a real
     # batch whatever the batching policy, and A dies at the failpoint flushing it.
@@ -60,9 +63,11 @@ async def test_kill_at_failpoint_then_a_new_sidecar_flushes_everything(
     assert await pending_of(redis) > 0
     assert (await _committed(pg) > 0) == (failpoint == "after-pg-commit-before-xack")
 
+    restarted = time.monotonic()
     b = await sidecars("b")
     verdict = await check(history, servers.postgres_url, servers.redis_url, SHARDS,
-                          deadline_s=15)
+                          deadline_s=15, outcome=outcome)
+    outcome.recovered(restarted, verdict.held_at)
     # What W and A held came back through XAUTOCLAIM.
     assert await metric(b, 'tierproxy_reclaimed_entries_total{sink="pg"}') > 0, b.logs()
     print(f"{failpoint}: {verdict}")
@@ -103,7 +108,11 @@ class ConsumerWatch:
 
 @pytest.mark.timeout(90)
 async def test_peer_reclaims_a_dead_sidecars_pending_entries(
-        sidecars: StartSidecar, servers: Servers, redis: aioredis.Redis) -> None:
+        sidecars: StartSidecar, servers: Servers, redis: aioredis.Redis,
+        outcome: Outcome) -> None:
+    outcome.describe("sidecar kill -9 under load, never restarted; its peer reclaims",
+                     faults_md=2, recovery=f"kill -9 -> {HELD} (claim idle 3 s; the load "
+                     "runs 1 s more)")
     # A holds each batch open for a second, so it always has entries in hand when killed;
     # B claims entries idle for 3 s, so not A's while A is alive (on a slow machine too).
     a = await sidecars("a", TIERPROXY_FLUSH_MAX_DELAY_MS=1000, TIERPROXY_FLUSH_CLAIM_IDLE_MS=3000)
@@ -115,6 +124,7 @@ async def test_peer_reclaims_a_dead_sidecars_pending_entries(
         await asyncio.sleep(1.5)  # both flush under load for a while
         await wait_for(lambda: _holds_entries(watch, redis), timeout_s=10)
         a.kill()  # and never restarted
+        killed = time.monotonic()
         load.urls[:] = [b.url]
         await watch.observe(redis)
         assert any(obs[-1] for obs in watch.seen.values()), watch.seen
@@ -130,7 +140,8 @@ async def test_peer_reclaims_a_dead_sidecars_pending_entries(
     # It sat listed with an empty pending list before the monitor deleted it.
     assert all(0 in obs for obs in watch.seen.values()), watch.seen
     verdict = await check(history, servers.postgres_url, servers.redis_url, SHARDS,
-                          deadline_s=15)
+                          deadline_s=15, outcome=outcome)
+    outcome.recovered(killed, verdict.held_at)
     assert await metric(b, 'tierproxy_reclaimed_entries_total{sink="pg"}') > 0, b.logs()
     print(f"reclaim: {verdict}")
 
@@ -147,8 +158,11 @@ GRACE_S = 0.3
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("batch", ["flushing", "stuck"])
 async def test_sigterm_mid_burst_answers_in_flight_requests_and_exits_in_time(
-        batch: str, sidecars: StartSidecar, servers: Servers, redis: aioredis.Redis) -> None:
+        batch: str, sidecars: StartSidecar, servers: Servers, redis: aioredis.Redis,
+        outcome: Outcome) -> None:
     deadline_s = 5.0  # shutdown.deadline_s, as tests/sidecar.py sets it
+    outcome.describe(f"SIGTERM mid-burst, batch {batch}; a peer started after",
+                     faults_md=6, recovery=f"peer started -> {HELD}")
     # "stuck": every PostgreSQL batch hangs before its commit, so shutdown must abandon them
     # at the deadline, uncommitted and unacknowledged.
     env = {"TIERPROXY_DEBUG_FAILPOINT": "before-pg-commit:sleep"} if batch == "stuck" else {}
@@ -174,10 +188,14 @@ async def test_sigterm_mid_burst_answers_in_flight_requests_and_exits_in_time(
     before = [o for o in history.ops if o.started < signalled - GRACE_S]
     assert before and not [o for o in before if o.outcome == INFO], history.summary()
     reset = [o for o in history.ops if o.outcome == INFO]
+    outcome.notes = (f"exited {exit_s:.2f} s after SIGTERM (deadline {deadline_s:g} s); "
+                     f"{len(reset)} requests sent after the signal were reset")
 
+    restarted = time.monotonic()
     await sidecars("b")
     verdict = await check(history, servers.postgres_url, servers.redis_url, SHARDS,
-                          deadline_s=15)
+                          deadline_s=15, outcome=outcome)
+    outcome.recovered(restarted, verdict.held_at)
     print(f"sigterm ({batch}): exit {exit_s:.2f} s, {len(reset)} requests sent after the "
           f"signal were reset; {verdict}")
 
@@ -185,7 +203,11 @@ async def test_sigterm_mid_burst_answers_in_flight_requests_and_exits_in_time(
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("role", ["worker", "api"])
 async def test_a_killed_process_is_restarted_and_loses_nothing(
-        role: str, sidecars: StartSidecar, servers: Servers, redis: aioredis.Redis) -> None:
+        role: str, sidecars: StartSidecar, servers: Servers, redis: aioredis.Redis,
+        outcome: Outcome) -> None:
+    outcome.describe(f"kill -9 of the {role} process under load; its supervisor restarts it",
+                     faults_md=1, recovery="kill -9 -> the replacement process runs"
+                     if role == "worker" else "kill -9 -> first write acknowledged after it")
     # One process of the sidecar dies of SIGKILL under load; its supervisor starts another.
     # The worker's replacement reclaims what its predecessor held; an API process's requests in
     # flight end unanswered (info), the others go on through the processes left or the new one.
@@ -196,12 +218,18 @@ async def test_a_killed_process_is_restarted_and_loses_nothing(
         await asyncio.sleep(1.0)  # writes flowing and being flushed
         [victim] = a.processes(role)
         victim.kill()
+        killed = time.monotonic()
         await wait_for(lambda: _replaced(a, role, victim.pid), timeout_s=20)
+        replaced = time.monotonic()
         await asyncio.sleep(1.0)  # the new process under the same load
         history = await load.stop()
+    if role == "worker":
+        outcome.recovered(killed, replaced)
+    elif (acked := first_ack_after(history, killed)) is not None:
+        outcome.recovered(killed, acked)
     assert -signal.SIGKILL in a.exits(role)
     verdict = await check(history, servers.postgres_url, servers.redis_url, SHARDS,
-                          deadline_s=20)
+                          deadline_s=20, outcome=outcome)
     print(f"{role} killed: {verdict}")
 
 

@@ -40,9 +40,11 @@ from tests.faults.checker import Index, check_history
 from tests.faults.cluster import SIDECARS, Cluster
 from tests.faults.conftest import SHARDS
 from tests.faults.health import Prober, check_health, probe_summary
+from tests.faults.history import FAIL, INFO
+from tests.faults.results import Outcome
 from tests.faults.sampler import Sampler
 from tests.faults.violations import Violations
-from tests.faults.workload import Caller, Knowledge, Op, Workload
+from tests.faults.workload import WRITES, Caller, Knowledge, Op, Workload
 from tests.sidecar import clickhouse_query
 
 DEFAULT_SEED = 123  # a schedule with two stall windows and every kind of fault
@@ -89,10 +91,15 @@ class Config:
 
 @pytest.mark.timeout(DURATION_S + 150)
 async def test_nemesis_finds_no_lost_regressed_duplicated_or_resurrected_write(
-        servers: Servers, pg: asyncpg.Connection, tmp_path: Path) -> None:
+        servers: Servers, pg: asyncpg.Connection, tmp_path: Path, outcome: Outcome) -> None:
     if servers.postgres is None:
         pytest.skip("external PostgreSQL: the nemesis stops and starts it")
     cfg = Config(SEED, DURATION_S)
+    outcome.describe(f"nemesis, three sidecars: kill -9, SIGSTOP, stalls, PostgreSQL stops "
+                     f"and poison, Redis kill -9 / SIGTERM (appendfsync always); seed "
+                     f"{cfg.seed}, {cfg.duration_s:g} s", faults_md=28,
+                     recovery=f"last fault healed -> every sidecar ready, the log drained, "
+                     f"dead letters replayed (the load runs {AFTER_HEAL_S:g} s more)")
     faults = nemesis.schedule(cfg.seed, cfg.duration_s, SIDECARS)
     print(f"\nnemesis seed {cfg.seed}, {cfg.duration_s:g} s; rerun: {cfg.rerun()}\nschedule:\n"
           + "\n".join(f"  {f}" for f in faults))
@@ -110,6 +117,7 @@ async def test_nemesis_finds_no_lost_regressed_duplicated_or_resurrected_write(
         await nemesis.poison_constraints(servers.postgres_url, add=False)
         await cluster.close()
     print(summary(cfg, history, run))
+    fill_outcome(history, run, out, outcome)
     if out.items:
         dump_history(history, tmp_path / "history.jsonl")
         print(cluster.log_tails())
@@ -135,6 +143,7 @@ class Run:
     prober: Prober
     sampler: Sampler
     ready: list[int]  # the sidecars ready after healing
+    heal_s: float  # the last fault healed -> heal() done
     index: Index | None = None
 
 
@@ -161,10 +170,12 @@ async def drive(cfg: Config, cluster: Cluster, caller: Caller, faults: list[neme
         stack.push_async_callback(chaos.stop)
         await asyncio.sleep(cfg.duration_s)  # the run's length
         await chaos.stop()
+        healed = time.monotonic()
         await asyncio.sleep(AFTER_HEAL_S)
         await load.stop()
         ready = await heal(cluster, caller, out)
-    return Run(caller.history, chaos.events, prober, sampler, ready)
+        heal_s = time.monotonic() - healed
+    return Run(caller.history, chaos.events, prober, sampler, ready, heal_s)
 
 
 async def heal(cluster: Cluster, caller: Caller, out: Violations) -> list[int]:
@@ -214,6 +225,26 @@ async def check_end(cfg: Config, cluster: Cluster, caller: Caller, run: Run,
     rows = await asyncio.to_thread(clickhouse_query, cluster.clickhouse_url,
                                    endstate.EVENTS_SQL)
     endstate.check_clickhouse(rows, pg, out)
+
+
+def fill_outcome(history: list[Op], run: Run, out: Violations, outcome: Outcome) -> None:
+    """The run's figures for the fault matrix: writes by outcome (refused: 5xx or not sent;
+    the 4xx the workload provokes are not counted); lost = [1] (acknowledged, not in
+    PostgreSQL or below its version); duplicated = [2] and [7] (a version, row, seq or
+    ClickHouse event more than once); regressed = [8] (an answer older than one served
+    before); every violation counted in `problems`."""
+    writes = [o for o in history if o.kind in WRITES]
+    outcome.acknowledged = sum(o.ok for o in writes)
+    outcome.refused = sum(o.outcome == FAIL and (o.status or 500) >= 500 for o in writes)
+    outcome.unknown = sum(o.outcome == INFO for o in writes)
+    counts = out.counts()
+    outcome.lost = counts.get("1", 0)
+    outcome.duplicated = counts.get("2", 0) + counts.get("7", 0)
+    outcome.regressed = counts.get("8", 0)
+    outcome.problems = len(out.items)
+    outcome.recovery_s = round(run.heal_s, 3)
+    outcome.notes = (f"{len(run.events)} faults; violations by invariant: "
+                     f"{counts or 'none'}")
 
 
 def dump_history(history: list[Op], path: Path) -> None:

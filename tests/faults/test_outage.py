@@ -16,7 +16,8 @@ import pytest
 
 from tests.conftest import Servers
 from tests.faults.conftest import SHARDS, StartSidecar, metric
-from tests.faults.history import FAIL, INFO, OK, Load, check
+from tests.faults.history import FAIL, HELD, INFO, OK, Load, check, first_ack_after
+from tests.faults.results import Outcome
 from tests.faults.tcpproxy import FaultProxy
 from tests.helpers import wait_for
 from tests.sidecar import Sidecar
@@ -76,9 +77,13 @@ async def some_acked(load: Load, count: int = 50) -> bool:
 
 @pytest.mark.timeout(120)
 async def test_postgres_stopped_writes_acked_backlog_grows_then_all_lands(
-        sidecars: StartSidecar, servers: Servers, http: aiohttp.ClientSession) -> None:
+        sidecars: StartSidecar, servers: Servers, http: aiohttp.ClientSession,
+        outcome: Outcome) -> None:
     if servers.postgres is None:
         pytest.skip("external PostgreSQL: the test cannot stop it")
+    outcome.describe("PostgreSQL stopped under writes, then started",
+                     faults_md=9, recovery=f"PostgreSQL started -> {HELD} (the load runs "
+                     "0.5 s more)")
     postgres = servers.postgres
     s = await sidecars("a")
     # Threads stay under the Redis window (200): an append with a client id to a thread
@@ -90,6 +95,7 @@ async def test_postgres_stopped_writes_acked_backlog_grows_then_all_lands(
         lines = log_lines(s)
         try:
             await asyncio.to_thread(postgres.stop)
+            stopped = time.monotonic()
             down = await wait_for(lambda: _pg_sink(http, s, circuit="open", min_backlog=1))
             await wait_for(lambda: _pg_sink(http, s, min_backlog=down["backlog"] + 100))
             await asyncio.sleep(1.0)  # the outage goes on under load
@@ -97,13 +103,17 @@ async def test_postgres_stopped_writes_acked_backlog_grows_then_all_lands(
             outage_lines = log_lines(s) - lines
         finally:
             await asyncio.to_thread(postgres.start)
+            healed = time.monotonic()
         await asyncio.sleep(0.5)  # writes continue across the recovery
         history = await load.stop()
+    outcome.notes = (f"down {healed - stopped:.1f} s; the backlog grew past "
+                     f"{down['backlog'] + 100} entries, every write acknowledged")
     assert history.of(FAIL) == [] and history.of(INFO) == [], history.summary()
     assert outage_lines < 100, f"{outage_lines} log lines during the outage: a retry loop?"
     await wait_for(lambda: persisted_write_succeeds(http, s), timeout_s=10)
     verdict = await check(history, servers.postgres_url, servers.redis_url, SHARDS,
-                          deadline_s=20)
+                          deadline_s=20, outcome=outcome)
+    outcome.recovered(healed, verdict.held_at)
     # The monitor saw it all through: status shows the recovery (and /readyz stayed green).
     await wait_for(lambda: _pg_sink(http, s, circuit="closed", max_backlog=0), timeout_s=5)
     assert await ready(http, s)
@@ -125,9 +135,13 @@ async def _pg_sink(http: aiohttp.ClientSession, sidecar: Sidecar, circuit: str |
 
 @pytest.mark.timeout(120)
 async def test_postgres_immediate_restart_with_a_batch_in_flight(
-        sidecars: StartSidecar, servers: Servers, http: aiohttp.ClientSession) -> None:
+        sidecars: StartSidecar, servers: Servers, http: aiohttp.ClientSession,
+        outcome: Outcome) -> None:
     if servers.postgres is None:
         pytest.skip("external PostgreSQL: the test cannot restart it")
+    outcome.describe("PostgreSQL stopped -m immediate with a batch upsert in flight, then "
+                     "started", faults_md=5, recovery=f"PostgreSQL started -> {HELD} (the "
+                     "load runs 0.5 s more)")
     postgres = servers.postgres
     s = await sidecars("a")
     locker = await asyncpg.connect(servers.postgres_url)
@@ -141,17 +155,23 @@ async def test_postgres_immediate_restart_with_a_batch_in_flight(
             await locker.execute("BEGIN; LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
             await wait_for(lambda: _upsert_waiting(servers.postgres_url), timeout_s=10)
             await asyncio.to_thread(postgres.stop, "immediate")
+            stopped = time.monotonic()
             await asyncio.sleep(1.0)  # the outage goes on under load
         finally:
             locker.terminate()  # never left holding the lock
             await asyncio.to_thread(postgres.start)
+            healed = time.monotonic()
         await asyncio.sleep(0.5)  # writes continue across the recovery
         history = await load.stop()
     assert history.of(FAIL) == [] and history.of(INFO) == [], history.summary()
     # The pool recovers: a write-through works again within 10 s of the restart.
     await wait_for(lambda: persisted_write_succeeds(http, s), timeout_s=10)
+    outcome.notes = (f"down {healed - stopped:.1f} s, every write acknowledged; a persisted "
+                     f"write went through again {time.monotonic() - healed:.2f} s after the "
+                     "start (the asyncpg pool recovered)")
     verdict = await check(history, servers.postgres_url, servers.redis_url, SHARDS,
-                          deadline_s=20)
+                          deadline_s=20, outcome=outcome)
+    outcome.recovered(healed, verdict.held_at)
     print(f"postgres immediate restart: {verdict}")
 
 
@@ -170,7 +190,11 @@ async def _upsert_waiting(url: str) -> bool:
 
 @pytest.mark.timeout(90)
 async def test_postgres_black_hole_times_out_retries_and_drains(
-        sidecars: StartSidecar, servers: Servers, http: aiohttp.ClientSession) -> None:
+        sidecars: StartSidecar, servers: Servers, http: aiohttp.ClientSession,
+        outcome: Outcome) -> None:
+    outcome.describe("PostgreSQL black-holed (fault proxy) under writes",
+                     faults_md=16, recovery=f"proxy passes again -> {HELD} (the load runs "
+                     "0.5 s more)")
     with FaultProxy(*upstream(servers.postgres_url)) as proxy:
         s = await sidecars("a", postgres_url=through(servers.postgres_url, proxy),
                            TIERPROXY_POSTGRES_COMMAND_TIMEOUT_S=1.0)
@@ -181,17 +205,22 @@ async def test_postgres_black_hole_times_out_retries_and_drains(
             retries = await metric(s, 'tierproxy_flush_retries_total{sink="pg"}')
             lines = log_lines(s)
             proxy.set_mode("blackhole")
+            holed = time.monotonic()
             await wait_for(lambda: _pg_sink(http, s, min_backlog=100), timeout_s=10)
             await asyncio.sleep(3.0)  # the fault lasts a while
             fault_lines = log_lines(s) - lines
             proxy.set_mode("pass")
             proxy.cut()  # reset what the black hole left out of step
+            healed = time.monotonic()
             await asyncio.sleep(0.5)  # writes continue after the heal
             history = await load.stop()
+        outcome.notes = (f"black-holed {healed - holed:.1f} s, every write acknowledged; "
+                         f"{fault_lines} log lines during the fault")
         # Write-behind: the HTTP path never waited on PostgreSQL.
         assert history.of(FAIL) == [] and history.of(INFO) == [], history.summary()
         verdict = await check(history, servers.postgres_url, servers.redis_url, SHARDS,
-                              deadline_s=20)
+                              deadline_s=20, outcome=outcome)
+        outcome.recovered(healed, verdict.held_at)
         # The statement timeout fired and the batch was retried (same entries, no duplicate:
         # I2 above).
         assert await metric(s, 'tierproxy_flush_retries_total{sink="pg"}') > retries
@@ -202,8 +231,12 @@ async def test_postgres_black_hole_times_out_retries_and_drains(
 
 @pytest.mark.timeout(90)
 async def test_redis_black_hole_answers_503_in_time_then_flushers_reconnect(
-        sidecars: StartSidecar, servers: Servers, http: aiohttp.ClientSession) -> None:
+        sidecars: StartSidecar, servers: Servers, http: aiohttp.ClientSession,
+        outcome: Outcome) -> None:
     socket_timeout_s, request_timeout_s = 1.0, 1.0
+    outcome.describe("Redis black-holed (fault proxy) under writes",
+                     faults_md=14, recovery="proxy passes again -> first write acknowledged "
+                     "after it")
     with FaultProxy(*upstream(servers.redis_url)) as proxy:
         s = await sidecars("a", redis_url=through(servers.redis_url, proxy),
                            TIERPROXY_REDIS_SOCKET_TIMEOUT_S=socket_timeout_s,
@@ -235,9 +268,14 @@ async def test_redis_black_hole_answers_503_in_time_then_flushers_reconnect(
         slow = [o for o in history.ops if o.seconds > request_timeout_s + 1.0]
         assert slow == [], slow[:5]
         during = history.between(down + 0.1, healed)
+        outcome.notes = (f"black-holed {healed - down:.1f} s: {len(during)} writes sent meanwhile, "
+                         f"{sum(o.status == 503 for o in during)} answered 503; /readyz "
+                         f"answers {sorted(set(readiness))}")
+        if (acked := first_ack_after(history, healed)) is not None:
+            outcome.recovered(healed, acked)
         assert during and all(o.status == 503 for o in during), history.summary()
         verdict = await check(history, servers.postgres_url, servers.redis_url, SHARDS,
-                              deadline_s=20)
+                              deadline_s=20, outcome=outcome)
         await wait_for(lambda: ready(http, s), timeout_s=5)
     print(f"redis black hole: {len(during)} answered 503 during the fault, {fault_lines} log "
           f"lines; {verdict}")
