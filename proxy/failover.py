@@ -2,9 +2,10 @@
 alone — writes committed there before they are answered (X-Tier: postgres, X-Durability:
 persisted), reads from it. Redis counts as down after circuit.failure_threshold calls in a row
 found it unreachable; a write switches over at once only if its call never left (no
-connection), since one lost in flight may have run. On recovery (a PING answers), new requests
-wait while the writes in PostgreSQL finish and Redis is reconciled with PostgreSQL (counters
-raised, clean cached docs dropped: proxy.reconcile); only then does write-behind resume.
+connection), since one lost in flight may have run. On recovery (a PING answers), what Redis
+holds behind PostgreSQL is dropped (read through again) once its unflushed writes are flushed
+(proxy.reconcile, mode "drop"); a last pass runs while new requests wait and the writes in
+PostgreSQL finish; only then does write-behind resume.
 
 What it cannot make safe: a write acknowledged by Redis and not yet flushed when Redis went
 down, on an entity written through meanwhile (a thread's seq, a version). Its flush then meets
@@ -28,12 +29,16 @@ from proxy.errors import RedisDown, Unavailable
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 PROBE_S = 0.2  # how often a down Redis is asked whether it is back
-RESUME_WAIT_S = 5.0  # a request waits at most this long for the reconciliation
+RESUME_WAIT_S = 5.0  # a request waits at most this long for the last reconciliation pass
+DRAIN_S = 30.0  # how long recovery waits for unflushed writes behind PostgreSQL to flush
 
 
 class Failover:
     def __init__(self, threshold: int, settle_s: float, ping: Callable[[], Awaitable[Any]],
-                 reconcile: Callable[[], Awaitable[Any]]) -> None:
+                 reconcile: Callable[[bool], Awaitable[int]]) -> None:
+        """`reconcile(final)` drops what Redis holds behind PostgreSQL and is clean, and
+        returns how many such entities still have unflushed changes; `final` also raises
+        their counters to PostgreSQL's (so no seq or version is handed out twice)."""
         self._threshold = threshold
         self._settle_s = settle_s
         self._settled_at = 0.0
@@ -121,11 +126,19 @@ class Failover:
         return True
 
     async def _resume(self) -> None:
+        """Redis answers: first, still serving from PostgreSQL, drop what Redis holds behind
+        it once clean (writes it had not flushed are being flushed now); then hold new
+        requests, let the ones in PostgreSQL finish, drop once more, resume."""
         started = time.monotonic()
-        self._resumed.clear()
         try:
+            while await self._reconcile(False) and time.monotonic() < started + DRAIN_S:
+                await asyncio.sleep(PROBE_S)
+            self._resumed.clear()
             await self._idle.wait()
-            await self._reconcile()
+            if pending := await self._reconcile(True):
+                logger.error("%d entities behind postgres still had unflushed changes after "
+                             "%.0f s (counters raised); write-behind resumes: their flushes "
+                             "may fail into dead letters", pending, DRAIN_S)
         except Exception as e:  # Redis or PostgreSQL failed again: stay down, try again
             logger.warning("redis answers, but reconciling with postgres failed (%r); still "
                            "serving from postgres alone", e)

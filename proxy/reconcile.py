@@ -4,7 +4,10 @@ Redis that came back empty. PostgreSQL may then hold seqs and versions Redis no 
 the next write would hand them out again (PostgreSQL rejects a repeated seq; an equal version
 with other content is counted as a conflict). Every cached thread and state entry of every
 shard is compared with PostgreSQL: clean ones are dropped (read through again), ones with
-unflushed changes keep them and get their counters raised (raise_counters.lua)."""
+unflushed changes keep them and get their counters raised (raise_counters.lua).
+
+After write-through (proxy.failover) PostgreSQL holds the newer copies: mode "drop" drops the
+clean entities behind it and counts the unflushed ones as pending, left for their flush."""
 
 from __future__ import annotations
 
@@ -27,8 +30,8 @@ class Reconciler:
         self._shards = shards
         self._scripts = Scripts(client)
 
-    async def run(self) -> dict[str, int]:
-        """Reconcile every shard; counts of entities dropped and raised."""
+    async def run(self, mode: str = "raise") -> dict[str, int]:
+        """Reconcile every shard; counts of entities dropped and raised (or pending)."""
         started, totals = time.monotonic(), {"dropped": 0, "raised": 0}
         for shard in range(self._shards):
             for kind in ("t", "k"):
@@ -36,23 +39,25 @@ class Reconciler:
                 async for key in self._r.scan_iter(match=keys.pattern(shard, kind), count=500):
                     batch.append(keys.id_in(key.decode()))
                     if len(batch) == BATCH:
-                        await self._batch(shard, kind, batch, totals)
+                        await self._batch(shard, kind, batch, mode, totals)
                         batch = []
-                await self._batch(shard, kind, batch, totals)
+                await self._batch(shard, kind, batch, mode, totals)
+        kept = "had counters raised" if mode == "raise" else "are left for their flush"
         logger.warning("%6.2fs reconciled redis with postgres: %d entities dropped (read "
-                       "through again), %d with unflushed changes had counters raised",
-                       time.monotonic() - started, totals["dropped"], totals["raised"])
+                       "through again), %d with unflushed changes %s",
+                       time.monotonic() - started, totals["dropped"], totals["raised"], kept)
         return totals
 
-    async def _batch(self, shard: int, kind: str, ids: list[str], totals: dict[str, int]) -> None:
+    async def _batch(self, shard: int, kind: str, ids: list[str], mode: str,
+                     totals: dict[str, int]) -> None:
         if not ids:
             return
         mids = await self._message_ids(shard, ids) if kind == "t" else []
         pg = await self._store.fetch_counters(ids if kind == "t" else [],
                                               ids if kind == "k" else [], mids)
         for entity_id in ids:
-            outcome = await self._scripts.run("raise_counters", *self._call(shard, kind,
-                                                                            entity_id, pg))
+            ks, args = self._call(shard, kind, entity_id, pg)
+            outcome = await self._scripts.run("raise_counters", ks, [mode, *args])
             if outcome:
                 totals["dropped" if outcome == 1 else "raised"] += 1
 

@@ -115,11 +115,20 @@ def _failover(app: web.Application, s: Settings, role: str, client: Any,
     if not (s.redis.write_through and role in API_ROLES):
         return None
     reconciler = Reconciler(client, pg_store, s.redis.shards)
+    through, log = WriteThrough(pg_store), app[routes.LOG]
     # Flushes in hand commit within a couple of flush delays (and the statement timeout).
     settle_s = 2 * s.flush.max_delay_ms / 1000 + 0.2
+
+    async def pending_behind(final: bool) -> int:
+        """Write-through's changes go to ClickHouse; what Redis holds behind PostgreSQL is
+        dropped once clean (and, at the end, the rest has its counters raised)."""
+        if CH.name in GROUPS:
+            await through.take_events(lambda entries: log.add_for(CH.name, entries))
+        return (await reconciler.run("raise" if final else "drop"))["raised"]
+
     failover = app[routes.FAILOVER] = Failover(
         s.circuit.failure_threshold, settle_s, lambda: asyncio.wait_for(client.ping(), 1.0),
-        reconciler.run)
+        pending_behind)
     return failover
 
 

@@ -140,6 +140,14 @@ class WriteLog:
             keys.log(shard), group, consumer, min_idle_ms, start_id="0-0", count=count))
         return self._decode_all(shard, reply[1])
 
+    async def add_for(self, group: str, entries: list[tuple[str, dict[str, str]]]) -> None:
+        """Log entries (routing id, fields) meant for one consumer group alone, each in its
+        entity's shard: changes another tier already has (write-through's, for ClickHouse)."""
+        for routing_id, fields in entries:
+            shard = keys.shard_of(routing_id, self.shards)
+            await redis_call(lambda s=shard, f=fields: self._r.xadd(  # type: ignore[misc]
+                keys.log(s), {**f, "g": group}))
+
     async def ack(self, shard: int, group: str, ids: list[str]) -> None:
         if ids:
             await redis_call(lambda: self._r.xack(keys.log(shard), group, *ids))

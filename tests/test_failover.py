@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
+from proxy.backends.clickhouse import ClickHouseStore
 from proxy.embedded import RedisServer
 from tests.conftest import AppClient, Servers, make_settings
 from tests.helpers import body, wait_for
@@ -48,7 +49,8 @@ async def flushed(pg: asyncpg.Connection, tid: str, n: int) -> bool:
 
 
 async def test_writes_go_through_postgres_while_redis_is_down(
-        sidecar: Client, own_redis: RedisServer, pg: asyncpg.Connection) -> None:
+        sidecar: Client, own_redis: RedisServer, pg: asyncpg.Connection,
+        ch: ClickHouseStore) -> None:
     await body(await sidecar.put("/v1/threads/f1", json={"title": "t"}), 201)
     for i in (1, 2):
         await body(await append(sidecar, "f1", f"m{i}"), 201)
@@ -117,6 +119,17 @@ async def test_writes_go_through_postgres_while_redis_is_down(
     page = await body(await sidecar.get("/v1/threads/f1/messages"), 200)
     assert [m["seq"] for m in page["items"]] == seqs
     assert page["items"][0]["content"] == "edited"
+    # What went through PostgreSQL reaches ClickHouse too, once: published on recovery.
+    through = {"m:m3:1", "m:m1:2", "s:k1:2"}
+
+    async def in_clickhouse() -> bool:
+        rows = await ch.query("SELECT event_id FROM events", {})
+        ids = [r["event_id"] for r in rows]
+        assert all(ids.count(i) <= 1 for i in through), ids
+        return through <= set(ids)
+
+    await wait_for(in_clickhouse, timeout_s=20)
+    assert await pg.fetchval("SELECT count(*) FROM write_through_events") == 0
 
 
 async def test_without_write_through_redis_down_is_503(

@@ -135,7 +135,9 @@ REFUSALS: list[tuple[str, str, Any]] = [
     ("remove_consumers: nobody idle", "remove_consumers", ([keys.log(S)],
                                                             [GROUPS[0], "me", 60_000]), 0),
     ("raise_counters: Redis is not behind", "raise_counters",
-     ([*thread_keys("t")[:3], *thread_keys("t")[5:]], [1, 1, "m1", 1]), 0),
+     ([*thread_keys("t")[:3], *thread_keys("t")[5:]], ["raise", 1, 1, "m1", 1]), 0),
+    ("raise_counters: an unflushed entity is left for its flush", "raise_counters",
+     ([*thread_keys("t")[:3], *thread_keys("t")[5:]], ["drop", 9, 9, "m1", 1]), 2),
 ]
 
 

@@ -3,16 +3,19 @@
 -- Redis went back to. An entity with nothing unflushed is dropped (read through again, fresh);
 -- one with unflushed changes keeps them and has its counters raised to PostgreSQL's, never
 -- lowered, so the next write cannot hand out a seq or version that is already taken.
+-- After write-through (mode 'drop'), PostgreSQL's copy is the newer one: an entity behind it
+-- is dropped once clean, and one with unflushed changes is left alone for now (2: pending).
 -- KEYS: an entity's keys: a thread's hash, messages, window, recent ids, overlay; or a state
 --       entry's hash
--- ARGV: PostgreSQL's version, last seq ('' for state), then (mid, version) per message
--- Returns 0 up to date, 1 dropped, 2 raised.
+-- ARGV: mode ('raise' | 'drop'), PostgreSQL's version, last seq ('' for state), then
+--       (mid, version) per message
+-- Returns 0 up to date, 1 dropped, 2 raised (or, for 'drop', pending).
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local cur = redis.call('HMGET', KEYS[1], 'v', 'seq', 'pend')
-local behind = tonumber(cur[1]) < tonumber(ARGV[1])
-  or (ARGV[2] ~= '' and tonumber(cur[2]) < tonumber(ARGV[2]))
+local behind = tonumber(cur[1]) < tonumber(ARGV[2])
+  or (ARGV[3] ~= '' and tonumber(cur[2]) < tonumber(ARGV[3]))
 local messages = {}
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local meta = redis.call('HGET', KEYS[2], 'm|' .. ARGV[i])
   local v, rest = string.match(meta or '', '^(%d+),(.*)$')
   if v and tonumber(v) < tonumber(ARGV[i + 1]) then
@@ -25,9 +28,10 @@ if tonumber(cur[3] or '0') == 0 then
   redis.call('DEL', unpack(KEYS))
   return 1
 end
-if tonumber(cur[1]) < tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'v', ARGV[1]) end
-if ARGV[2] ~= '' and tonumber(cur[2]) < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'seq', ARGV[2])
+if ARGV[1] == 'drop' then return 2 end
+if tonumber(cur[1]) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], 'v', ARGV[2]) end
+if ARGV[3] ~= '' and tonumber(cur[2]) < tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'seq', ARGV[3])
 end
 for _, m in ipairs(messages) do redis.call('HSET', KEYS[2], 'm|' .. m[1], m[2]) end
 return 2

@@ -53,8 +53,9 @@ class PostgresSink:
 
 
 _KINDS = {"thread": "t", "message": "m", "state": "s"}
-_DOWN = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-         asyncpg.CannotConnectNowError)
+# What means PostgreSQL cannot be reached now.
+DOWN = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+        asyncpg.CannotConnectNowError)
 
 
 class PostgresBacking:
@@ -74,7 +75,7 @@ class PostgresBacking:
         metrics.READ_THROUGH.labels(self.tier).inc()
         try:
             result = await fn()
-        except _DOWN as e:
+        except DOWN as e:
             self._circuit.failure()
             raise Unavailable(f"postgres: {e or type(e).__name__}") from e
         self._circuit.success()

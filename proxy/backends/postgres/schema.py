@@ -48,6 +48,15 @@ MIGRATIONS: list[str] = [
     # The fingerprint of the body a message was appended with, kept across edits: a retry of
     # the original append is recognized even after an edit (NULL: appended before this).
     "ALTER TABLE messages ADD COLUMN IF NOT EXISTS fingerprint text",
+    # Changes made by write-through while Redis was down, as log entries: published to the
+    # log for ClickHouse alone once Redis is back (PostgreSQL already has them).
+    """
+    CREATE TABLE IF NOT EXISTS write_through_events (
+        id bigserial PRIMARY KEY,
+        routing_id text NOT NULL,
+        fields jsonb NOT NULL
+    )
+    """,
 ]
 
 async def apply_migrations(conn: asyncpg.Connection) -> None:

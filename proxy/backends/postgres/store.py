@@ -26,9 +26,10 @@ logger = logging.getLogger(__name__)
 
 # What keeps the schema from being applied while PostgreSQL is down or starting (retried).
 SCHEMA_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
-                asyncpg.ProgramLimitExceededError, asyncpg.UntranslatableCharacterError,
-                asyncpg.CharacterNotInRepertoireError)
+# What PostgreSQL answers to data it will not take (the row, not the database, is wrong).
+DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
+               asyncpg.ProgramLimitExceededError, asyncpg.UntranslatableCharacterError,
+               asyncpg.CharacterNotInRepertoireError)
 
 
 class PostgresStore:
@@ -75,7 +76,7 @@ class PostgresStore:
             metrics.REDIS_DATA_LOSS.labels("seq_taken").inc()
             raise PoisonError(f"seq already taken in postgres (redis lost data; its counters "
                               f"are reconciled): {e}") from e
-        except _DATA_ERRORS as e:
+        except DATA_ERRORS as e:
             raise PoisonError(f"postgres rejected the data: {e}") from e
 
     @classmethod

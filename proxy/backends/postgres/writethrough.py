@@ -6,7 +6,8 @@ read-through would load."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,8 +16,9 @@ import orjson
 
 from proxy import model
 from proxy.backends import MessageRow, StateRow, ThreadRow, message_row, state_row, thread_row
-from proxy.backends.postgres.store import PostgresStore
-from proxy.errors import Conflict, NotFound, PreconditionFailed
+from proxy.backends.postgres import DOWN
+from proxy.backends.postgres.store import DATA_ERRORS, PostgresStore
+from proxy.errors import Conflict, Invalid, NotFound, PreconditionFailed, Unavailable
 
 Change = Callable[[dict[str, Any], int], dict[str, Any]]
 
@@ -58,10 +60,22 @@ class WriteThrough:
     def __init__(self, store: PostgresStore) -> None:
         self._store = store
 
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction whose driver errors are the client's: data PostgreSQL refuses (a
+        constraint) 422, PostgreSQL unreachable 503 — nothing was committed either way."""
+        try:
+            async with self._store.transaction() as conn:
+                yield conn
+        except DATA_ERRORS as e:
+            raise Invalid(f"postgres refused the write: {e}", {"tier": "postgres"}) from e
+        except DOWN as e:
+            raise Unavailable(f"postgres: {e or type(e).__name__}") from e
+
     async def put_thread(self, tid: str, t: model.ThreadInput, if_match: str,
                          op: str) -> tuple[ThreadRow, bool]:
         """Create, replace ('put') or tombstone ('del') a thread; True if it is new."""
-        async with self._store.transaction() as conn:
+        async with self._transaction() as conn:
             cur = await conn.fetchrow("SELECT version, deleted FROM threads"
                                       " WHERE thread_id = $1 FOR UPDATE", tid)
             v = cur["version"] if cur else 0
@@ -71,16 +85,19 @@ class WriteThrough:
                 raise NotFound(f"thread {tid} not found")
             if if_match and if_match != str(v):
                 raise PreconditionFailed(f"thread {tid} is at version {v}", {"version": str(v)})
-            r = await conn.fetchrow(PUT_THREAD, tid, t.title, t.owner_id,
-                                    orjson.dumps(t.metadata).decode(), _now(), v + 1,
-                                    op == "del")
-        return _thread(r), v == 0
+            row = _thread(await conn.fetchrow(PUT_THREAD, tid, t.title, t.owner_id,
+                                              orjson.dumps(t.metadata).decode(), _now(),
+                                              v + 1, op == "del"))
+            event = "thread.deleted" if op == "del" else (
+                "thread.created" if v == 0 else "thread.updated")
+            await _logged(conn, tid, "t", tid, row.version, event, row.doc)
+        return row, v == 0
 
     async def append(self, tid: str, mid: str, m: model.MessageInput,
                      generated: bool) -> tuple[MessageRow, bool]:
         """Append at the thread's next seq; a message_id seen before answers the original
         (same body) or Conflict. True if it is new."""
-        async with self._store.transaction() as conn:
+        async with self._transaction() as conn:
             await _live_thread(conn, tid)
             fingerprint = m.fingerprint()
             if not generated:
@@ -94,15 +111,17 @@ class WriteThrough:
             seq = 1 + await conn.fetchval(
                 "SELECT greatest((SELECT last_seq FROM threads WHERE thread_id = $1),"
                 " (SELECT coalesce(max(seq), 0) FROM messages WHERE thread_id = $1))", tid)
-            r = await conn.fetchrow(APPEND, mid, tid, seq, m.role, m.content,
-                                    orjson.dumps(m.metadata).decode(), _now(), fingerprint)
+            row = _message(await conn.fetchrow(APPEND, mid, tid, seq, m.role, m.content,
+                                               orjson.dumps(m.metadata).decode(), _now(),
+                                               fingerprint))
             await conn.execute("UPDATE threads SET last_seq = $2 WHERE thread_id = $1", tid, seq)
-        return _message(r), True
+            await _logged(conn, tid, "m", mid, 1, "message.created", row.doc, fingerprint)
+        return row, True
 
     async def update_message(self, tid: str, mid: str, if_match: str,
                              change: Change) -> MessageRow:
         """Edit or tombstone a live message at If-Match."""
-        async with self._store.transaction() as conn:
+        async with self._transaction() as conn:
             await _live_thread(conn, tid)
             old = await conn.fetchrow(f"SELECT {_MESSAGE} FROM messages WHERE thread_id = $1"
                                       " AND message_id = $2 FOR UPDATE", tid, mid)
@@ -115,16 +134,18 @@ class WriteThrough:
                 raise PreconditionFailed(f"message {mid} is at version {version}",
                                          {"version": version})
             new = change(orjson.loads(_message(old).doc), model.now_ms())
-            r = await conn.fetchrow(UPDATE_MESSAGE, tid, mid, new["role"], new["content"],
-                                    orjson.dumps(new["metadata"]).decode(), _now(),
-                                    new["version"], new["deleted"])
-        return _message(r)
+            row = _message(await conn.fetchrow(
+                UPDATE_MESSAGE, tid, mid, new["role"], new["content"],
+                orjson.dumps(new["metadata"]).decode(), _now(), new["version"], new["deleted"]))
+            event = "message.deleted" if new["deleted"] else "message.updated"
+            await _logged(conn, tid, "m", mid, row.version, event, row.doc, row.fingerprint)
+        return row
 
     async def put_state(self, key: str, value: Any, expires_at_ms: int | None, if_match: str,
                         op: str) -> tuple[StateRow, bool]:
         """Write ('put') or tombstone ('del') an entry; an expired one counts as absent but
         its version keeps counting. True if it was absent."""
-        async with self._store.transaction() as conn:
+        async with self._transaction() as conn:
             cur = await conn.fetchrow("SELECT version, deleted, expires_at FROM state_entries"
                                       " WHERE key = $1 FOR UPDATE", key)
             v = cur["version"] if cur else 0
@@ -137,10 +158,39 @@ class WriteThrough:
             if op == "del" and not live:
                 raise NotFound(f"state {key} not found")
             expires = _at(expires_at_ms) if expires_at_ms is not None else None
-            r = await conn.fetchrow(PUT_STATE, key, None if op == "del" else
-                                    orjson.dumps(value).decode(), v + 1, expires, _now(),
-                                    op == "del")
-        return _state(r), not live
+            row = _state(await conn.fetchrow(PUT_STATE, key, None if op == "del" else
+                                             orjson.dumps(value).decode(), v + 1, expires,
+                                             _now(), op == "del"))
+            event = "state.deleted" if op == "del" else "state.updated"
+            await _logged(conn, key, "s", key, row.version, event, row.doc)
+        return row, not live
+
+    async def take_events(self, publish: Callable[[list[tuple[str, dict[str, str]]]],
+                                                  Awaitable[None]]) -> int:
+        """Hand the logged changes to `publish` as (routing id, log-entry fields), a batch at
+        a time, deleting each batch once published; rows another process is publishing are
+        skipped. How many were published."""
+        done = 0
+        while True:
+            async with self._transaction() as conn:
+                rows = await conn.fetch("SELECT id, routing_id, fields::text AS fields FROM"
+                                        " write_through_events ORDER BY id LIMIT 500"
+                                        " FOR UPDATE SKIP LOCKED")
+                if not rows:
+                    return done
+                await publish([(r["routing_id"], orjson.loads(r["fields"])) for r in rows])
+                await conn.execute("DELETE FROM write_through_events WHERE id = ANY($1)",
+                                   [r["id"] for r in rows])
+            done += len(rows)
+
+
+async def _logged(conn: asyncpg.Connection, routing_id: str, kind: str, entity_id: str,
+                  version: int, event: str, doc: bytes, fingerprint: str = "") -> None:
+    """The change as the log entry a Redis script would have written (keys.py)."""
+    fields = {"k": kind, "id": entity_id, "tid": routing_id, "v": str(version), "e": event,
+              "ts": str(model.now_ms()), "d": doc.decode(), "f": fingerprint}
+    await conn.execute("INSERT INTO write_through_events (routing_id, fields)"
+                       " VALUES ($1, $2::jsonb)", routing_id, orjson.dumps(fields).decode())
 
 
 async def _live_thread(conn: asyncpg.Connection, tid: str) -> None:
