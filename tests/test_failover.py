@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 from proxy.backends.clickhouse import ClickHouseStore
 from proxy.embedded import RedisServer
 from tests.conftest import AppClient, Servers, make_settings
+from tests.faults.tcpproxy import FaultProxy
 from tests.helpers import body, wait_for
 
 Client = TestClient[Any, Any]
@@ -142,3 +143,42 @@ async def test_without_write_through_redis_down_is_503(
         resp = await append(c, "f2", "m1")
         assert (await body(resp, 503))["error"]["code"] == "unavailable"
         assert "Retry-After" in resp.headers
+
+
+async def test_a_sidecar_cut_off_from_redis_conflicts_loudly(
+        client_for: AppClient, servers: Servers, own_redis: RedisServer,
+        pg: asyncpg.Connection) -> None:
+    """FAULTS.md 30, the guarantee kept when only some sidecars lose Redis: sidecar A still
+    has it and acknowledges an append its flusher has not flushed yet (it holds the batch
+    3 s); sidecar B, cut off, writes an append through PostgreSQL at the same seq. PostgreSQL
+    keeps B's (answered persisted: true), and A's fails loudly into dead letters (shown in
+    /v1/status, never a seq given twice in PostgreSQL, never dropped without a trace)."""
+    a = await client_for(make_settings(servers, redis={"url": own_redis.url},
+                                       debug={"failpoint": "after-read:sleep:3"}))
+    await body(await a.put("/v1/threads/p1", json={}), 201)
+    await body(await append(a, "p1", "m1"), 201)
+    await wait_for(lambda: flushed(pg, "p1", 1), timeout_s=20)
+    with FaultProxy("127.0.0.1", own_redis.port) as proxy:
+        b = await client_for(make_settings(servers, redis={
+            "url": f"redis://127.0.0.1:{proxy.port}/0", "write_through": True,
+            "socket_timeout_s": 1.0}))
+        proxy.set_mode("down")
+        acked = await body(await append(a, "p1", "m2"), 201)  # seq 2, in Redis only
+
+        async def through() -> Any:
+            resp = await append(b, "p1", "m3")
+            return None if resp.status == 503 else resp
+
+        resp = await wait_for(through, timeout_s=10, interval_s=0.05)
+        assert (await body(resp, 201))["seq"] == acked["seq"] == 2
+        assert resp.headers["X-Durability"] == "persisted"
+
+        async def dead_lettered() -> Any:
+            status = await body(await a.get("/v1/status"), 200)
+            return status["dead_letters"] or None
+
+        letters = await wait_for(dead_lettered, timeout_s=30)
+    assert any("seq already taken" in d["error"] for d in letters), letters
+    rows = await pg.fetch("SELECT seq, message_id FROM messages WHERE thread_id = 'p1'"
+                          " ORDER BY seq")
+    assert [(r["seq"], r["message_id"]) for r in rows] == [(1, "m1"), (2, "m3")]
