@@ -358,9 +358,11 @@ def report_failover(load: Load, killed: float, promoted: float, outcome: Outcome
     outcome.acknowledged = len(load.acks)
     outcome.refused = len(load.unavailable) + len(load.server_errors)  # each sent again
     outcome.recovered(killed, first.at)
-    outcome.notes = (f"promoted {promoted - killed:.2f} s after the kill; first replicated "
-                     f"append {'none' if replicated is None else f'{replicated.at - killed:.2f} s'}"
-                     f"; {len(load.server_errors)} answered 500")
+    again = ("none (the set's one replica is now the primary)" if replicated is None
+             else f"{replicated.at - killed:.2f} s")
+    outcome.notes = (f"promotion seen {promoted - killed:.2f} s after the kill; first append "
+                     f"answered replicated after it: {again}; {len(load.server_errors)} "
+                     "answered 500")
     print(f"\nprimary killed -> promoted {promoted - killed:.2f} s -> first acknowledged "
           f"append {first.at - killed:.2f} s ({first.status}, {first.durability}); first "
           f"replicated: {'none' if replicated is None else f'{replicated.at - killed:.2f} s'}"
