@@ -29,11 +29,12 @@ soak: install
 	TIERPROXY_NEMESIS_SEED=$(SEED) TIERPROXY_NEMESIS_DURATION_S=$(DURATION) \
 		$(BIN)/pytest tests/faults/test_nemesis.py -s -p no:cacheprovider
 
-# The fault suite (tests/faults and the Sentinel failover in tests/test_topology_app.py) with
-# each scenario recording its figures, then RELIABILITY.md's fault matrix generated from them
-# (a few minutes). A failing scenario is in the matrix too (FAILED), and the target then fails.
+# The fault suite (tests/faults, the write-through failovers in tests/test_failover.py and the
+# Sentinel failover in tests/test_topology_app.py) with each scenario recording its figures,
+# then RELIABILITY.md's fault matrix generated from them (a few minutes). A failing scenario is
+# in the matrix too (FAILED), and the target then fails.
 FAULTS_RESULTS := .bench/faults.jsonl
-FAULTS_TESTS := tests/faults \
+FAULTS_TESTS := tests/faults tests/test_failover.py \
 	tests/test_topology_app.py::test_sentinel_primary_killed_under_load_loses_no_replicated_append
 faults: install
 	@mkdir -p $(dir $(FAULTS_RESULTS)) && rm -f $(FAULTS_RESULTS)

@@ -8,7 +8,7 @@ gapless. The switch-over times are printed (never asserted: machines differ)."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,18 @@ from aiohttp.test_utils import TestClient
 from proxy.backends.clickhouse import ClickHouseStore
 from proxy.embedded import RedisServer
 from tests.conftest import AppClient, Servers, make_settings
+from tests.faults.results import Outcome, recording
 from tests.faults.tcpproxy import FaultProxy
 from tests.helpers import body, wait_for
 
 Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
+    """The figures, recorded for RELIABILITY.md's matrix when TIERPROXY_FAULTS_RESULTS asks
+    for them (tests/faults/results.py)."""
+    yield from recording(request)
 
 
 @pytest.fixture
@@ -51,7 +59,9 @@ async def flushed(pg: asyncpg.Connection, tid: str, n: int) -> bool:
 
 async def test_writes_go_through_postgres_while_redis_is_down(
         sidecar: Client, own_redis: RedisServer, pg: asyncpg.Connection,
-        ch: ClickHouseStore) -> None:
+        ch: ClickHouseStore, outcome: Outcome) -> None:
+    outcome.describe("Redis kill -9 with redis.write_through: writes through PostgreSQL, "
+                     "then back", faults_md=7, recovery="Redis back -> first write-behind answer")
     await body(await sidecar.put("/v1/threads/f1", json={"title": "t"}), 201)
     for i in (1, 2):
         await body(await append(sidecar, "f1", f"m{i}"), 201)
@@ -106,6 +116,8 @@ async def test_writes_go_through_postgres_while_redis_is_down(
 
     doc = await wait_for(behind, timeout_s=20, interval_s=0.05)
     resumed = time.monotonic() - back
+    outcome.recovered(back, back + resumed)
+    outcome.notes = f"Redis killed -> first write-through answer {switched:.2f} s"
     print(f"\nredis killed -> first write-through write {switched:.2f} s; "
           f"redis back -> write-behind {resumed:.2f} s")
     status = await body(await sidecar.get("/v1/status"), 200)
@@ -120,6 +132,7 @@ async def test_writes_go_through_postgres_while_redis_is_down(
     page = await body(await sidecar.get("/v1/threads/f1/messages"), 200)
     assert [m["seq"] for m in page["items"]] == seqs
     assert page["items"][0]["content"] == "edited"
+    outcome.acknowledged, outcome.lost, outcome.duplicated = n + 4, 0, 0
     # What went through PostgreSQL reaches ClickHouse too, once: published on recovery.
     through = {"m:m3:1", "m:m1:2", "s:k1:2"}
 
@@ -147,12 +160,14 @@ async def test_without_write_through_redis_down_is_503(
 
 async def test_a_sidecar_cut_off_from_redis_conflicts_loudly(
         client_for: AppClient, servers: Servers, own_redis: RedisServer,
-        pg: asyncpg.Connection) -> None:
+        pg: asyncpg.Connection, outcome: Outcome) -> None:
     """FAULTS.md 30, the guarantee kept when only some sidecars lose Redis: sidecar A still
     has it and acknowledges an append its flusher has not flushed yet (it holds the batch
     3 s); sidecar B, cut off, writes an append through PostgreSQL at the same seq. PostgreSQL
     keeps B's (answered persisted: true), and A's fails loudly into dead letters (shown in
     /v1/status, never a seq given twice in PostgreSQL, never dropped without a trace)."""
+    outcome.describe("split path: B cut from Redis writes through, A's unflushed append at "
+                     "the same seq", faults_md=30, recovery="")
     a = await client_for(make_settings(servers, redis={"url": own_redis.url},
                                        debug={"failpoint": "after-read:sleep:3"}))
     await body(await a.put("/v1/threads/p1", json={}), 201)
@@ -182,3 +197,7 @@ async def test_a_sidecar_cut_off_from_redis_conflicts_loudly(
     rows = await pg.fetch("SELECT seq, message_id FROM messages WHERE thread_id = 'p1'"
                           " ORDER BY seq")
     assert [(r["seq"], r["message_id"]) for r in rows] == [(1, "m1"), (2, "m3")]
+    # m2 was acknowledged and is not in PostgreSQL: the documented, loud case of write-through.
+    outcome.acknowledged, outcome.lost, outcome.duplicated = 3, 1, 0
+    outcome.notes = ("A's acknowledged m2 is a dead letter (seq already taken): shown in "
+                     "/v1/status, never a seq twice; redis.write_through is off by default")

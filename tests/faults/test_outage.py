@@ -1,6 +1,7 @@
 """Dependency outages (FAULTS.md 5, 9, 14, 16): PostgreSQL stopped or restarted with `-m
 immediate` mid-batch, PostgreSQL and Redis black-holed through the fault proxy, all while a
-sidecar subprocess takes writes. After healing, the history is checked (I1–I4)."""
+sidecar subprocess takes writes. After healing, the history is checked (invariants [1], [2]
+and [9]; FAULTS.md's I1–I4, mapped in checker.py)."""
 
 from __future__ import annotations
 
