@@ -30,13 +30,13 @@ import math
 import time
 from typing import Any
 
-import aiohttp
 import asyncpg
 import harness
 import observe
-import orjson
 from harness import Stack, Target
 from loadgen import Spec, percentile
+
+from proxy.client import NO_RETRY, Client, ClientError, NotFound, Unavailable
 
 Figures = dict[str, float]
 
@@ -87,36 +87,33 @@ class Watcher:
                 self.timeouts += 1
 
 
-async def _sample_one(http: aiohttp.ClientSession, watcher: Watcher, target: Target,
-                      tid: str, body: bytes) -> float | None:
+async def _sample_one(api: Client, watcher: Watcher, tid: str,
+                      message: dict[str, Any]) -> float | None:
     """Append one message and hand it to the watcher: the append's ms, None on failure."""
     started = time.perf_counter()
     try:
-        async with http.post(f"{target.url}/v1/threads/{tid}/messages", data=body,
-                             headers={"Content-Type": "application/json"}) as resp:
-            answer = await resp.read()
-            if resp.status != 201:
-                return None
-    except (aiohttp.ClientError, TimeoutError):
+        written = await api.append(tid, message["content"], role=message["role"],
+                                   metadata=message["metadata"])
+    except ClientError:
         return None
     acked = time.perf_counter()
-    watcher.expect(orjson.loads(answer)["message_id"], acked)
+    if written.status != 201:
+        return None
+    watcher.expect(written.doc["message_id"], acked)
     return (acked - started) * 1000
 
 
-async def probe(http: aiohttp.ClientSession, target: Target, tid: str, until: float,
-                out: list[float]) -> None:
+async def probe(api: Client, tid: str, until: float, out: list[float]) -> None:
     """Until `until`: append to `tid`, poll its /stats (ClickHouse) until it counts the
     message, record the seconds from the 201 (ms in `out`)."""
-    count = await _stats_count(http, target, tid)
+    count = await _stats_count(api, tid)
     while time.perf_counter() < until:
-        async with http.post(f"{target.url}/v1/threads/{tid}/messages",
-                             json={"role": "probe", "content": "x"}) as resp:
-            if resp.status != 201:
-                raise harness.HarnessError(f"probe append to {tid}: {resp.status} "
-                                           f"{await resp.text()}")
+        try:
+            await api.append(tid, "x", role="probe")
+        except ClientError as e:
+            raise harness.HarnessError(f"probe append to {tid}: {e}") from e
         acked, count = time.perf_counter(), count + 1
-        while await _stats_count(http, target, tid) < count:
+        while await _stats_count(api, tid) < count:
             if time.perf_counter() - acked > CH_TIMEOUT_S:
                 raise harness.HarnessError(f"{tid}: message {count} not in ClickHouse after "
                                            f"{CH_TIMEOUT_S:g} s")
@@ -124,10 +121,13 @@ async def probe(http: aiohttp.ClientSession, target: Target, tid: str, until: fl
         out.append((time.perf_counter() - acked) * 1000)
 
 
-async def _stats_count(http: aiohttp.ClientSession, target: Target, tid: str) -> int:
-    """Messages of `tid` that ClickHouse counts (0 before its first row arrives)."""
-    async with http.get(f"{target.url}/v1/threads/{tid}/stats") as resp:
-        return int((await resp.json())["messages"]) if resp.status == 200 else 0
+async def _stats_count(api: Client, tid: str) -> int:
+    """Messages of `tid` that ClickHouse counts (0 before its first row arrives, or while
+    it cannot answer: the probe polls again)."""
+    try:
+        return int((await api.thread_stats(tid))["messages"])
+    except (NotFound, Unavailable):
+        return 0
 
 
 @dataclasses.dataclass
@@ -144,25 +144,26 @@ class Sampled:
 async def _sample(stack: Stack, spec: Spec, target: Target) -> Sampled:
     """Run the load (loadgen.py, in a thread) and sample appends during its window."""
     assert stack.sidecar is not None
-    body = harness.json_text(harness.message_body()).encode()
+    message = harness.message_body()
     # Connected now, before the load's CPU window: the backend then counts as postgres.
     conn = await asyncpg.connect(stack.postgres_url)
     try:
         watcher, sent = Watcher(conn), asyncio.Event()
         watching = asyncio.create_task(watcher.run(sent))
-        async with aiohttp.ClientSession(headers=target.headers) as http:
+        # Each call sent once: a repeat would hide a failed append and add its backoff to
+        # the append's ms; a failed status read fails the run, as before the client.
+        async with target.client(retry=NO_RETRY) as api:
             load = asyncio.get_running_loop().run_in_executor(None, harness.run_load,
                                                               target, spec)
             await asyncio.sleep(spec.warmup_s + 0.3)  # loadgen's start-up and warm-up
             tasks, t_start, n, cpu_start = [], time.perf_counter(), 0, time.process_time()
             ch_ms: list[float] = []
-            probes = [asyncio.create_task(probe(http, target, tid, t_start + spec.duration_s,
-                                                ch_ms)) for tid in PROBE_THREADS]
+            probes = [asyncio.create_task(probe(api, tid, t_start + spec.duration_s, ch_ms))
+                      for tid in PROBE_THREADS]
             while (due := t_start + n / SAMPLE_RATE) < t_start + spec.duration_s:
                 await asyncio.sleep(max(0.0, due - time.perf_counter()))
                 tid = SAMPLE_THREADS[n % len(SAMPLE_THREADS)]
-                tasks.append(asyncio.create_task(_sample_one(http, watcher, stack.sidecar,
-                                                             tid, body)))
+                tasks.append(asyncio.create_task(_sample_one(api, watcher, tid, message)))
                 n += 1
             appends = await asyncio.gather(*tasks)
             await asyncio.gather(*probes)
@@ -170,7 +171,7 @@ async def _sample(stack: Stack, spec: Spec, target: Target) -> Sampled:
             await watching
             bench_pct = 100 * (time.process_time() - cpu_start) / (time.perf_counter() - t_start)
             result = await load
-            await observe.wait_flushed(http, stack.sidecar)
+            await observe.wait_flushed(api)
     finally:
         await conn.close()
     ok = [a for a in appends if a is not None]

@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             assert stack.sidecar is not None
             result = measure(stack.sidecar, args)
     else:
-        target = Target("sidecar", args.url.rstrip("/"), {}, harness.auth_headers(args.token))
+        target = Target("sidecar", args.url.rstrip("/"), {}, args.token)
         result = measure(target, args)
     print(report(result, args))
     return result

@@ -466,7 +466,8 @@ def _ws_report(f: Figures) -> list[str]:
                     if k.startswith("cpu_") and k.endswith("_pct"))
     return [f"  {f['subscribers']:.0f} subscribers on 2 sidecars, {f['writes_per_s']:.0f} "
             f"appends/s, {f['frames_received']:.0f} frames, {f['write_errors']:.0f} write "
-            f"errors, {f['order_errors']:.0f} out of order or missing",
+            f"errors, {f['order_errors']:.0f} out of order or missing, "
+            f"{f['resubscribe_errors']:.0f} subscriptions resumed",
             f"  ack -> push p50 {f['ack_to_push_p50_ms']:.2f} ms, p99 "
             f"{f['ack_to_push_p99_ms']:.2f} ms; write -> push p50 "
             f"{f['write_to_push_p50_ms']:.2f} ms, p99 {f['write_to_push_p99_ms']:.2f} ms; "

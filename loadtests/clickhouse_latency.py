@@ -27,13 +27,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import harness
+import observe
 import orjson
 from harness import Stack, Target
 from loadgen import Spec, percentile
 
 from proxy.backends.clickhouse import ClickHouseSink, ClickHouseStore
+from proxy.client import NO_RETRY, Client, ClientError, NotFound, Unavailable
 from proxy.embedded import clickhouse_url
 from proxy.failpoints import Failpoints
 from proxy.model import Change
@@ -57,35 +58,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def probe(target: Target, n: int, until: float, out: list[float]) -> None:
+    """Append, poll /stats until it counts the message, record the seconds from the 201.
+    Each append is sent once: a failed one ends the run (a retry would hide it)."""
     tid = f"chlat-probe-{n}"
-    async with aiohttp.ClientSession(target.url, headers=target.headers) as s:
-        await (await s.put(f"/v1/threads/{tid}", json={"title": "probe"})).read()
+    async with target.client(retry=NO_RETRY) as api:
+        await api.put_thread(tid, title="probe")
         count = 0
         while time.monotonic() < until:
-            async with s.post(f"/v1/threads/{tid}/messages",
-                              json={"role": "probe", "content": "x"}) as resp:
-                assert resp.status == 201, await resp.text()
+            try:
+                await api.append(tid, "x", role="probe")
+            except ClientError as e:
+                raise harness.HarnessError(f"probe append to {tid}: {e}") from e
             acked, count = time.monotonic(), count + 1
-            while not await _counted(s, tid, count):
+            while not await _counted(api, tid, count):
                 await asyncio.sleep(POLL_S)
             out.append(time.monotonic() - acked)
 
 
-async def _counted(s: aiohttp.ClientSession, tid: str, count: int) -> bool:
-    async with s.get(f"/v1/threads/{tid}/stats") as resp:
-        return resp.status == 200 and (await resp.json())["messages"] >= count
+async def _counted(api: Client, tid: str, count: int) -> bool:
+    """Whether ClickHouse counts `count` messages of `tid` (not yet: no row of it, or
+    ClickHouse cannot answer now)."""
+    try:
+        return int((await api.thread_stats(tid))["messages"]) >= count
+    except (NotFound, Unavailable):
+        return False
 
 
 async def drained(target: Target, timeout_s: float = 60.0) -> None:
     """Wait for the ch group's backlog to be empty (all rows inserted)."""
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession(target.url, headers=target.headers) as s:
-        while time.monotonic() < deadline:
-            async with s.get("/v1/status") as resp:
-                if (await resp.json())["sinks"]["ch"]["backlog"] == 0:
-                    return
-            await asyncio.sleep(0.2)
-    raise harness.HarnessError(f"the ch backlog did not drain within {timeout_s} s")
+    async with observe.status_client(target) as api:
+        await observe.wait_status(api, lambda sinks: observe.backlog(sinks, "ch") == 0,
+                                  "the ch backlog at 0", timeout_s)
 
 
 async def load_and_probe(target: Target, a: argparse.Namespace) -> dict[str, Any]:

@@ -180,10 +180,10 @@ async def poll_drain(stack: Stack, backlog: dict[str, int]) -> Drain:
 
 async def _backlog(target: Target, entries: int) -> dict[str, int]:
     """Each sink's backlog once the monitor has counted at least `entries` in it."""
-    async with aiohttp.ClientSession(headers=target.headers) as http:
-        await observe.wait_status(http, target, lambda s: all(
+    async with observe.status_client(target) as api:
+        await observe.wait_status(api, lambda s: all(
             observe.backlog(s, n) >= entries for n in ("pg", "ch")), f"a backlog of {entries}")
-        sinks = await observe.sinks_status(http, target)
+        sinks = await observe.sinks_status(api)
     return {name: observe.backlog(sinks, name) for name in ("pg", "ch")}
 
 

@@ -13,6 +13,10 @@
   (`wrkload.run_wrk` does the same with wrk).
 - `prepare_threads`: creates the threads (and messages) a scenario needs before it is timed.
 
+The scripts call the API through `proxy.client` (`Target.client()`), except where the call
+is the measurement: loadgen.py and wrk send pre-built requests on their own connections, the
+same to every baseline (which are no tierproxy), and time each one.
+
 Used by bench.py, the other load scripts and tests/test_loadtests.py; not by the locustfile
 (Locust runs on gevent and must not import asyncio servers).
 """
@@ -33,17 +37,17 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import aiohttp
 import orjson
 import psutil
 from loadgen import Spec
 from procs import MemoryWatch, TreeMeter
 
+from proxy.client import Client, ClientError
 from proxy.embedded import PostgresServer, RedisServer, free_port
 from proxy.embedded import clickhouse_url as chdb_url
 
@@ -183,7 +187,16 @@ class Target:
     name: str
     url: str
     cpu_pids: dict[str, int]
-    headers: dict[str, str] = field(default_factory=dict)
+    token: str = ""  # the API's bearer token ("": none)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What every request to it carries (loadgen, wrk): the token, if any."""
+        return auth_headers(self.token)
+
+    def client(self, **options: Any) -> Client:
+        """A proxy.client.Client of it (`options`: the Client's, e.g. retry=NO_RETRY)."""
+        return Client(self.url, token=self.token or None, **options)
 
 
 @dataclass(frozen=True)
@@ -319,8 +332,7 @@ class Stack:
     def _set_main(self, sidecar: Sidecar | None) -> None:
         self._main = sidecar
         self.sidecar = None if sidecar is None else Target(
-            "sidecar", sidecar.url, {"sidecar": sidecar.pid, **self._servers()},
-            auth_headers(self.token))
+            "sidecar", sidecar.url, {"sidecar": sidecar.pid, **self._servers()}, self.token)
 
     def _sidecar_roots(self) -> Mapping[str, int]:
         return {name: s.pid for name, s in list(self._sidecars.items())}
@@ -501,20 +513,33 @@ def _read_result(proc: subprocess.Popen[bytes], meter: TreeMeter,
 
 async def prepare_threads(target: Target, thread_ids: Sequence[str], messages: int = 0,
                           concurrency: int = 32) -> None:
-    """Create the threads (PUT, idempotent) and append `messages` messages to each."""
-    sem = asyncio.Semaphore(concurrency)
-    async with aiohttp.ClientSession(target.url, headers=target.headers) as session:
+    """Create the threads (PUT, idempotent) and append `messages` messages to each. Not
+    measured: the client's retries are welcome here."""
+    sem = asyncio.Semaphore(concurrency)  # queued calls wait here, not on the client's timeout
+    async with target.client(connections=concurrency) as c:
 
-        async def call(method: str, path: str, body: dict[str, Any]) -> None:
-            async with sem, session.request(method, path, json=body) as resp:
-                if resp.status >= 300:
-                    raise HarnessError(f"{method} {path} during setup: {resp.status} "
-                                       f"{await resp.text()}")
+        async def put(tid: str) -> None:
+            async with sem:
+                with _setup_step(target, f"PUT thread {tid}"):
+                    await c.put_thread(tid, title=f"bench {tid}")
 
-        await asyncio.gather(*(call("PUT", f"/v1/threads/{tid}", {"title": f"bench {tid}"})
-                               for tid in thread_ids))
-        await asyncio.gather(*(call("POST", f"/v1/threads/{tid}/messages", message_body(i))
-                               for tid in thread_ids for i in range(messages)))
+        async def append(tid: str, i: int) -> None:
+            m = message_body(i)
+            async with sem:
+                with _setup_step(target, f"append to {tid}"):
+                    await c.append(tid, m["content"], role=m["role"], metadata=m["metadata"])
+
+        await asyncio.gather(*(put(tid) for tid in thread_ids))
+        await asyncio.gather(*(append(tid, i) for tid in thread_ids for i in range(messages)))
+
+
+@contextlib.contextmanager
+def _setup_step(target: Target, what: str) -> Iterator[None]:
+    """The client's error as the harness's, naming the target and the step."""
+    try:
+        yield
+    except ClientError as e:
+        raise HarnessError(f"{target.name}: {what} during setup: {e}") from e
 
 
 def json_text(value: Any) -> str:

@@ -2,6 +2,8 @@
 
 It runs in its own process so its CPU is not the server's (on a 2-core machine they still
 share the cores: the harness reports both processes' CPU so a client-bound run is visible).
+It sends pre-built requests on its own aiohttp session, not through proxy.client: the same
+bytes to every target (the baselines are no tierproxy), each sent once and timed alone.
 
     python loadtests/loadgen.py '<spec as JSON>'        (see `Spec`; harness.run_load builds it)
 

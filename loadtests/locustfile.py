@@ -14,9 +14,10 @@
   the write) to the frame's arrival, in whole ms.
 
 Sends `Authorization: Bearer $TIERPROXY_API_TOKEN` when that variable is set. Locust runs on
-gevent, so this file imports neither uvloop nor the proxy package (nor the bench harness);
-its WebSocket client is simple-websocket (a dependency of Locust's own Socket.IO support),
-whose threads gevent turns into greenlets.
+gevent, so this file imports neither uvloop nor the proxy package (nor the bench harness, nor
+proxy.client: Locust's own HTTP client keeps its statistics); its WebSocket client is
+simple-websocket (a dependency of Locust's own Socket.IO support), whose threads gevent
+turns into greenlets.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Reading a running sidecar from outside: its Prometheus metrics and its /v1/status.
 
 Only the documented surface (metric names, the status document), so the bench measures any
-process layout behind it: one process, or API processes and a background worker.
+process layout behind it: one process, or API processes and a background worker. The status
+is read through proxy.client, each poll once (a failing read is an error, not retried).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any
 
 import aiohttp
 import harness
-import orjson
 from harness import Target
+
+from proxy.client import NO_RETRY, Client
 
 POLL_S = 0.05  # /v1/status
 IDLE_TIMEOUT_S = 180.0
@@ -74,6 +76,7 @@ def fetch(url: str) -> str:
 
 
 async def get(http: aiohttp.ClientSession, url: str) -> bytes:
+    """GET a page that is not the API's (the metrics, on their own port)."""
     async with http.get(url) as resp:
         body = await resp.read()
         if resp.status != 200:
@@ -81,10 +84,14 @@ async def get(http: aiohttp.ClientSession, url: str) -> bytes:
         return body
 
 
-async def sinks_status(http: aiohttp.ClientSession, target: Target) -> dict[str, Any]:
+def status_client(target: Target) -> Client:
+    """The client the status polls go through: one read per poll, never repeated."""
+    return target.client(retry=NO_RETRY)
+
+
+async def sinks_status(api: Client) -> dict[str, Any]:
     """`sinks` of the sidecar's /v1/status: per sink backlog, lag_s, circuit, dead_letters."""
-    status = orjson.loads(await get(http, f"{target.url}/v1/status"))
-    sinks: dict[str, Any] = status["sinks"]
+    sinks: dict[str, Any] = (await api.status())["sinks"]
     return sinks
 
 
@@ -92,30 +99,29 @@ def backlog(sinks: dict[str, Any], name: str) -> int:
     return int(sinks.get(name, {}).get("backlog", 0))
 
 
-async def wait_status(http: aiohttp.ClientSession, target: Target,
-                      done: Callable[[dict[str, Any]], bool], what: str,
+async def wait_status(api: Client, done: Callable[[dict[str, Any]], bool], what: str,
                       timeout_s: float = IDLE_TIMEOUT_S) -> float:
     """Poll /v1/status until `done(sinks)`; return the seconds waited."""
     started = time.monotonic()
-    while not done(sinks := await sinks_status(http, target)):
+    while not done(sinks := await sinks_status(api)):
         if time.monotonic() - started > timeout_s:
             raise harness.HarnessError(f"{what}: not reached in {timeout_s:g} s; sinks {sinks}")
         await asyncio.sleep(POLL_S)
     return time.monotonic() - started
 
 
-async def wait_flushed(http: aiohttp.ClientSession, target: Target) -> None:
+async def wait_flushed(api: Client) -> None:
     """Until every sink has flushed everything. The status is the monitor's last refresh:
     wait out one refresh first, so it postdates our writes."""
     await asyncio.sleep(MONITOR_REFRESH_S)
-    await wait_status(http, target, lambda s: all(backlog(s, n) == 0 for n in s),
+    await wait_status(api, lambda s: all(backlog(s, n) == 0 for n in s),
                       "every sink's backlog at 0")
 
 
 def flushed(target: Target) -> None:
     """wait_flushed, for synchronous callers."""
     async def wait() -> None:
-        async with aiohttp.ClientSession(headers=target.headers) as http:
-            await wait_flushed(http, target)
+        async with status_client(target) as api:
+            await wait_flushed(api)
 
     asyncio.run(wait())

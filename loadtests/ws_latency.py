@@ -21,6 +21,12 @@ threads) and appends at a fixed rate, alternating sidecars. bench.py runs the sa
 and whether every subscriber got every seq of its thread once and in order (the writes start
 once every subscription is confirmed; a seq still missing 10 s after the last write counts
 as out of order or missing).
+
+Writes and subscriptions go through proxy.client. Each append is sent once (NO_RETRY): a
+repeat would hide a failed write and add its backoff to `write_ms`. A subscription resumes
+by itself after its socket ends (and the resume's backfill would fill the gap a dropped
+socket leaves): every resume is counted in `resubscribed` and fails the run, and the
+backfilled frames are no pushes (they carry no `ts`) so they are not timed.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import harness
 import observe
 import orjson
 from harness import Sidecar, Stack
 from procs import TreeMeter
+
+from proxy.client import NO_RETRY, Client, ClientError, Event, Subscription
 
 SUBSCRIBE_TIMEOUT_S = 30.0
 DELIVERY_TIMEOUT_S = 10.0
@@ -105,40 +112,46 @@ def bucket_quantile(before: dict[float, float], after: dict[float, float], q: fl
 
 
 class Subscriber:
-    def __init__(self, tid: str, sent_at: dict[str, float], tally: Tally) -> None:
-        self.tid, self._sent_at, self._tally = tid, sent_at, tally
+    """One subscription (its own socket) to one thread, checking the seqs it gets."""
+
+    def __init__(self, api: Client, tid: str, tally: Tally) -> None:
+        self.tid, self._tally = tid, tally
+        self.sub: Subscription = api.subscribe(tid)
         self.last_seq = 0
-        self.subscribed = asyncio.Event()
 
-    async def run(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        await ws.send_str(orjson.dumps({"op": "subscribe", "thread_id": self.tid}).decode())
-        async for msg in ws:
-            self.on_frame(orjson.loads(msg.data), time.perf_counter(), time.time())
+    async def connect(self) -> None:
+        """Returns once subscribed: from then on every write to the thread is pushed."""
+        await self.sub.connect()
+        self.last_seq = self.sub.positions[self.tid] or 0
 
-    def on_frame(self, ev: dict[str, Any], now: float, wall: float) -> None:
-        if ev["type"] == "subscribed":
-            self.last_seq = ev["last_seq"]
-            self.subscribed.set()
-        if ev["type"] != "message.created":
+    async def run(self) -> None:
+        async for event in self.sub:
+            self.on_event(event, time.perf_counter(), time.time())
+
+    def on_event(self, ev: Event, now: float, wall: float) -> None:
+        if ev.type != "message.created" or ev.seq is None or ev.message is None:
             return
-        if ev["seq"] != self.last_seq + 1:
+        if ev.seq != self.last_seq + 1:
             self._tally.out_of_order += 1
-        self.last_seq = ev["seq"]
-        if self._tally.measuring:
-            self._tally.pushes.append((ev["message"]["message_id"], now, wall, ev["ts"]))
+        self.last_seq = ev.seq
+        if self._tally.measuring and ev.ts_ms is not None:  # not a resume's backfill
+            self._tally.pushes.append((ev.message["message_id"], now, wall, ev.ts_ms))
+
+    @property
+    def resubscribed(self) -> int:
+        return max(0, self.sub.connects - 1)
 
 
-async def write_at_rate(session: aiohttp.ClientSession, sidecars: Sequence[Sidecar],
-                        tids: Sequence[str], rate: float, until: float,
-                        sent_at: dict[str, float], tally: Tally) -> int:
+async def write_at_rate(apis: Sequence[Client], tids: Sequence[str], rate: float, until: float,
+                        tally: Tally) -> int:
     """Open loop: one append every 1/rate s, round-robin over threads and sidecars."""
     pending: set[asyncio.Task[None]] = set()
-    targets = itertools.cycle([(s, t) for t in tids for s in sidecars])
+    targets = itertools.cycle([(api, t) for t in tids for api in apis])
     start, n = time.perf_counter(), 0
     while time.perf_counter() < until:
-        sidecar, tid = next(targets)
+        api, tid = next(targets)
         mid = f"lt{tally.run}-{next(tally.ids)}"
-        task = asyncio.create_task(append(session, sidecar, tid, mid, sent_at, tally))
+        task = asyncio.create_task(timed_append(api, tid, mid, tally))
         pending.add(task)
         task.add_done_callback(pending.discard)
         n += 1
@@ -147,59 +160,63 @@ async def write_at_rate(session: aiohttp.ClientSession, sidecars: Sequence[Sidec
     return n
 
 
-async def append(session: aiohttp.ClientSession, sidecar: Sidecar, tid: str, mid: str,
-                 sent_at: dict[str, float], tally: Tally) -> None:
-    """One append; a failure is counted (and the first few kept), not raised."""
-    body = {"message_id": mid, "role": "user", "content": "x" * 200}
-    sent_at[mid] = time.perf_counter()
+async def timed_append(api: Client, tid: str, mid: str, tally: Tally) -> None:
+    """One append, sent once; a failure is counted (and the first few kept), not raised."""
+    tally.sent_at[mid] = time.perf_counter()
     try:
-        async with session.post(f"{sidecar.url}/v1/threads/{tid}/messages", json=body) as resp:
-            if resp.status != 201:
-                tally.write_errors.append(f"{resp.status} {(await resp.text())[:200]}")
-            else:
-                tally.acked_at[mid] = time.perf_counter()
-                if tally.measuring:
-                    tally.write_ms.append((tally.acked_at[mid] - sent_at[mid]) * 1000)
-    except aiohttp.ClientError as e:
-        tally.write_errors.append(repr(e))
+        written = await api.append(tid, "x" * 200, message_id=mid)
+    except ClientError as e:
+        tally.write_errors.append(str(e)[:200])
+        return
+    if written.status != 201:
+        tally.write_errors.append(f"{written.status} {written.doc}"[:200])
+        return
+    tally.acked_at[mid] = time.perf_counter()
+    if tally.measuring:
+        tally.write_ms.append((tally.acked_at[mid] - tally.sent_at[mid]) * 1000)
 
 
-async def measure(o: Options, sidecars: Sequence[Sidecar],
-                  headers: dict[str, str]) -> dict[str, Any]:
+def clients(sidecars: Sequence[Sidecar], token: str) -> list[Client]:
+    """One client per sidecar, for its writes and subscriptions: appends sent once, no bound
+    on connections (each subscription holds one)."""
+    return [Client(s.url, token=token or None, retry=NO_RETRY, connections=0)
+            for s in sidecars]
+
+
+async def measure(o: Options, sidecars: Sequence[Sidecar], token: str) -> dict[str, Any]:
     tids = [f"wslat-{i}" for i in range(o.threads)]
-    await harness.prepare_threads(harness.Target("sidecar", sidecars[0].url, {}, headers), tids)
+    await harness.prepare_threads(harness.Target("sidecar", sidecars[0].url, {}, token), tids)
     tally = Tally()
-    sent_at = tally.sent_at
-    subs = [Subscriber(tids[i % o.threads], sent_at, tally) for i in range(o.subscribers)]
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn, headers=headers) as session:
-        sockets = [await session.ws_connect(f"{sidecars[i % 2].url}/v1/ws")
-                   for i in range(o.subscribers)]
-        readers = [asyncio.create_task(sub.run(ws)) for sub, ws in zip(subs, sockets, strict=True)]
-        try:
-            # Delivery to established subscriptions is what is measured: all of them first.
-            await asyncio.wait_for(asyncio.gather(*(s.subscribed.wait() for s in subs)),
-                                   SUBSCRIBE_TIMEOUT_S)
-            written, before, after = await timed_writes(o, session, sidecars, tids, sent_at, tally)
-            tally.out_of_order += await wait_delivered(subs, tids, sidecars, session)
-        finally:
-            for ws in sockets:
-                await ws.close()
-            await asyncio.gather(*readers, return_exceptions=True)
-    return report(o, tally, written, before, after)
+    apis = clients(sidecars, token)
+    subs = [Subscriber(apis[i % len(apis)], tids[i % o.threads], tally)
+            for i in range(o.subscribers)]
+    readers: list[asyncio.Task[None]] = []
+    try:
+        # Delivery to established subscriptions is what is measured: all of them first.
+        await asyncio.wait_for(asyncio.gather(*(s.connect() for s in subs)),
+                               SUBSCRIBE_TIMEOUT_S)
+        readers = [asyncio.create_task(sub.run()) for sub in subs]
+        written, before, after = await timed_writes(o, apis, sidecars, tids, tally)
+        tally.out_of_order += await wait_delivered(subs, tids, apis[0])
+    finally:
+        for sub in subs:
+            await sub.sub.close()
+        await asyncio.gather(*readers, return_exceptions=True)
+        for api in apis:
+            await api.close()
+    return report(o, tally, written, before, after, sum(s.resubscribed for s in subs))
 
 
-async def timed_writes(o: Options, session: aiohttp.ClientSession, sidecars: Sequence[Sidecar],
-                       tids: Sequence[str], sent_at: dict[str, float],
+async def timed_writes(o: Options, apis: Sequence[Client], sidecars: Sequence[Sidecar],
+                       tids: Sequence[str],
                        tally: Tally) -> tuple[int, dict[float, float], dict[float, float]]:
-    await write_at_rate(session, sidecars, tids, o.rate, time.perf_counter() + o.warmup_s,
-                        sent_at, tally)
+    await write_at_rate(apis, tids, o.rate, time.perf_counter() + o.warmup_s, tally)
     before = await asyncio.to_thread(delivery_buckets, sidecars)
     meter = TreeMeter({s.name: s.pid for s in sidecars} | {"client": os.getpid()})
     meter.start()
     tally.measuring = True
-    written = await write_at_rate(session, sidecars, tids, o.rate,
-                                  time.perf_counter() + o.duration_s, sent_at, tally)
+    written = await write_at_rate(apis, tids, o.rate, time.perf_counter() + o.duration_s,
+                                  tally)
     tally.measuring = False
     cpu = meter.stop()
     tally.cpu_pct = {k: v for k, v in cpu.items() if k != "machine"}
@@ -207,14 +224,10 @@ async def timed_writes(o: Options, session: aiohttp.ClientSession, sidecars: Seq
     return written, before, after
 
 
-async def wait_delivered(subs: Sequence[Subscriber], tids: Sequence[str],
-                         sidecars: Sequence[Sidecar], session: aiohttp.ClientSession) -> int:
+async def wait_delivered(subs: Sequence[Subscriber], tids: Sequence[str], api: Client) -> int:
     """Until every subscriber has its thread's last seq (or DELIVERY_TIMEOUT_S); returns
     how many seqs are still missing then (summed over the subscribers)."""
-    last = {}
-    for tid in tids:
-        async with session.get(f"{sidecars[0].url}/v1/threads/{tid}") as resp:
-            last[tid] = (await resp.json())["last_seq"]
+    last = {tid: int((await api.get_thread(tid)).doc["last_seq"]) for tid in tids}
     deadline = time.monotonic() + DELIVERY_TIMEOUT_S
     while any(s.last_seq < last[s.tid] for s in subs) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -222,7 +235,7 @@ async def wait_delivered(subs: Sequence[Subscriber], tids: Sequence[str],
 
 
 def report(o: Options, tally: Tally, written: int, before: dict[float, float],
-           after: dict[float, float]) -> dict[str, Any]:
+           after: dict[float, float], resubscribed: int) -> dict[str, Any]:
     w2p = [(t - tally.sent_at[mid]) * 1000 for mid, t, _, _ in tally.pushes]
     a2p = [(t - tally.acked_at[mid]) * 1000 for mid, t, _, _ in tally.pushes
            if mid in tally.acked_at]
@@ -234,6 +247,7 @@ def report(o: Options, tally: Tally, written: int, before: dict[float, float],
         "writes": written, "writes_per_s": round(written / o.duration_s, 1),
         "write_errors": len(tally.write_errors), "first_errors": tally.write_errors[:3],
         "frames_received": len(w2p), "out_of_order_or_missing": tally.out_of_order,
+        "resubscribed": resubscribed,
         "write_ms": {"p50": round(percentile(tally.write_ms, 0.5), 3),
                      "p99": round(percentile(tally.write_ms, 0.99), 3)},
         "write_to_push_ms": {"p50": round(percentile(w2p, 0.5), 3),
@@ -251,15 +265,16 @@ def report(o: Options, tally: Tally, written: int, before: dict[float, float],
 def figures(result: dict[str, Any]) -> dict[str, float]:
     """report()'s numbers as flat bench figures: `ack_to_push_p99_ms`, `cpu_client_pct`..."""
     out: dict[str, float] = {"write_errors": result["write_errors"],
-                             "order_errors": result["out_of_order_or_missing"]}
+                             "order_errors": result["out_of_order_or_missing"],
+                             "resubscribe_errors": result["resubscribed"]}
     for key, value in result.items():
         if key == "cpu_pct_of_a_core":
             out |= {f"cpu_{name}_pct": pct for name, pct in value.items()}
         elif isinstance(value, dict):
             stem = key.removesuffix("_bucket_bound").removesuffix("_ms")
             out |= {f"{stem}_{q}_ms": float(v) for q, v in value.items()}
-        elif isinstance(value, int | float) and key not in ("write_errors",
-                                                           "out_of_order_or_missing"):
+        elif isinstance(value, int | float) and key not in (
+                "write_errors", "out_of_order_or_missing", "resubscribed"):
             out[key] = float(value)
     return out
 
@@ -278,8 +293,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 def delivery(stack: Stack, o: Options) -> dict[str, Any]:
     """The measurement on `stack`: its main sidecar and a second one started for it."""
     with stack.extra_sidecar("sidecar2") as second:
-        return asyncio.run(measure(o, [stack.main_sidecar(), second],
-                                   harness.auth_headers(stack.token)))
+        return asyncio.run(measure(o, [stack.main_sidecar(), second], stack.token))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -288,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with harness.temporary_stack(baselines=False) as stack:
         result = delivery(stack, o)
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-    ok = result["out_of_order_or_missing"] == 0 and result["write_errors"] == 0
+    ok = not (result["out_of_order_or_missing"] or result["write_errors"]
+              or result["resubscribed"])
     return 0 if ok else 1
 
 

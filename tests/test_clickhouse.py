@@ -10,10 +10,10 @@ import contextlib
 import random
 import subprocess
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -24,27 +24,35 @@ from prometheus_client import REGISTRY
 from proxy import keys
 from proxy.app import FAILPOINTS
 from proxy.backends.clickhouse import ClickHouseBacking, ClickHouseSink, ClickHouseStore
+from proxy.client import NO_RETRY, TransportError, Written
+from proxy.client import Client as APIClient
 from proxy.embedded import clickhouse_url
 from proxy.errors import Unavailable
 from proxy.failpoints import Failpoints
 from proxy.model import Change
 from proxy.settings import Settings
-from tests import helpers
 from tests.conftest import Servers
-from tests.helpers import body, error, settled, wait_for
+from tests.helpers import append, body, error, settled, wait_for
 from tests.sidecar import Sidecar, clickhouse_query
 from tests.test_openapi import Exchange
 
 Client = TestClient[Any, Any]
 FINAL_IDS = "SELECT event_id FROM events FINAL ORDER BY event_id"
 STATS = "/v1/threads/{tid}/stats"
+ENTITY_FIELD = {"t": "thread_id", "m": "message_id", "s": "key"}  # a change's id in its doc
 
 
 # ---- helpers
 
 
-def event_id(kind: str, entity: str, doc: dict[str, Any]) -> str:
-    return f"{kind}:{entity}:{doc['version']}"
+class Acked(set[str]):
+    """The event ids (kind:entity:version, as the ch sink makes them) of the changes the
+    API acknowledged: what ClickHouse must show, each exactly once."""
+
+    def note(self, kind: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """Records the change `doc` (an answer's JSON) stands for; returns `doc`."""
+        self.add(f"{kind}:{doc[ENTITY_FIELD[kind]]}:{doc['version']}")
+        return doc
 
 
 async def call(c: Client, method: str, path: str, status: int, doc: Any = None) -> Any:
@@ -52,29 +60,18 @@ async def call(c: Client, method: str, path: str, status: int, doc: Any = None) 
     return await body(resp, status)
 
 
-async def put_thread(c: Client, tid: str, acked: set[str], status: int = 201) -> Any:
-    doc = await call(c, "PUT", f"/v1/threads/{tid}", status, {"title": f"title {tid}"})
-    acked.add(event_id("t", tid, doc))
-    return doc
+async def put_thread(c: Client, tid: str, acked: Acked, status: int = 201) -> Any:
+    return acked.note("t", await call(c, "PUT", f"/v1/threads/{tid}", status,
+                                      {"title": f"title {tid}"}))
 
 
-async def append(c: Client, tid: str, acked: set[str], role: str = "user",
-                 content: str = "hi") -> Any:
-    doc = await helpers.append(c, tid, content, role=role, metadata={"n": len(acked)})
-    acked.add(event_id("m", doc["message_id"], doc))
-    return doc
+async def edit(c: Client, tid: str, mid: str, acked: Acked, **fields: Any) -> Any:
+    return acked.note("m", await call(c, "PATCH", f"/v1/threads/{tid}/messages/{mid}", 200,
+                                      fields))
 
 
-async def edit(c: Client, tid: str, mid: str, acked: set[str], **fields: Any) -> Any:
-    doc = await call(c, "PATCH", f"/v1/threads/{tid}/messages/{mid}", 200, fields)
-    acked.add(event_id("m", mid, doc))
-    return doc
-
-
-async def delete(c: Client, tid: str, mid: str, acked: set[str]) -> Any:
-    doc = await call(c, "DELETE", f"/v1/threads/{tid}/messages/{mid}", 200)
-    acked.add(event_id("m", mid, doc))
-    return doc
+async def delete(c: Client, tid: str, mid: str, acked: Acked) -> Any:
+    return acked.note("m", await call(c, "DELETE", f"/v1/threads/{tid}/messages/{mid}", 200))
 
 
 async def final_ids(ch: ClickHouseStore) -> set[str]:
@@ -103,20 +100,19 @@ async def test_every_acknowledged_change_is_one_row(client: Client, ch: ClickHou
                                                     pg: asyncpg.Connection) -> None:
     """Quick successive versions of one message land in one batch: each is its own event
     (the ch flusher does not coalesce), once."""
-    acked: set[str] = set()
+    acked = Acked()
     rows_before = sample("tierproxy_flushed_rows_total", "ch")
     for t in range(3):
         await put_thread(client, f"t{t}", acked)
     for i in range(30):
         tid = f"t{i % 3}"
-        msg = await append(client, tid, acked, content=f"m{i}")
+        msg = acked.note("m", await append(client, tid, f"m{i}"))
         if i % 4 == 0:
             await edit(client, tid, msg["message_id"], acked, content=f"edited {i}")
         if i % 7 == 0:
             await delete(client, tid, msg["message_id"], acked)
-        state = await call(client, "PUT", f"/v1/state/k{i % 5}", 200 if i >= 5 else 201,
-                           {"value": i})
-        acked.add(event_id("s", f"k{i % 5}", state))
+        acked.note("s", await call(client, "PUT", f"/v1/state/k{i % 5}",
+                                   200 if i >= 5 else 201, {"value": i}))
     await call(client, "PUT", "/v1/threads/t0", 200, {"title": "renamed"})
     acked.add("t:t0:2")
     await wait_for(lambda: has_rows(ch, acked), timeout_s=30)
@@ -156,13 +152,13 @@ async def test_clickhouse_outage_leaves_pg_alone_and_the_backlog_drains(
         client: Client, ch: ClickHouseStore, pg: asyncpg.Connection, redis: aioredis.Redis,
         settings: Settings) -> None:
     failpoints = client.app[FAILPOINTS]
-    acked: set[str] = set()
+    acked = Acked()
     retries = sample("tierproxy_flush_retries_total", "ch")
     failpoints.set("ch-insert:raise")
     try:
         await put_thread(client, "out", acked)
         for i in range(40):
-            await append(client, "out", acked, content=f"during outage {i}")
+            acked.note("m", await append(client, "out", f"during outage {i}"))
 
         async def pg_has_all() -> bool:
             n = await pg.fetchval("SELECT count(*) FROM messages WHERE thread_id = 'out'")
@@ -192,9 +188,9 @@ async def ch_backlog_at_least(client: Client, n: int) -> Any:
 
 async def test_status_and_metrics_include_the_clickhouse_sink(
         client: Client, ch: ClickHouseStore, redis: aioredis.Redis) -> None:
-    acked: set[str] = set()
+    acked = Acked()
     await put_thread(client, "st", acked)
-    await append(client, "st", acked)
+    acked.note("m", await append(client, "st"))
     await wait_for(lambda: has_rows(ch, acked))
 
     async def drained() -> Any:
@@ -212,13 +208,13 @@ async def test_status_and_metrics_include_the_clickhouse_sink(
 async def test_a_poison_entry_is_dead_lettered_and_the_rest_flows(
         client: Client, ch: ClickHouseStore, redis: aioredis.Redis,
         settings: Settings) -> None:
-    acked: set[str] = set()
+    acked = Acked()
     await put_thread(client, "px", acked)
     stream = keys.log(keys.shard_of("px", settings.redis.shards))
     bad = message_entry("px", "bad", -1, 1, "x")  # PostgreSQL takes it, UInt64 does not
     await redis.xadd(stream, {"k": "m", "id": "bad", "tid": "px", "v": "1",
                               "e": "message.created", "ts": "0", "d": bad.doc})
-    await append(client, "px", acked)
+    acked.note("m", await append(client, "px"))
     await wait_for(lambda: has_rows(ch, acked), timeout_s=20)
 
     async def dead_lettered() -> Any:
@@ -234,13 +230,13 @@ async def test_a_poison_entry_is_dead_lettered_and_the_rest_flows(
 
 async def test_stats_match_what_was_written_after_edits_and_deletes(
         client: Client, ch: ClickHouseStore) -> None:
-    acked: set[str] = set()
+    acked = Acked()
     await put_thread(client, "s1", acked)
     live: dict[str, dict[str, Any]] = {}
     for i, (role, text) in enumerate([("user", "hello"), ("assistant", "héllo wörld"),
                                       ("user", "🙂 emoji"), ("system", "be brief"),
                                       ("assistant", "x" * 300), ("user", "bye")]):
-        msg = await append(client, "s1", acked, role=role, content=text)
+        msg = acked.note("m", await append(client, "s1", text, role=role))
         live[msg["message_id"]] = msg
         if i == 1:  # an edit changes the text
             live[msg["message_id"]] = await edit(client, "s1", msg["message_id"], acked,
@@ -285,7 +281,7 @@ def expected_stats(tid: str, live: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def test_stats_of_a_thread_without_messages(client: Client, ch: ClickHouseStore) -> None:
-    acked: set[str] = set()
+    acked = Acked()
     await put_thread(client, "empty", acked)
     await wait_for(lambda: has_rows(ch, acked))
     assert await body(await client.get("/v1/threads/empty/stats"), 200) == {
@@ -307,10 +303,10 @@ async def test_degraded_reads_come_from_clickhouse_with_postgres_stopped(
         settings: Settings) -> None:
     if servers.postgres is None:
         pytest.skip("needs the embedded PostgreSQL (an external one cannot be stopped)")
-    acked: set[str] = set()
+    acked = Acked()
     await put_thread(client, "dg", acked)
-    mids = [(await append(client, "dg", acked, content=f"m{i} ✓"))["message_id"]
-            for i in range(25)]
+    mids = [acked.note("m", await append(client, "dg", f"m{i} ✓", metadata={"n": i}))[
+        "message_id"] for i in range(25)]
     await edit(client, "dg", mids[3], acked, content="edited", metadata={"b": [1, 2]})
     await delete(client, "dg", mids[4], acked)
     await wait_for(lambda: has_rows(ch, acked), timeout_s=20)
@@ -372,25 +368,27 @@ async def stored_in(data: Path) -> tuple[set[str], int, int]:
     return {r[0] for r in ids}, raw[0][0], final[0][0]
 
 
-class Writer:
-    """Writes over HTTP and records each outcome: ok (acknowledged), or unknown (no answer:
-    the change may or may not have been made)."""
+def api(sidecar: Sidecar) -> APIClient:
+    """A client of the sidecar that sends each write once, so each outcome recorded is one
+    send's (a repeated PUT would be a second version of the thread)."""
+    return APIClient(sidecar.url, retry=NO_RETRY, timeout_s=5)
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+
+class Writer:
+    """Records each write's outcome: ok (acknowledged), or unknown (no answer: the change
+    may or may not have been made). An error answer is raised: none is expected."""
+
+    def __init__(self) -> None:
         self.ok: set[str] = set()
         self.unknown: set[str] = set()
 
-    async def write(self, session: aiohttp.ClientSession, method: str, path: str,
-                    doc: dict[str, Any], kind: str, entity: str, version: int = 1) -> None:
+    async def write(self, kind: str, entity: str, write: Awaitable[Written]) -> None:
         try:
-            async with session.request(method, self.url + path, json=doc,
-                                       timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                answer = await resp.json()
-                assert resp.status in (200, 201), answer
-                self.ok.add(f"{kind}:{entity}:{answer['version']}")
-        except (aiohttp.ClientError, TimeoutError):
-            self.unknown.add(f"{kind}:{entity}:{version}")
+            written = await write
+        except TransportError:
+            self.unknown.add(f"{kind}:{entity}:1")  # only first versions are written here
+        else:
+            self.ok.add(f"{kind}:{entity}:{written.doc['version']}")
 
 
 async def test_crash_after_insert_before_xack_then_restart_shows_each_change_once(
@@ -405,16 +403,14 @@ async def test_crash_after_insert_before_xack_then_restart_shows_each_change_onc
     doomed = sidecar(servers, data, TIERPROXY_DEBUG_FAILPOINT="after-ch-insert-before-xack:crash",
                      TIERPROXY_CLICKHOUSE_INTERVAL_MS="2000")
     await asyncio.to_thread(doomed.start)
-    writer = Writer(doomed.url)
+    writer = Writer()
     try:
-        async with aiohttp.ClientSession() as session:
+        async with api(doomed) as c:
             for t in range(4):
-                await writer.write(session, "PUT", f"/v1/threads/c{t}", {"title": "x"}, "t",
-                                   f"c{t}")
+                await writer.write("t", f"c{t}", c.put_thread(f"c{t}", title="x"))
             await asyncio.gather(*(
-                writer.write(session, "POST", f"/v1/threads/c{i % 4}/messages",
-                             {"message_id": f"cm{i}", "role": "user", "content": f"{i}"},
-                             "m", f"cm{i}") for i in range(120)))
+                writer.write("m", f"cm{i}", c.append(f"c{i % 4}", f"{i}", message_id=f"cm{i}"))
+                for i in range(120)))
         assert not writer.unknown, "the writes must all be acknowledged before the crash"
         await wait_for(doomed.worker_killed, timeout_s=30, interval_s=0.05)
         await asyncio.to_thread(doomed.kill)
@@ -437,26 +433,25 @@ async def test_kill_9_mid_stream_then_restart_shows_each_change_once(
     data = tmp_path / "kill"
     first = sidecar(servers, data)
     await asyncio.to_thread(first.start)
-    writer = Writer(first.url)
+    writer = Writer()
     try:
-        async with aiohttp.ClientSession() as session:
+        async with api(first) as c:
             for t in range(8):
-                await writer.write(session, "PUT", f"/v1/threads/k{t}", {"title": "x"}, "t",
-                                   f"k{t}")
-            load = asyncio.create_task(steady_load(writer, session, "a"))
+                await writer.write("t", f"k{t}", c.put_thread(f"k{t}", title="x"))
+            load = asyncio.create_task(steady_load(writer, c, "a"))
             await wait_for(lambda: mid_stream(writer, redis), timeout_s=20)
             await asyncio.to_thread(first.kill)  # the load keeps going while it dies
             load.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await load
-            again = sidecar(servers, data)
-            await asyncio.to_thread(again.start)
-            writer.url = again.url
-            try:
-                await steady_load(writer, session, "b", count=100)
-                await wait_for(lambda: settled(redis), timeout_s=30)
-            finally:
-                await asyncio.to_thread(again.stop)
+        again = sidecar(servers, data)
+        await asyncio.to_thread(again.start)
+        try:
+            async with api(again) as c:
+                await steady_load(writer, c, "b", count=100)
+            await wait_for(lambda: settled(redis), timeout_s=30)
+        finally:
+            await asyncio.to_thread(again.stop)
     finally:
         await asyncio.to_thread(first.kill)
     ids, raw, final = await stored_in(data)
@@ -466,14 +461,14 @@ async def test_kill_9_mid_stream_then_restart_shows_each_change_once(
     assert len(writer.ok) >= 400
 
 
-async def steady_load(writer: Writer, session: aiohttp.ClientSession, tag: str,
-                      count: int = 100_000, concurrency: int = 8) -> None:
-    """Appends with client ids (so an unanswered one is still known), 8 at a time."""
+async def steady_load(writer: Writer, c: APIClient, tag: str, count: int = 100_000,
+                      concurrency: int = 8) -> None:
+    """Appends with our own ids (so an unanswered one is still known), 8 at a time."""
     async def worker(w: int) -> None:
         for i in range(w, count, concurrency):
             mid = f"{tag}{i}"
-            await writer.write(session, "POST", f"/v1/threads/k{random.randrange(8)}/messages",
-                               {"message_id": mid, "role": "user", "content": mid}, "m", mid)
+            await writer.write("m", mid, c.append(f"k{random.randrange(8)}", mid,
+                                                  message_id=mid))
 
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
 

@@ -111,6 +111,7 @@ def test_bench_runs_every_kind_of_scenario(loadtests: dict[str, ModuleType],
     assert ack["visible_samples"] > 0 and ack["ch_visible_samples"] > 0, ack
     ws = s["ws_delivery"]
     assert ws["frames_received"] > 0 and ws["write_errors"] == 0 and ws["order_errors"] == 0
+    assert ws["resubscribe_errors"] == 0, ws
     assert s["append_cpu"]["sidecar_us_per_append"] > 0
     assert s["memory"]["api_rss_mb"] > 0
     checked = {c["figure"] for r in doc["scenarios"].values() for c in r["checks"]}

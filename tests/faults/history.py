@@ -176,6 +176,7 @@ class Load:
                 await asyncio.sleep(pause)
 
     async def _append(self, tid: str, mid: str, url: str) -> Op:
+        # Raw HTTP, not proxy.client: the history records each single send's own status and timing.
         body = {"message_id": mid, "role": "user", "content": f"hello {mid}"}
         return await self._send("append", mid, tid, "POST", f"/v1/threads/{tid}/messages", body,
                                 url)
