@@ -2,8 +2,8 @@
 sink), the point reads of read-through (the hot tier's backing) and write-through for
 `X-Durability: persisted`. The only package that knows asyncpg:
 
-    schema.py  the migrations        sql.py   the flush statements     rows.py  batches as columns
-    store.py   the pool, the flush transaction and the point reads
+    schema.py  the migrations        sql.py   the flush statements     rows.py  batches to stage
+    store.py   the pool, the flush transaction (COPY, then upserts) and the point reads
     here       the sink (flusher) and the backing (read-through, write-through)
 
 Concurrent identical misses share one query upstream (the hot tier's single-flight); here, an

@@ -14,8 +14,9 @@ from proxy.backends import PoisonError
 from proxy.backends.postgres.rows import Rows
 from proxy.backends.postgres.schema import apply_migrations
 from proxy.backends.postgres.sql import (
-    BUMP_LAST_SEQ,
     CONFLICTS,
+    CREATE_STAGE,
+    STAGE,
     UPSERT_MESSAGES,
     UPSERT_STATE,
     UPSERT_THREADS,
@@ -43,9 +44,10 @@ class PostgresStore:
     async def open(cls, url: str, pool_max: int, timeout_s: float,
                    failpoints: Failpoints) -> PostgresStore:
         """The pool is lazy (no connection at start), so a sidecar starts while PostgreSQL
-        is down."""
+        is down. Every connection gets its flush staging table once, when it opens."""
         pool = await asyncpg.create_pool(url, min_size=0, max_size=pool_max,
-                                         command_timeout=timeout_s, timeout=timeout_s)
+                                         command_timeout=timeout_s, timeout=timeout_s,
+                                         init=_create_stage)
         return cls(pool, failpoints)
 
     async def close(self) -> None:
@@ -62,11 +64,14 @@ class PostgresStore:
             await apply_migrations(conn)
 
     async def upsert(self, docs: Iterable[tuple[str, bytes, str]]) -> None:
-        """One transaction for the whole batch of (kind, doc, fingerprint); unique per
-        entity."""
+        """One transaction for the whole batch of (kind, doc, fingerprint), unique per
+        entity: staged by one binary COPY, then one statement per table (sql.py)."""
         rows = Rows.of(docs)
+        if not rows.records:
+            return
         try:
             async with self._pool.acquire() as conn, conn.transaction():
+                await conn.copy_records_to_table(STAGE, records=rows.records)
                 await self._write(conn, rows)
                 await self._failpoints.hit("before-pg-commit")
         except asyncpg.UniqueViolationError as e:
@@ -81,22 +86,18 @@ class PostgresStore:
 
     @classmethod
     async def _write(cls, conn: asyncpg.Connection, rows: Rows) -> None:
-        for table, sql, columns in (("threads", UPSERT_THREADS, rows.threads),
-                                    ("messages", UPSERT_MESSAGES, rows.messages),
-                                    ("state_entries", UPSERT_STATE, rows.state)):
-            if not columns[0]:
-                continue
-            written = int((await conn.execute(sql, *columns)).rsplit(" ", 1)[1])
-            if written < len(columns[0]):  # some were there already: replays, or conflicts
-                await cls._count_conflicts(conn, table, rows)
-        if rows.last_seq:
-            tids = sorted(rows.last_seq)
-            await conn.execute(BUMP_LAST_SEQ, tids, [0] * len(tids),
-                               [rows.last_seq[t] for t in tids])
+        """Upsert the staged rows of each kind (statements prepared once per connection: the
+        driver's statement cache)."""
+        for kind, table, sql in (("t", "threads", UPSERT_THREADS),
+                                 ("m", "messages", UPSERT_MESSAGES),
+                                 ("s", "state_entries", UPSERT_STATE)):
+            staged = rows.counts[kind]
+            if staged and await conn.fetchval(sql) < staged:  # replays, or conflicts
+                await cls._count_conflicts(conn, table)
 
     @staticmethod
-    async def _count_conflicts(conn: asyncpg.Connection, table: str, rows: Rows) -> None:
-        ids = [r[0] for r in await conn.fetch(CONFLICTS[table], *rows.conflict_args(table))]
+    async def _count_conflicts(conn: asyncpg.Connection, table: str) -> None:
+        ids = [r[0] for r in await conn.fetch(CONFLICTS[table])]
         if ids:
             metrics.VERSION_CONFLICTS.labels(table).inc(len(ids))
             metrics.REDIS_DATA_LOSS.labels("version_taken").inc()
@@ -152,3 +153,5 @@ class PostgresStore:
                 "state": {r["key"]: r["version"] for r in state}, "messages": by_thread}
 
 
+async def _create_stage(conn: asyncpg.Connection) -> None:
+    await conn.execute(CREATE_STAGE)
