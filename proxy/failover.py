@@ -73,7 +73,7 @@ class Failover:
                 return result
         async with self._in_postgres():
             if write:  # the first ones let the flushes in hand commit first (see below)
-                await asyncio.sleep(self._settled_at - time.monotonic())
+                await asyncio.sleep(max(0.0, self._settled_at - time.monotonic()))
             return await below()
 
     def _failed(self, e: RedisDown) -> None:
