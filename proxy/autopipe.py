@@ -101,16 +101,24 @@ class Link(asyncio.Protocol):
     # ---- calls
 
     async def call(self, packed: bytes) -> Any:
+        await self._connected()
+        return await self._send(packed)
+
+    async def _connected(self) -> None:
+        """A connection to send on. One lost right after it was made (a server or proxy
+        that accepts, then resets) fails the call here: nothing was sent, and a call queued
+        on no connection would never be answered."""
         if self._transport is None:
             await self._connect()
-        return await self._send(packed)
+        if self._transport is None:
+            raise RedisDown(f"redis at {_where(self._address)}: connection lost as it was "
+                            "made", sent=False)
 
     async def wait(self, mark: str, replicas: int, timeout_ms: int) -> tuple[Any, Any]:
         """A write of `mark`, then WAIT, both on this connection (WAIT covers only its own
         connection's writes): their replies. The callers of one tick share them; a blocked
         WAIT holds the calls behind it, hence a connection of its own."""
-        if self._transport is None:
-            await self._connect()
+        await self._connected()
         if self._wait is None or self._wait[0] != (replicas, timeout_ms):
             marked = self._send(pack(("SET", mark, "1", "PX", MARK_MS)))
             waited = self._send(pack(("WAIT", replicas, timeout_ms)))

@@ -19,7 +19,7 @@ from redis import exceptions as rexc
 from proxy import autopipe, keys
 from proxy.autopipe import AutoPipeline
 from proxy.embedded import RedisServer
-from proxy.errors import Unavailable
+from proxy.errors import RedisDown, Unavailable
 from proxy.redisconn import connect
 from tests.conftest import Servers, make_settings
 from tests.faults.tcpproxy import FaultProxy
@@ -115,6 +115,22 @@ async def test_a_silent_server_fails_calls_within_the_timeout_then_heals(
         proxy.set_mode("pass")
         proxy.cut()
         assert await pipe.call("a", "GET", "a") == b"1"
+
+
+async def test_a_server_that_resets_every_connection_fails_calls_as_not_sent(
+        servers: Servers, pipelines: Pipelines) -> None:
+    """Accepted, then reset (a proxy `down`): each call fails at once as never sent — none
+    is left queued on no connection, waiting for a reply that cannot come."""
+    port = int(servers.redis_url.rsplit(":", 1)[1].split("/")[0])
+    with FaultProxy("127.0.0.1", port) as proxy:
+        pipe = await pipelines(f"redis://127.0.0.1:{proxy.port}/0")
+        proxy.set_mode("down")
+        for _ in range(20):
+            async with asyncio.timeout(5):  # a call queued on no connection hangs forever
+                with pytest.raises(RedisDown):
+                    await pipe.call("a", "PING")
+        proxy.set_mode("pass")
+        assert await pipe.call("a", "PING") == b"PONG"
 
 
 @pytest.fixture
