@@ -128,6 +128,16 @@ async def pg(servers: Servers) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
+async def poison(pg: asyncpg.Connection) -> AsyncIterator[None]:
+    """PostgreSQL rejects messages whose content is 'poison' while this fixture is active."""
+    await pg.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS poison;"
+                     " ALTER TABLE messages ADD CONSTRAINT poison CHECK (content <> 'poison')"
+                     " NOT VALID")
+    yield
+    await pg.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS poison")
+
+
+@pytest.fixture
 async def ch(servers: Servers) -> AsyncIterator[ClickHouseStore]:
     """A store on the session's ClickHouse for assertions; the events table exists and is
     empty (chDB allows one data path per process: in-process sidecars use this one too)."""

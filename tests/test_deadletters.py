@@ -5,11 +5,9 @@ sidecars replay at the same time — without disturbing what the hot tier counts
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
@@ -19,16 +17,6 @@ from tests.helpers import append, body, wait_for
 
 Client = TestClient[Any, Any]
 RACE = "before-replay-move:sleep:1"  # both replays read the dead letters, then move them
-
-
-@pytest.fixture
-async def poison(pg: asyncpg.Connection) -> AsyncIterator[None]:
-    """PostgreSQL rejects messages whose content is 'poison' while this fixture is active."""
-    await pg.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS poison;"
-                     " ALTER TABLE messages ADD CONSTRAINT poison CHECK (content <> 'poison')"
-                     " NOT VALID")
-    yield
-    await pg.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS poison")
 
 
 async def dead_letters(c: Client) -> int:

@@ -113,16 +113,6 @@ def _raw(kind: str, doc: bytes) -> Change:
     return Change(0, "0-1", kind, "raw", "raw", 1, "test", 0, doc)
 
 
-@pytest.fixture
-async def poison(pg: asyncpg.Connection) -> AsyncIterator[None]:
-    """PostgreSQL rejects messages whose content is 'poison' while this fixture is active."""
-    await pg.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS poison;"
-                     " ALTER TABLE messages ADD CONSTRAINT poison CHECK (content <> 'poison')"
-                     " NOT VALID")
-    yield
-    await pg.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS poison")
-
-
 async def test_a_poison_row_goes_alone_to_dead_letters(
         client_for: AppClient, servers: Servers, redis: aioredis.Redis,
         pg: asyncpg.Connection, poison: None) -> None:
