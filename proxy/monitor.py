@@ -70,16 +70,19 @@ class Monitor:
         self._stopping.set()
 
     async def refresh(self) -> None:
+        await self.measure()
+        await self._housekeep()
+
+    async def measure(self) -> None:
+        """Data loss, backlog and lag per sink, dead letters, memory: what readiness, admission
+        and /v1/status need (readiness waits for the first one)."""
         await self._check_data_loss()
         sinks = {name: SinkStatus(circuit=c.state) for name, c in self._circuits.items()}
         for shard in range(self._log.shards):
-            await self._log.trim(shard)
             for name, st in sinks.items():
                 b = await self._log.backlog(shard, name)
                 st.backlog += b.entries
                 st.lag_s = max(st.lag_s, b.lag_s)
-                await self._log.remove_dead_consumers(shard, name, self._consumer,
-                                                      self._dead_idle_ms)
             for group, count in (await self._log.dead_letter_counts(shard)).items():
                 if group in sinks:
                     sinks[group].dead_letters += count
@@ -92,6 +95,16 @@ class Monitor:
         metrics.REDIS_MEMORY_RATIO.set(self._backlog.memory_ratio)
         self.snapshot.sinks = sinks
         self.snapshot.measured = True
+
+    async def _housekeep(self) -> None:
+        """Trims and dead consumers, after the measurement: a slow trim (a stalled Redis, a
+        widened failpoint) must not hold readiness back. The nemesis found a restarted sidecar
+        kept unready for a minute that way while Redis kept restarting."""
+        for shard in range(self._log.shards):
+            await self._log.trim(shard)
+            for name in self._circuits:
+                await self._log.remove_dead_consumers(shard, name, self._consumer,
+                                                      self._dead_idle_ms)
 
     async def _check_data_loss(self) -> None:
         """Redis lost data it had acknowledged: all of it (its epoch changed), or some (a seq

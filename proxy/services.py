@@ -181,7 +181,7 @@ async def _background(app: web.Application, workers: Workers, client: Any, consu
                       Reconciler(client, pg_store, s.redis.shards))
     app[routes.STATUS] = app[internal.MONITOR] = monitor
     with contextlib.suppress(Unavailable):  # measured before ready; else the loop does
-        await monitor.refresh()
+        await monitor.measure()
     workers.start("monitor", monitor.run, monitor.stop)
 
 

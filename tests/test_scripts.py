@@ -159,5 +159,5 @@ def test_every_script_with_a_refusal_has_a_case() -> None:
                 "remove_consumers", "raise_counters"}
     assert {name for _, name, _, _ in REFUSALS} == refusing
     # The others never refuse: they read, or always write (groups, fences, the release).
-    assert set(SCRIPTS) - refusing == {"read_page", "get_message", "create_groups",
+    assert set(SCRIPTS) - refusing == {"read_page", "get_message", "count_from", "create_groups",
                                        "load_fence", "release"}

@@ -5,6 +5,7 @@ that falls behind while its sink is healthy turns readiness red."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -14,8 +15,10 @@ from aiohttp.test_utils import TestClient
 
 from proxy import metrics
 from proxy.app import FAILPOINTS
+from proxy.embedded import clickhouse_url
 from tests.conftest import AppClient, Servers, make_settings
 from tests.helpers import append, body, error, wait_for
+from tests.sidecar import Sidecar
 
 Client = TestClient[Any, Any]
 
@@ -87,3 +90,15 @@ async def test_a_flusher_that_falls_behind_turns_readiness_red(lagging: Client) 
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_a_stalled_trim_does_not_hold_readiness_back(servers: Servers, tmp_path: Path) -> None:
+    """Trimming is housekeeping: readiness waits for the first measurement only. The nemesis
+    found a restarted sidecar kept unready for a minute while its trims were stalled and Redis
+    kept restarting (before: 20 s per shard before the first measurement)."""
+    side = Sidecar(tmp_path, servers.redis_url, servers.postgres_url, clickhouse_url(tmp_path),
+                   TIERPROXY_DEBUG_FAILPOINT="before-trim:sleep:20")
+    try:
+        side.start(timeout_s=15)
+    finally:
+        side.kill()
