@@ -35,15 +35,25 @@ end
 
 -- Drop flushed messages below the newest `window` ones, oldest first, stopping at the first
 -- one still unflushed (the window stays a contiguous suffix), at most 1000 per call. Their
--- docs go; their ids stay as recent ids (idempotent retries need no PostgreSQL).
+-- docs go; their ids stay as recent ids (idempotent retries need no PostgreSQL). The oldest
+-- are looked at in chunks that double (16, 32, ...): a release frees a few per thread, and
+-- reading up to 1000 pending flags each time to find them was most of a flush's Redis time.
 local function trim(t, m, w, r)
-  local excess = redis.call('ZCARD', w) - window
+  local excess = math.min(redis.call('ZCARD', w) - window, 1000)
   if excess <= 0 then return end
-  local low = redis.call('ZRANGE', w, 0, math.min(excess, 1000) - 1, 'WITHSCORES')
-  local fields, n = {}, 0
-  for i = 1, #low, 2 do fields[#fields + 1] = 'p|' .. low[i] end
-  local pending = redis.call('HMGET', m, unpack(fields))
-  while n < #pending and not pending[n + 1] do n = n + 1 end
+  local low, n, chunk = {}, 0, 16
+  while n < excess do
+    local size = math.min(chunk, excess - n)
+    local part = redis.call('ZRANGE', w, n, n + size - 1, 'WITHSCORES')
+    local fields = {}
+    for i = 1, #part, 2 do fields[#fields + 1] = 'p|' .. part[i] end
+    local pending, k = redis.call('HMGET', m, unpack(fields)), 0
+    while k < #pending and not pending[k + 1] do k = k + 1 end
+    for i = 1, 2 * k do low[#low + 1] = part[i] end
+    n = n + k
+    if k < size then break end
+    chunk = chunk * 2
+  end
   if n == 0 then return end
   local docs, recent = {}, {}
   for i = 1, n do
