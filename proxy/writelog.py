@@ -205,18 +205,8 @@ class WriteLog:
             raise
 
     async def _count_from(self, stream: str, start: str) -> int:
-        """Entries at or after `start`. Redis 6.2 has no group lag field, so count them — from
-        whichever side of `start` is short (one capped read each); past the cap on both sides
-        the stream length is the answer (an upper bound, which errs towards backpressure)."""
-        length = int(await redis_call(lambda: self._r.xlen(stream)))
-        if length == 0:
-            return 0
-        after = await redis_call(lambda: self._r.xrange(stream, min=start, count=COUNT_CAP))
-        if len(after) < COUNT_CAP:
-            return len(after)
-        before = await redis_call(lambda: self._r.xrange(stream, max=f"({start}",
-                                                         count=COUNT_CAP))
-        return length - len(before) if len(before) < COUNT_CAP else length
+        """Entries at or after `start`, counted inside Redis (count_from.lua)."""
+        return int(await self._scripts.run("count_from", [stream], [start, COUNT_CAP]))
 
     async def _now_ms(self) -> int:
         seconds, micros = await redis_call(lambda: self._r.time())
