@@ -24,6 +24,7 @@ pure function of (seed, duration): the same seed replays the same faults at the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
 }
 # Seconds in effect (a range to draw from) and the overhead around it (restarts), per kind.
 DURATION_S = {"kill": (0.5, 2.0), "pause": (2.0, 4.0), "stall": (5.0, 9.0),
-              "pg-stop": (1.5, 4.0), "poison": (3.0, 5.0), "redis-restart": (0.5, 2.0)}
+              "pg-stop": (1.5, 6.0), "poison": (3.0, 5.0), "redis-restart": (0.5, 2.0)}
 GAP_S = {"sidecar": (1.0, 3.0), "postgres": (2.0, 6.0), "redis": (5.0, 12.0)}  # between faults
 OVERHEAD_S = {"kill": 1.5, "pause": 0.0, "stall": 3.0, "pg-stop": 2.0, "poison": 3.0,
               "redis-restart": 0.5}
@@ -139,6 +140,7 @@ class Nemesis:
         self._caller = caller
         self.events: list[FaultEvent] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
 
     def start(self, t0: float) -> None:
         for cls, kinds in CLASSES.items():
@@ -147,19 +149,26 @@ class Nemesis:
                                                    name=f"nemesis-{cls}"))
 
     async def stop(self) -> None:
-        """Cancel the faults still to come; the one in effect heals in its `finally`."""
+        """End the run: the fault in effect ends early and heals; no other starts. Never a
+        cancel: one that lands in a heal (a restart between its kill and its start) would leave
+        a sidecar dead for the checks that follow (seed 1 did, 600 s)."""
+        self._stopping.set()
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)
-                  and not isinstance(r, asyncio.CancelledError)]
+        errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]
 
+    async def _wait(self, seconds: float) -> None:
+        """Sleep, ending early once the run stops."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), max(0.0, seconds))
+
     async def _run_class(self, t0: float, faults: list[Fault]) -> None:
         for fault in faults:
-            await asyncio.sleep(max(0.0, t0 + fault.at_s - time.monotonic()))  # the schedule
+            await self._wait(t0 + fault.at_s - time.monotonic())  # the schedule
+            if self._stopping.is_set():
+                return
             event = FaultEvent(fault, time.monotonic())
             self.events.append(event)
             try:
@@ -171,7 +180,7 @@ class Nemesis:
         try:
             await self._c.kill(f.target)
             ev.active = time.monotonic()
-            await asyncio.sleep(f.duration_s)  # the fault's duration
+            await self._wait(f.duration_s)  # the fault's duration
         finally:
             ev.healed = time.monotonic()
             await self._c.restart(f.target)
@@ -180,7 +189,7 @@ class Nemesis:
         try:
             self._c.pause(f.target)
             ev.active = time.monotonic()
-            await asyncio.sleep(f.duration_s)
+            await self._wait(f.duration_s)
         finally:
             ev.healed = time.monotonic()
             self._c.resume(f.target)
@@ -189,7 +198,7 @@ class Nemesis:
         try:
             await self._c.restart(f.target, f.detail)
             ev.active = time.monotonic()
-            await asyncio.sleep(f.duration_s)
+            await self._wait(f.duration_s)
         finally:
             ev.healed = time.monotonic()
             await self._c.restart(f.target)
@@ -198,7 +207,7 @@ class Nemesis:
         try:
             await asyncio.to_thread(self._c.postgres.stop, f.detail)
             ev.active = time.monotonic()
-            await asyncio.sleep(f.duration_s)
+            await self._wait(f.duration_s)
         finally:
             ev.healed = time.monotonic()
             await asyncio.to_thread(self._c.postgres.start)
@@ -211,7 +220,7 @@ class Nemesis:
             else:
                 self._c.redis.stop()
             ev.active = time.monotonic()
-            await asyncio.sleep(f.duration_s)
+            await self._wait(f.duration_s)
         finally:
             ev.healed = time.monotonic()
             self._c.redis.start()
@@ -221,7 +230,7 @@ class Nemesis:
             await poison_constraints(self._c.postgres_url, add=True)
             self._know.poison = True
             ev.active = time.monotonic()
-            await asyncio.sleep(f.duration_s)
+            await self._wait(f.duration_s)
             self._know.poison = False
             await self._await_dead_letters(ev)
         finally:

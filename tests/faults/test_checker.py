@@ -128,6 +128,19 @@ def test_health_is_honest_per_process() -> None:
         "s0 /v1/status said postgres up", "s0 /readyz said ready at 6.50 "]
 
 
+def test_an_outage_no_sidecar_reported_is_flagged_once_past_the_detection_time() -> None:
+    pg_stop = FaultEvent(Fault(0, "pg-stop", -1, 5), began=0, active=1, healed=6, ended=7)
+
+    def found(*at: float) -> list[str]:
+        out = Violations()
+        probes = [Probe(0, "a", "status", t, t + 0.1, 200, "up") for t in at]
+        check_health(probes, [pg_stop], [], out)
+        return [text[:35] for _, text in out.items]
+
+    assert found(1.5, 3.5) == []  # within DETECT_S of the stop: not judged
+    assert found(1.5, 4.5) == ["no sidecar's /v1/status said postgr"]
+
+
 # ---- the sampler, on real servers
 
 
