@@ -116,7 +116,8 @@ async def test_an_http_event_reaches_a_subscriber_on_the_other_sidecar(
 async def test_a_streamed_reply_over_a_socket_then_the_final_append(
         pair: tuple[Client, Client]) -> None:
     """A publisher's socket on B (not subscribed) streams deltas; A's subscriber gets them in
-    order, then the one stored message. The publishing socket gets no reply."""
+    order, then the one stored message. The publishing socket gets no reply (a ping tells
+    when its frames have been handled)."""
     a, b = pair
     await new_thread(b, "t1")
     deltas = [{"type": "reply.delta", "data": {"i": i, "text": f"tok{i} é"}} for i in range(30)]
@@ -124,12 +125,12 @@ async def test_a_streamed_reply_over_a_socket_then_the_final_append(
         await subscribe(sub, "t1")
         for delta in deltas:
             await ws_publish(pub, "t1", delta)
+        await nothing_more(pub)  # frames are handled in order: every delta is out
         final = await append(b, "t1", "".join(f"tok{i} é" for i in range(30)), role="assistant")
         got = [await frame(sub) for _ in range(31)]
         assert [f["event"] for f in got[:30]] == deltas
         assert all(f["type"] == "ephemeral" and f["thread_id"] == "t1" for f in got[:30])
         assert got[30]["type"] == "message.created" and got[30]["message"] == final
-        await nothing_more(pub)
         await nothing_more(sub)
 
 

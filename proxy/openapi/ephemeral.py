@@ -12,8 +12,8 @@ Pushed at once to the thread's WebSocket subscribers on every sidecar as `{"type
 "ephemeral", "thread_id", "ts", "event": {"type", "data"}}` — never stored, never flushed,
 never replayed on resume (e.g. typing indicators, an assistant's reply streamed token by token
 before one normal append of the final message). 404: unknown or deleted thread; 413: the event
-`{"type", "data"}` is over ephemeral.max_event_bytes ({max_bytes} bytes) as JSON; 429: the
-thread is over ephemeral.rate_per_s ({rate:g}/s, bursts of {burst}), retry after Retry-After.
+`{"type", "data"}` is over ephemeral.max_event_bytes (%(max_bytes)d bytes) as JSON; 429: the
+thread is over ephemeral.rate_per_s (%(rate)g/s, bursts of %(burst)d), retry after Retry-After.
 """
 
 
@@ -25,8 +25,8 @@ def ephemeral_paths(e: Ephemeral) -> Schema:
             {"202": response("Published to the subscribers there are (there may be none).",
                              ref("EphemeralAccepted"))},
             "400 404 413 415 422 429 500 503", body="EphemeralEvent",
-            description=EVENTS.format(max_bytes=e.max_event_bytes, rate=e.rate_per_s,
-                                      burst=e.burst))}}
+            description=EVENTS % {"max_bytes": e.max_event_bytes, "rate": e.rate_per_s,
+                                  "burst": e.burst})}}
 
 
 def ephemeral_schemas(e: Ephemeral) -> Schema:
