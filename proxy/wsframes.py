@@ -3,6 +3,7 @@ server frames built. No I/O here (see hub.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ _EVENT_HEAD = re.compile(
     rb'\{"type":"([a-z.]+)","thread_id":"([A-Za-z0-9._:-]+)","(?:last_)?seq":(\d+),"ts":(\d+)[,}]')
 # What ephemeral_publish.lua publishes (the frame hot/ephemeral.py builds) starts like this.
 _EPHEMERAL_HEAD = re.compile(rb'\{"type":"ephemeral","thread_id":"([A-Za-z0-9._:-]+)","ts":(\d+),')
+_LONG_NUMBER = re.compile(r"\d{19}")  # 19+ digits: an integer that may not fit in 64 bits
 _OPS = {"subscribe": {"op", "thread_id", "after_seq"}, "unsubscribe": {"op", "thread_id"},
         "ping": {"op"}, "publish": {"op", "thread_id", "event"}}
 
@@ -107,6 +109,8 @@ def parse_op(msg: Any) -> Op:
         doc = orjson.loads(msg.data)
     except orjson.JSONDecodeError as e:
         raise Malformed(f"the frame is not valid JSON: {e}") from e
+    if _LONG_NUMBER.search(msg.data):  # as routes.read_json: an integer beyond 64 bits is
+        doc = json.loads(msg.data)  # kept exact (orjson rounds it), so validation refuses it
     if not isinstance(doc, dict):
         raise Malformed("a frame must be a JSON object")
     op = doc.get("op")

@@ -319,6 +319,9 @@ async def test_bad_bodies_change_nothing(pair: tuple[Client, Client],
             await error(await b.post(events_url("t1"), data=huge,
                                      headers={"Content-Type": "application/json"}), 422,
                         "invalid_field")
+            await pub.send_str('{"op": "publish", "thread_id": "t1", "event": '
+                               + huge.decode() + "}")  # not rounded to a float: refused
+            assert (await frame(pub))["code"] == "invalid_field"
             await error(await b.post(events_url("t1"), data=b'{"type": "t"}'), 415,
                         "unsupported_media_type")
             await error(await b.post(events_url("t1"), data=b"{",
