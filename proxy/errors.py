@@ -91,3 +91,14 @@ class Backpressure(Unavailable):
     """The write-behind backlog is above its bound; the client should retry later."""
 
     code = "backpressure"
+
+
+class RateLimited(ProxyError):
+    """Over a rate (a thread's ephemeral events past ephemeral.rate_per_s and its burst):
+    nothing was done; the client may retry after `retry_after_s` (429, Retry-After)."""
+
+    code, status = "rate_limited", 429
+
+    def __init__(self, message: str, retry_after_s: float, detail: Any = None) -> None:
+        super().__init__(message, detail)
+        self.retry_after_s = retry_after_s

@@ -12,7 +12,9 @@ thread's last seq, then the held events are sent with every seq already delivere
 A subscription (re)synchronises when it starts, when a live seq skips ahead, and after the
 pub/sub connection is (re)established (events published meanwhile were never received).
 `message.updated`/`message.deleted` and thread events are not part of the seq stream: they
-pass through in arrival order.
+pass through in arrival order. Ephemeral events (hot/ephemeral.py) are never held: they go
+straight to subscriptions that are live or synchronising, and are dropped, never a reason to
+close, when a socket's queue is three quarters full (Connection.offer).
 
 Bounded memory: each socket has a send queue of `ws.queue_size` frames and one writer task.
 A live event that finds the queue full closes the socket with 4008 (the client resumes with
@@ -46,7 +48,15 @@ from proxy.wsconn import (
     Connection,
     Subscription,
 )
-from proxy.wsframes import Event, Out, backfill_frame, parse_event, parse_op, reply
+from proxy.wsframes import (
+    Event,
+    Out,
+    backfill_frame,
+    error_frame,
+    parse_event,
+    parse_op,
+    reply,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +156,10 @@ class WebSocketHub:
             self._route(sub, ev)
 
     def _route(self, sub: Subscription, ev: Event) -> None:
-        if sub.held is not None:
+        if ev.ephemeral:  # straight to a live subscription, once `subscribed` was sent
+            if sub.task is not None:
+                sub.conn.offer(Out(ev.frame, True))
+        elif sub.held is not None:
             sub.hold(ev)
         elif not ev.created:
             sub.conn.send(Out(ev.frame, True, ev.ts_ms))
@@ -248,7 +261,8 @@ class WebSocketHub:
         if self.closing:
             raise Unavailable("the sidecar is shutting down")
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, compress=False,
-                                   max_msg_size=MAX_FRAME_BYTES, timeout=CLOSE_TIMEOUT_S)
+                                   max_msg_size=MAX_FRAME_BYTES + self._s.ephemeral.max_event_bytes,
+                                   timeout=CLOSE_TIMEOUT_S)
         await ws.prepare(request)
         conn = Connection(ws, request.transport, self._s.ws.queue_size)
         self.connections.add(conn)
@@ -265,19 +279,19 @@ class WebSocketHub:
         return ws
 
     async def _on_frame(self, conn: Connection, msg: Any) -> None:
-        tid = ""
+        op = None
         try:
             op = parse_op(msg)
-            tid = op.thread_id
             if op.op == "subscribe":
                 await self.subscribe(conn, op.thread_id, op.after_seq)
             elif op.op == "unsubscribe":
                 self.unsubscribe(conn, op.thread_id)
+            elif op.op == "publish":  # no reply when pushed (a reply streamed token by token)
+                await self._hot.ephemeral.publish(op.thread_id, op.event)
             else:
                 conn.send(Out(reply("pong")))
         except ProxyError as e:
-            extra = {"thread_id": tid} if tid else {}
-            conn.send(Out(reply("error", code=e.code, message=e.message, **extra)))
+            conn.send(Out(error_frame(e, op.op if op else "", op.thread_id if op else "")))
 
     async def subscribe(self, conn: Connection, tid: str, after_seq: int | None) -> None:
         """Register first (live events are held from now on), read the thread's last seq,

@@ -37,6 +37,9 @@ Load fence `fence(s, kind, id)` (kind t: a thread and its messages, k: a state k
 Wait mark `wait_mark(s)`: written ('1', 60 s TTL) right before WAIT on the replication
     connection, so that WAIT covers every write its server answered before (`replicated`).
 Flushed keys get the cache TTL; a key with `pend` > 0 never has one.
+Ephemeral rate `ephemeral_rate(s, tid)`: the GCRA theoretical arrival time (Unix ms) of the
+    thread's ephemeral events, PX-expiring once the thread is idle. Nothing of an event is
+    stored: ephemeral_publish.lua only PUBLISHes it on `events(s)`.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import zlib
 
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 ID_RE = re.compile(ID_PATTERN)
+EVENT_TYPE_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"  # the type of an ephemeral event
 
 EPOCH = "tp:epoch"  # a random token set once per Redis dataset; a change means Redis lost data
 
@@ -117,3 +121,8 @@ def dead_letters(shard: int) -> str:
 def events(shard: int) -> str:
     """Pub/sub channel of a shard's message and thread events (WebSocket fan-out)."""
     return f"{_tag(shard)}:ev"
+
+
+def ephemeral_rate(shard: int, tid: str) -> str:
+    """The rate counter of a thread's ephemeral events (a short-lived string, see above)."""
+    return f"{_tag(shard)}:er:{tid}"

@@ -85,6 +85,11 @@ WS_DELIVERY_SECONDS = Histogram("tierproxy_ws_delivery_seconds",
                                 buckets=_FAST)
 WS_SLOW_CLOSES = Counter("tierproxy_ws_slow_consumer_closes_total",
                          "Sockets closed because the client did not keep up")
+EPHEMERAL = Counter("tierproxy_ephemeral_events_total",
+                    "Ephemeral events offered, by outcome (published; rate_limited: 429)",
+                    ["outcome"])
+WS_EPHEMERAL_DROPPED = Counter("tierproxy_ws_ephemeral_dropped_total",
+                               "Ephemeral frames not sent: the socket's queue was 3/4 full")
 
 
 def sink_series(sink: str) -> None:
@@ -128,3 +133,5 @@ for _result in ("confirmed", "short"):
     REPLICATION_WAITS.labels(_result)
 for _bound in ("backlog", "lag", "memory"):
     BACKPRESSURE.labels(_bound)
+for _outcome in ("published", "rate_limited"):
+    EPHEMERAL.labels(_outcome)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from proxy import metrics, tracing
-from proxy.errors import ProxyError, Unauthorized, Unavailable
+from proxy.errors import ProxyError, RateLimited, Unauthorized, Unavailable
 
 logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -36,6 +37,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         headers = {}
         if isinstance(e, Unavailable):
             headers["Retry-After"] = str(max(1, round(e.retry_after_s)))
+        if isinstance(e, RateLimited):  # rounded up: a retry that early is refused again
+            headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
         if isinstance(e, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"  # a 401 must name the scheme (RFC 9110)
         return error_response(e.status, e.code, e.message, e.detail, headers)

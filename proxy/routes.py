@@ -303,6 +303,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     return await request.app[HUB].serve(request)
 
 
+async def publish_event(request: web.Request) -> web.Response:
+    """An ephemeral event: pushed to the thread's subscribers on every sidecar, never stored
+    (so no X-Durability, and nothing for PostgreSQL to serve while Redis is down: 503)."""
+    tid = _tid(request)
+    published = await request.app[HOT].ephemeral.publish(tid, await read_json(request))
+    return json_response(published.body(), 202)
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_put("/v1/threads/{tid}", put_thread)
@@ -320,3 +328,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/status", status, allow_head=False)
     r.add_post("/v1/admin/dead-letters/replay", replay_dead_letters)
     r.add_get("/v1/ws", websocket, allow_head=False)
+    r.add_post("/v1/threads/{tid}/events", publish_event)  # issue 12.5: ephemeral events

@@ -135,6 +135,13 @@ class Debug:
 
 
 @dataclass(frozen=True)
+class Ephemeral:
+    max_event_bytes: int = 16_384
+    rate_per_s: float = 50.0
+    burst: int = 100
+
+
+@dataclass(frozen=True)
 class Settings:
     api: Api = field(default_factory=Api)
     metrics: Metrics = field(default_factory=Metrics)
@@ -150,6 +157,7 @@ class Settings:
     shutdown: Shutdown = field(default_factory=Shutdown)
     log: Log = field(default_factory=Log)
     debug: Debug = field(default_factory=Debug)
+    ephemeral: Ephemeral = field(default_factory=Ephemeral)
 
     def replace(self, section: str, **values: Any) -> Settings:
         """A copy with some keys of one section changed, validated like loaded values."""
@@ -287,6 +295,7 @@ def _validate(s: Settings) -> None:
         if getattr(getattr(s, section), name) > 65535:
             raise ConfigError(f"{key}: must be a TCP port (1-65535)")
     _validate_redis(s.redis)
+    _validate_ephemeral(s.ephemeral)
 
 
 def _validate_redis(r: Redis) -> None:
@@ -298,3 +307,14 @@ def _validate_redis(r: Redis) -> None:
                           "redis.socket_timeout_s")
     if r.max_memory_ratio > 1:
         raise ConfigError("redis.max_memory_ratio: must be at most 1 (used_memory / maxmemory)")
+
+
+MAX_EVENT_BYTES = 1_048_576  # an ephemeral event is a push, not a transfer
+
+
+def _validate_ephemeral(e: Ephemeral) -> None:
+    for name in ("max_event_bytes", "rate_per_s", "burst"):
+        if getattr(e, name) <= 0:
+            raise ConfigError(f"ephemeral.{name}: must be greater than 0")
+    if e.max_event_bytes > MAX_EVENT_BYTES:
+        raise ConfigError(f"ephemeral.max_event_bytes: must be at most {MAX_EVENT_BYTES}")

@@ -39,6 +39,7 @@ class Connection:
         self.close_code: int | None = None
         self._transport = transport
         self._half = max(1, queue_size // 2)
+        self._ephemeral_room = max(1, queue_size - queue_size // 4)
         self._room = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.spawn(self._write(), "ws-writer")
@@ -62,6 +63,17 @@ class Connection:
             return False
         self.peak = max(self.peak, self.queue.qsize())
         return True
+
+    def offer(self, out: Out) -> bool:
+        """For ephemeral frames: queued while the queue is under three quarters full, else
+        dropped (counted). A resume would not bring them back, so they never close a socket
+        (4008); and the last quarter stays free for stored events."""
+        if self.closed:
+            return False
+        if self.queue.qsize() >= self._ephemeral_room:
+            metrics.WS_EPHEMERAL_DROPPED.inc()
+            return False
+        return self.send(out)
 
     async def send_paced(self, out: Out) -> bool:
         """For backfills: wait while the queue is half full, so live events keep the rest."""

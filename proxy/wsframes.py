@@ -3,6 +3,7 @@ server frames built. No I/O here (see hub.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -12,16 +13,20 @@ import orjson
 from aiohttp import WSMsgType
 
 from proxy import model
-from proxy.errors import Invalid, Malformed, UnknownOp
+from proxy.errors import Invalid, Malformed, ProxyError, RateLimited, UnknownOp
 
 logger = logging.getLogger(__name__)
 
 CREATED = "message.created"
+EPHEMERAL = "ephemeral"
 # What the write scripts publish starts like this; anything else is parsed as JSON.
 _EVENT_HEAD = re.compile(
     rb'\{"type":"([a-z.]+)","thread_id":"([A-Za-z0-9._:-]+)","(?:last_)?seq":(\d+),"ts":(\d+)[,}]')
+# What ephemeral_publish.lua publishes (the frame hot/ephemeral.py builds) starts like this.
+_EPHEMERAL_HEAD = re.compile(rb'\{"type":"ephemeral","thread_id":"([A-Za-z0-9._:-]+)","ts":(\d+),')
+_LONG_NUMBER = re.compile(r"\d{19}")  # 19+ digits: an integer that may not fit in 64 bits
 _OPS = {"subscribe": {"op", "thread_id", "after_seq"}, "unsubscribe": {"op", "thread_id"},
-        "ping": {"op"}}
+        "ping": {"op"}, "publish": {"op", "thread_id", "event"}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +43,19 @@ class Event:
     def created(self) -> bool:
         return self.type == CREATED
 
+    @property
+    def ephemeral(self) -> bool:
+        """Live only: never held for a backfill, never replayed, not in the seq stream."""
+        return self.type == EPHEMERAL
+
 
 def parse_event(data: bytes) -> Event | None:
     m = _EVENT_HEAD.match(data)
     if m:
         return Event(m[1].decode(), m[2].decode(), int(m[3]), int(m[4]), data)
+    m = _EPHEMERAL_HEAD.match(data)
+    if m:
+        return Event(EPHEMERAL, m[1].decode(), 0, int(m[2]), data)
     try:
         doc = orjson.loads(data)
         seq = doc.get("seq", doc.get("last_seq", 0))
@@ -63,6 +76,17 @@ def reply(kind: str, **fields: Any) -> bytes:
     return orjson.dumps({"type": kind, **fields})
 
 
+def error_frame(e: ProxyError, op: str, tid: str) -> bytes:
+    """An error frame. One answering a publish says so (`op`), so that its `thread_id` is not
+    taken for the end of that thread's subscription; a rate refusal says when to retry."""
+    extra: dict[str, Any] = {"thread_id": tid} if tid else {}
+    if op == "publish":
+        extra["op"] = op
+    if isinstance(e, RateLimited):
+        extra["retry_after_ms"] = max(1, round(e.retry_after_s * 1000))
+    return reply("error", code=e.code, message=e.message, **extra)
+
+
 class Out(NamedTuple):
     frame: bytes
     event: bool = False  # counted in the events-sent metric
@@ -74,6 +98,7 @@ class Op:
     op: str
     thread_id: str
     after_seq: int | None
+    event: Any = None  # publish: the event, validated by the hot tier (as over HTTP)
 
 
 def parse_op(msg: Any) -> Op:
@@ -84,17 +109,21 @@ def parse_op(msg: Any) -> Op:
         doc = orjson.loads(msg.data)
     except orjson.JSONDecodeError as e:
         raise Malformed(f"the frame is not valid JSON: {e}") from e
+    if _LONG_NUMBER.search(msg.data):  # as routes.read_json: an integer beyond 64 bits is
+        doc = json.loads(msg.data)  # kept exact (orjson rounds it), so validation refuses it
     if not isinstance(doc, dict):
         raise Malformed("a frame must be a JSON object")
     op = doc.get("op")
     allowed = _OPS.get(op) if isinstance(op, str) else None
     if allowed is None:
-        raise UnknownOp(f"unknown op {op!r}: use subscribe, unsubscribe or ping")
+        raise UnknownOp(f"unknown op {op!r}: use subscribe, unsubscribe, publish or ping")
     for name in doc:
         if name not in allowed:
             raise Invalid(f"unknown field {name!r} for op {op}", {"field": name})
     tid = "" if op == "ping" else _thread_id(doc.get("thread_id"))
-    return Op(str(op), tid, _after_seq(doc.get("after_seq")))
+    if op == "publish" and "event" not in doc:
+        raise Invalid("publish needs an event {\"type\", \"data\"}", {"field": "event"})
+    return Op(str(op), tid, _after_seq(doc.get("after_seq")), doc.get("event"))
 
 
 def _thread_id(value: Any) -> str:

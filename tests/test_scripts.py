@@ -44,6 +44,14 @@ def state_args(key: str, op: str = "put", if_match: str = "", base: str = "") ->
     return [f'{{"key":"{key}","value":1}}', if_match, base, op, 5, "", 5, key, TOKEN]
 
 
+def ephemeral_keys(tid: str) -> list[str]:
+    return [keys.thread(S, tid), keys.ephemeral_rate(S, tid)]
+
+
+def ephemeral_args() -> list[Any]:
+    return [keys.events(S), '{"type":"ephemeral"}', 20.0, 100]
+
+
 async def run(r: aioredis.Redis, name: str, keys_: list[str], args: list[Any]) -> Any:
     return await r.eval(SCRIPTS[name], len(keys_), *keys_, *args)
 
@@ -70,6 +78,8 @@ async def prepared(redis: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
                       append_args("t", "m1", "fp1")))[0] == b"CREATED"
     assert (await run(redis, "state_put", state_keys("k"), state_args("k", base="0,1,")))[0] \
         == b"CREATED"
+    # Thread t's ephemeral events are due ~100 years from now: over its rate (issue 12.5).
+    await redis.set(keys.ephemeral_rate(S, "t"), str(5_000_000_000_000))
     yield redis
 
 
@@ -138,6 +148,13 @@ REFUSALS: list[tuple[str, str, Any]] = [
      ([*thread_keys("t")[:3], *thread_keys("t")[5:]], ["raise", 1, 1, "m1", 1]), 0),
     ("raise_counters: an unflushed entity is left for its flush", "raise_counters",
      ([*thread_keys("t")[:3], *thread_keys("t")[5:]], ["drop", 9, 9, "m1", 1]), 2),
+    # issue 12.5: ephemeral events (the answer over the rate: the wait, in ms, is > 0)
+    ("ephemeral_publish: no thread", "ephemeral_publish",
+     (ephemeral_keys("nope"), ephemeral_args()), [b"MISS"]),
+    ("ephemeral_publish: deleted thread", "ephemeral_publish",
+     (ephemeral_keys("gone"), ephemeral_args()), [b"GONE"]),
+    ("ephemeral_publish: over the rate", "ephemeral_publish",
+     (ephemeral_keys("t"), ephemeral_args()), lambda got: got[0] == b"RATE" and got[1] > 0),
 ]
 
 
@@ -147,7 +164,9 @@ async def test_a_refusal_changes_nothing(prepared: aioredis.Redis, case: str, na
                                          call: tuple[list[str], list[Any]], answer: Any) -> None:
     async with unchanged(prepared, settle=False):
         got = await run(prepared, name, *call)
-    if answer is not None:
+    if callable(answer):  # an answer that depends on the time
+        assert answer(got), (case, got)
+    elif answer is not None:
         assert got == answer, case
     else:  # a repeat answers the original
         assert got[0] == b"DUP" and b'"message_id":"m1"' in got[1], case
@@ -156,7 +175,7 @@ async def test_a_refusal_changes_nothing(prepared: aioredis.Redis, case: str, na
 def test_every_script_with_a_refusal_has_a_case() -> None:
     refusing = {"thread_put", "message_append", "message_update", "state_put", "fill_thread",
                 "fill_state", "fill_meta", "fill_messages", "trim", "dead_letter", "replay",
-                "remove_consumers", "raise_counters"}
+                "remove_consumers", "raise_counters", "ephemeral_publish"}
     assert {name for _, name, _, _ in REFUSALS} == refusing
     # The others never refuse: they read, or always write (groups, fences, the release).
     assert set(SCRIPTS) - refusing == {"read_page", "get_message", "count_from", "create_groups",

@@ -328,7 +328,8 @@ BAD_FRAMES: list[tuple[Any, str]] = [
     (b"not json", "malformed"),
     ([1, 2], "malformed"),
     ({"thread_id": "t1"}, "unknown_op"),
-    ({"op": "publish", "thread_id": "t1"}, "unknown_op"),
+    ({"op": "shout", "thread_id": "t1"}, "unknown_op"),
+    ({"op": "publish", "thread_id": "t1"}, "invalid_field"),  # no event (issue 12.5)
     ({"op": "subscribe"}, "invalid_field"),
     ({"op": "subscribe", "thread_id": "bad id!"}, "invalid_field"),
     ({"op": "subscribe", "thread_id": "t1", "after_seq": -1}, "invalid_field"),

@@ -119,6 +119,7 @@ _BY_CODE: dict[str, type[APIError]] = {
     "too_large": TooLarge, "unsupported_media_type": UnsupportedMediaType,
     "invalid_field": Invalid, "too_many_subscriptions": TooManySubscriptions,
     "unavailable": Unavailable, "backpressure": Backpressure, "internal": ServerError,
+    "rate_limited": Backpressure,
 }
 _BY_STATUS: dict[int, type[APIError]] = {
     400: Malformed, 401: Unauthorized, 404: NotFound, 409: Conflict, 412: PreconditionFailed,

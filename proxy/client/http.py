@@ -189,6 +189,20 @@ class Client:
         raise PreconditionFailed(f"state {key}: still changing after {attempts} attempts",
                                  code="precondition_failed", status=412, attempts=attempts)
 
+    # ---- ephemeral events
+
+    async def publish_event(self, thread_id: str, event_type: str,
+                            data: Any = None) -> dict[str, Any]:
+        """Push an ephemeral event (a typing indicator, a streamed reply's next tokens) to the
+        thread's subscribers, as `Event(type="ephemeral", ephemeral={"type", "data"})`: never
+        stored. Repeated only when surely not processed (a refused connection, a 429 after
+        its Retry-After), never after a lost answer (it could arrive twice). Returns
+        `{"thread_id", "type", "ts"}`."""
+        answer = await self._t.call("POST", self._t.url("v1", "threads", thread_id, "events"),
+                                    body={"type": event_type, "data": data}, idempotent=False)
+        doc: dict[str, Any] = answer.json()
+        return doc
+
     # ---- operations
 
     async def status(self) -> dict[str, Any]:

@@ -152,6 +152,7 @@ class SyncClient:
     get_state = _blocking(Client.get_state)
     delete_state = _blocking(Client.delete_state)
     update_state = _blocking(Client.update_state)
+    publish_event = _blocking(Client.publish_event)
     status = _blocking(Client.status)
     replay_dead_letters = _blocking(Client.replay_dead_letters)
     ready = _blocking(Client.ready)

@@ -46,7 +46,9 @@ _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 class Event:
     """One pushed event. `seq`: the message's seq (message events) or the thread's last
     seq (thread events); `ts_ms`: when a live write was acknowledged (None on backfilled
-    messages); `message`/`thread`: the doc carried, if any."""
+    messages; an ephemeral event: when accepted); `message`/`thread`: the doc carried, if
+    any; `ephemeral`: the `{"type", "data"}` of an "ephemeral" event (live only, never
+    replayed on resume, so never in `positions`)."""
 
     type: str
     thread_id: str
@@ -54,6 +56,7 @@ class Event:
     ts_ms: int | None
     message: dict[str, Any] | None
     thread: dict[str, Any] | None
+    ephemeral: dict[str, Any] | None = None
 
     @property
     def backfilled(self) -> bool:
@@ -63,7 +66,8 @@ class Event:
 
 def _event(frame: dict[str, Any]) -> Event:
     return Event(frame["type"], frame["thread_id"], frame.get("seq", frame.get("last_seq")),
-                 frame.get("ts"), frame.get("message"), frame.get("thread"))
+                 frame.get("ts"), frame.get("message"), frame.get("thread"),
+                 frame.get("event"))
 
 
 class Subscription:

@@ -5,6 +5,7 @@ schemas against model.py; tests/test_schemathesis.py runs schemathesis against i
 
 from __future__ import annotations
 
+from proxy.openapi.ephemeral import ephemeral_paths, ephemeral_schemas
 from proxy.openapi.paths import probe_paths, v1_paths
 from proxy.openapi.schemas import (
     Schema,
@@ -28,10 +29,10 @@ def document(settings: Settings | None = None) -> Schema:
     """The document of the API as `settings` (default: the defaults) configure it."""
     s = settings or Settings()
     auth = bool(s.api.token)
-    paths = {**v1_paths(), **probe_paths(s.metrics)}
+    paths = {**v1_paths(), **ephemeral_paths(s.ephemeral), **probe_paths(s.metrics)}
     components: Schema = {
         "schemas": {**input_schemas(s.api), **entity_schemas(), **ops_schemas(),
-                    **ws_schemas()},
+                    **ws_schemas(), **ephemeral_schemas(s.ephemeral)},
         "parameters": parameters(),
         "headers": headers(),
         "responses": error_responses(s.api),

@@ -21,13 +21,18 @@ Client to server (`WsClientMessage`):
 - `{"op": "subscribe", "thread_id": ..., "after_seq": N}`: the thread's events from now on;
   with `after_seq`, first every message with seq > N (resume with no gap).
 - `{"op": "unsubscribe", "thread_id": ...}`, `{"op": "ping"}`
+- `{"op": "publish", "thread_id": ..., "event": {"type", "data"}}`: an ephemeral event, as
+  POST /v1/threads/{tid}/events (no reply; an error frame with `"op": "publish"` if refused).
 
 Server to client (`WsServerMessage`):
 - `{"type": "message.created"|"message.updated"|"message.deleted", "thread_id", "seq", "message"}`
 - `{"type": "thread.created"|"thread.updated"|"thread.deleted", "thread_id", "last_seq", "thread"}`
 - `{"type": "subscribed", "thread_id", "last_seq"}`, `{"type": "pong"}`
+- `{"type": "ephemeral", "thread_id", "ts", "event": {"type", "data"}}`: live only, never
+  replayed on resume, not in the seq stream
 - `{"type": "error", "code", "message"}` (the socket stays open). Codes: malformed,
-  unknown_op, invalid_field, not_found, too_many_subscriptions, unavailable.
+  unknown_op, invalid_field, not_found, too_many_subscriptions, unavailable, and for a
+  publish too_large, rate_limited (with `retry_after_ms`).
 
 Close codes: 1001 when the sidecar shuts down; 4008 when the client reads too slowly.
 """

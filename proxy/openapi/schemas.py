@@ -101,6 +101,8 @@ ERRORS = {
     "413": ("TooLarge", "`too_large`: the body is over api.max_body_bytes ({max_body_bytes})."),
     "415": ("UnsupportedMediaType", "`unsupported_media_type`: send application/json."),
     "422": ("Invalid", "`invalid_field`: a bad, missing or unknown field: `detail.field`."),
+    "429": ("RateLimited", "`rate_limited`: over a rate (a thread's ephemeral events); "
+                           "nothing was done. Retry after Retry-After seconds."),
     "500": ("Internal", "`internal`: a bug (logged)."),
     "503": ("Unavailable", "`unavailable` (a store is down, or no answer within "
                            "api.request_timeout_s) or `backpressure` (write-behind backlog "
@@ -108,7 +110,7 @@ ERRORS = {
 }
 
 
-ERROR_HEADERS = {"401": ["WWW-Authenticate"], "503": ["Retry-After"]}
+ERROR_HEADERS = {"401": ["WWW-Authenticate"], "429": ["Retry-After"], "503": ["Retry-After"]}
 
 
 def error_responses(api: Api) -> Schema:
@@ -279,7 +281,9 @@ def ws_schemas() -> Schema:
             obj({"op": const("subscribe"), "thread_id": tid, "after_seq": integer(0)},
                 "op thread_id", closed=True),
             obj({"op": const("unsubscribe"), "thread_id": tid}, closed=True),
-            obj({"op": const("ping")}, closed=True)]},
+            obj({"op": const("ping")}, closed=True),
+            obj({"op": const("publish"), "thread_id": tid, "event": ref("EphemeralEvent")},
+                closed=True)]},
         "WsServerMessage": {"oneOf": [
             obj({"type": events, "thread_id": STR, "seq": integer(1), "ts": ts,
                  "message": ref("Message")}, "type thread_id seq message"),
@@ -287,7 +291,10 @@ def ws_schemas() -> Schema:
                  "thread": {"type": "object", "description": "The thread (without last_seq)."}},
                 "type thread_id last_seq thread"),
             obj({"type": const("subscribed"), "thread_id": STR, "last_seq": integer(0)}),
-            obj({"type": const("error"), "code": STR, "message": STR, "thread_id": STR},
+            obj({"type": const("ephemeral"), "thread_id": STR, "ts": integer(0),
+                 "event": obj({"type": STR, "data": {}})}),
+            obj({"type": const("error"), "code": STR, "message": STR, "thread_id": STR,
+                 "op": const("publish"), "retry_after_ms": integer(1)},
                 "type code message"),
             obj({"type": const("pong")})]},
     }

@@ -205,6 +205,7 @@ worker: {socket: str}
 shutdown: {deadline_s: float}
 log: {level: str, format: str}
 debug: {failpoint: str}
+ephemeral: {max_event_bytes: int, rate_per_s: float, burst: int}
 {{- end }}
 
 {{/* Keys that have their own value (flags or Secret) and so are refused in .Values.config. */}}
