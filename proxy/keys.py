@@ -34,6 +34,12 @@ Dead letter (XADD to `dead_letters(s)`): the entry's fields plus
 Load fence `fence(s, kind, id)` (kind t: a thread and its messages, k: a state key): the token
     a read-through's fill must present; release.lua deletes it on every release of the entity,
     so a load that began before a newer version was flushed can never install what it read.
+Read markers `markers(s, tid)`: hash user_id -> the seq up to which that user has read the
+    thread (only ever raised). A change counts in the thread's `pend` and the hash gets the
+    thread's cache TTL with its other keys (release.lua), so it expires only once flushed;
+    a field absent means "ask PostgreSQL" (fill_marker.lua, under the thread's load fence).
+    Its log entries: k r (kind), id the user id, tid the thread, v the marker's seq (its
+    version), e read.updated, d the marker (thread_id, user_id, seq, updated_at).
 Wait mark `wait_mark(s)`: written ('1', 60 s TTL) right before WAIT on the replication
     connection, so that WAIT covers every write its server answered before (`replicated`).
 Flushed keys get the cache TTL; a key with `pend` > 0 never has one.
@@ -102,6 +108,11 @@ def id_in(key: str) -> str:
 
 def fence(shard: int, kind: str, entity_id: str) -> str:
     return f"{_tag(shard)}:lf:{kind}:{entity_id}"
+
+
+def markers(shard: int, tid: str) -> str:
+    """A thread's read markers (issue 12.2), one field per user."""
+    return f"{_tag(shard)}:rm:{tid}"
 
 
 def wait_mark(shard: int) -> str:

@@ -287,3 +287,18 @@ def state_body(key: str, value: Any, expires_at_ms: int | None, deleted: bool, m
     expires = iso(expires_at_ms) if expires_at_ms is not None else None
     return orjson.dumps({"key": key, "value": None if deleted else value,
                          "expires_at": expires, "updated_at": iso(ms), "deleted": deleted})
+
+
+def parse_marker(body: Any) -> int:
+    """The seq of a read-marker move: {"seq": n}, a whole number from 0 to MAX_CURSOR."""
+    body = _object(body)
+    _only(body, {"seq"}, {"seq"})
+    seq = body["seq"]
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_CURSOR:
+        raise Invalid(f"seq must be a whole number from 0 to {MAX_CURSOR}", {"field": "seq"})
+    return seq
+
+
+def marker_doc(tid: str, uid: str, seq: int, ms: int) -> bytes:
+    """A read marker as the log carries it (kind 'r'; its version is its seq)."""
+    return orjson.dumps({"thread_id": tid, "user_id": uid, "seq": seq, "updated_at": iso(ms)})

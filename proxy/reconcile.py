@@ -78,6 +78,7 @@ class Reconciler:
         args: list[Any] = [version, last_seq]
         for mid, v in pg["messages"].get(entity_id, []):
             args += [mid, v]
+        # The read markers last: dropped with the thread (raise_counters.lua drops all KEYS).
         return [keys.thread(shard, entity_id), keys.messages(shard, entity_id),
                 keys.window(shard, entity_id), keys.recent(shard, entity_id),
-                keys.overlay(shard, entity_id)], args
+                keys.overlay(shard, entity_id), keys.markers(shard, entity_id)], args

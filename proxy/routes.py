@@ -277,6 +277,29 @@ async def delete_state(request: web.Request) -> web.Response:
     return _write_response(request, result)
 
 
+# ---- read markers (issue 12.2)
+
+
+def _uid(request: web.Request) -> str:
+    return model.check_id(request.match_info["uid"], "user_id")
+
+
+async def put_read_marker(request: web.Request) -> web.Response:
+    """Move the marker forward (a lower seq changes nothing): 200 with the marker now."""
+    tid, uid = _tid(request), _uid(request)
+    seq = model.parse_marker(await read_json(request))
+    result = await request.app[TIERS].put_marker(tid, uid, seq, _durability(request))
+    status = 202 if LEVELS.index(result.durability) < LEVELS.index(_durability(request)) else 200
+    resp = json_response(result.doc, status, result.tier)
+    resp.headers["X-Durability"] = result.durability
+    return resp
+
+
+async def get_read_marker(request: web.Request) -> web.Response:
+    marker = await request.app[TIERS].get_marker(_tid(request), _uid(request))
+    return json_response(marker.body(), tier=marker.tier)
+
+
 # ---- operations
 
 
@@ -329,3 +352,5 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/admin/dead-letters/replay", replay_dead_letters)
     r.add_get("/v1/ws", websocket, allow_head=False)
     r.add_post("/v1/threads/{tid}/events", publish_event)  # issue 12.5: ephemeral events
+    r.add_put("/v1/threads/{tid}/read-markers/{uid}", put_read_marker)  # issue 12.2
+    r.add_get("/v1/threads/{tid}/read-markers/{uid}", get_read_marker, allow_head=False)

@@ -12,9 +12,9 @@ import orjson
 from proxy import model
 from proxy.backends import PG, Backing, ThreadRow
 from proxy.backends.postgres.writethrough import WriteThrough
-from proxy.errors import NotFound
+from proxy.errors import NotFound, Unavailable
 from proxy.failover import Failover
-from proxy.hot import HotTier, Page, Result, page_range
+from proxy.hot import HotTier, Marker, Page, Result, page_range
 from proxy.hot.core import PERSISTED
 from proxy.hot.threads import with_last_seq
 
@@ -91,6 +91,18 @@ class PostgresTier:
             raise NotFound(f"state {key} not found")
         return Result(row.doc, PG.tier)
 
+    async def get_marker(self, tid: str, uid: str) -> Marker:
+        thread = await self._live_thread(tid)
+        seq = await self._backing.load_marker(tid, uid) or 0
+        unread = await self._backing.count_live(tid, seq + 1, thread.last_seq, [])
+        return Marker(tid, uid, seq, unread, PG.tier)
+
+    async def put_marker(self) -> Result:
+        # Not written through: Redis may hold a newer marker not flushed yet, and on recovery
+        # every marker Redis caches would have to be raised to PostgreSQL's first.
+        raise Unavailable("read markers are not written while redis is down (write-through); "
+                          "try again once it is back")
+
 
 class Tiers:
     def __init__(self, hot: HotTier, postgres: PostgresTier, failover: Failover | None) -> None:
@@ -154,3 +166,17 @@ class Tiers:
     async def get_state(self, key: str) -> Result:
         return await self._serve(lambda: self._hot.state.get(key),
                                  lambda: self._pg.get_state(key), write=False)
+
+    async def put_marker(self, tid: str, uid: str, seq: int, durability: str) -> Result:
+        return await self._serve(lambda: self._hot.markers.put(tid, uid, seq, durability),
+                                 self._pg.put_marker)
+
+    async def get_marker(self, tid: str, uid: str) -> Marker:
+        return await self._serve(lambda: self._hot.markers.get(tid, uid),
+                                 lambda: self._pg.get_marker(tid, uid), write=False)
+
+    async def unread(self, tid: str, uid: str) -> int:
+        """The user's unread (live) messages of the thread after their read marker, right
+        on every sidecar after any append or delete; NotFound for an unknown or deleted
+        thread. For the inbox's `user_id` (one call per thread of a page)."""
+        return (await self.get_marker(tid, uid)).unread

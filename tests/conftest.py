@@ -122,7 +122,8 @@ async def pg(servers: Servers) -> AsyncIterator[asyncpg.Connection]:
     """A plain connection for assertions; the schema exists and the tables are empty."""
     conn = await asyncpg.connect(servers.postgres_url)
     await apply_migrations(conn)
-    await conn.execute("TRUNCATE threads, messages, state_entries, write_through_events")
+    await conn.execute("TRUNCATE threads, messages, state_entries, write_through_events,"
+                       " read_markers")
     yield conn
     await conn.close()
 

@@ -21,7 +21,7 @@ from proxy.backends import PoisonError, SinkInfo
 from proxy.model import Change
 
 Identity = tuple[str, str, str]
-_ID_FIELD = {"t": "thread_id", "m": "message_id", "s": "key"}
+_ID_FIELD = {"t": "thread_id", "m": "message_id", "s": "key", "r": "user_id"}
 
 
 class TransientError(ConnectionError):

@@ -32,10 +32,11 @@ def test_key_slot_is_redis_crc16() -> None:
 
 def shard_keys(shard: int, entity: str) -> list[str]:
     """Everything a script of this shard may touch for `entity` (thread scripts: thread,
-    messages, window, cold cache; state scripts: the state key), and the shard's streams
-    and channel."""
+    messages, window, cold cache, read markers; state scripts: the state key), and the
+    shard's streams and channel."""
     return [keys.thread(shard, entity), keys.messages(shard, entity), keys.window(shard, entity),
-            keys.cold(shard, entity), keys.state(shard, entity), keys.log(shard),
+            keys.cold(shard, entity), keys.markers(shard, entity), keys.state(shard, entity),
+            keys.log(shard),
             keys.dead_letters(shard), keys.events(shard)]
 
 
@@ -63,7 +64,7 @@ def test_ids_with_braces_cannot_move_keys(entity: str) -> None:
 
 
 def test_keys_of_different_entities_and_kinds_differ() -> None:
-    names = [k for e in ("a", "b", "a:b") for k in shard_keys(0, e)[:5]]
+    names = [k for e in ("a", "b", "a:b") for k in shard_keys(0, e)[:6]]
     assert len(set(names)) == len(names)
 
 

@@ -108,8 +108,9 @@ def test_every_503_carries_retry_after_and_entity_responses_carry_etag() -> None
             spec = resolve(spec)
             if status == "503" and path.startswith("/v1"):
                 assert "Retry-After" in spec.get("headers", {}), (method, path)
-            if status in ("200", "201") and "{" in path and not path.endswith(("messages",
-                                                                               "stats")):
+            # Pages, stats and read markers (no version, no If-Match) carry no ETag.
+            if status in ("200", "201") and "{" in path and not path.endswith((
+                    "messages", "stats", "read-markers/{uid}")):
                 assert {"ETag", "X-Tier"} <= set(spec.get("headers", {})), (method, path)
 
 
@@ -155,7 +156,8 @@ def _parse(schema: str, body: Any) -> None:
     {"ThreadInput": lambda: model.parse_thread(body, limits),
      "MessageInput": lambda: model.parse_message(body, limits),
      "MessagePatch": lambda: model.parse_patch(body, limits),
-     "StateInput": lambda: model.parse_state(body, api.max_body_bytes)}[schema]()
+     "StateInput": lambda: model.parse_state(body, api.max_body_bytes),
+     "ReadMarkerInput": lambda: model.parse_marker(body)}[schema]()
 
 
 def model_accepts(schema: str, body: Any) -> bool:
@@ -223,6 +225,17 @@ SAMPLES: list[tuple[str, Any]] = [
     ("StateInput", {"ttl": 5}),
     ("StateInput", {"value": 1, "expires_at": None}),
     ("StateInput", [1]),
+    ("ReadMarkerInput", {"seq": 0}),
+    ("ReadMarkerInput", {"seq": 2**53}),
+    ("ReadMarkerInput", {"seq": 2**53 + 1}),
+    ("ReadMarkerInput", {"seq": -1}),
+    ("ReadMarkerInput", {"seq": 1.5}),
+    ("ReadMarkerInput", {"seq": True}),
+    ("ReadMarkerInput", {"seq": "3"}),
+    ("ReadMarkerInput", {"seq": None}),
+    ("ReadMarkerInput", {}),
+    ("ReadMarkerInput", {"seq": 1, "user_id": "u"}),
+    ("ReadMarkerInput", [1]),
 ]
 
 
@@ -234,7 +247,7 @@ def test_body_schema_agrees_with_model(schema: str, body: Any) -> None:
 
 def test_samples_cover_both_verdicts_of_every_body_schema() -> None:
     verdicts = {(schema, model_accepts(schema, body)) for schema, body in SAMPLES}
-    bodies = {"ThreadInput", "MessageInput", "MessagePatch", "StateInput"}
+    bodies = {"ThreadInput", "MessageInput", "MessagePatch", "StateInput", "ReadMarkerInput"}
     assert verdicts == {(s, v) for s in bodies for v in (True, False)}
 
 

@@ -30,6 +30,16 @@ def state_keys(key: str) -> list[str]:
     return [keys.state(S, key), keys.log(S), keys.fence(S, "k", key)]
 
 
+def marker_keys(tid: str) -> list[str]:
+    """read_marker.lua's: the thread's keys without the fence, then its read markers."""
+    return [*thread_keys(tid)[:4], *thread_keys(tid)[5:], keys.markers(S, tid)]
+
+
+def marker_args(tid: str, mode: str = "put", seq: int = 1) -> list[Any]:
+    return [mode, "u1", seq, f'{{"thread_id":"{tid}","user_id":"u1","seq":{seq}}}',
+            keys.events(S), 1, tid]
+
+
 def append_args(tid: str, mid: str, fp: str, checked: str = "*") -> list[Any]:
     body = f'{{"version":1,"message_id":"{mid}","thread_id":"{tid}","content":"x"}}'
     return [tid, mid, body, fp, keys.events(S), 1, checked, 0, 30_000]
@@ -59,7 +69,8 @@ async def run(r: aioredis.Redis, name: str, keys_: list[str], args: list[Any]) -
 @pytest.fixture
 async def prepared(redis: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
     """A live thread t with message m1 (fingerprint fp1), a deleted thread gone, a thread
-    old filled from PostgreSQL (its ids forgotten), a state entry k, and the log's groups."""
+    old filled from PostgreSQL (its ids forgotten), a state entry k, user u1's read marker
+    at 1 on t, and the log's groups."""
     for g in GROUPS:
         await redis.xgroup_create(keys.log(S), g, id="0", mkstream=True)
     for entity in ("t:t", "t:gone", "t:old", "t:nope", "k:k", "k:nope"):
@@ -80,6 +91,8 @@ async def prepared(redis: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
         == b"CREATED"
     # Thread t's ephemeral events are due ~100 years from now: over its rate (issue 12.5).
     await redis.set(keys.ephemeral_rate(S, "t"), str(5_000_000_000_000))
+    assert await run(redis, "fill_marker", [keys.thread(S, "t"), keys.markers(S, "t"),
+                                            keys.fence(S, "t", "t")], ["u1", 1, TOKEN, 1000]) == 1
     yield redis
 
 
@@ -138,6 +151,24 @@ REFUSALS: list[tuple[str, str, Any]] = [
     ("fill_messages: stale load", "fill_messages",
      ([*thread_keys("t")[:3], keys.cold(S, "t"), keys.fence(S, "t", "t"), keys.recent(S, "t")],
       [1000, 200, "stale", "m7", 1, 1, "fp", '{"seq":1}']), -1),
+    ("read_marker: no thread", "read_marker", (marker_keys("nope"), marker_args("nope")),
+     [b"MISS"]),
+    ("read_marker: deleted thread", "read_marker", (marker_keys("gone"), marker_args("gone")),
+     [b"GONE"]),
+    ("read_marker: past the last seq", "read_marker", (marker_keys("t"), marker_args("t", seq=2)),
+     [b"AHEAD", b"1"]),
+    ("read_marker: a marker only PostgreSQL may hold", "read_marker",
+     (marker_keys("old"), marker_args("old")), [b"NOMARK"]),
+    ("read_marker: not forward", "read_marker", (marker_keys("t"), marker_args("t", seq=0)),
+     [b"KEPT", b"1"]),
+    ("read_marker: a read", "read_marker", (marker_keys("t"), marker_args("t", "get")),
+     [b"OK", b"1", b"2", b"0", 0]),
+    ("fill_marker: no thread", "fill_marker",
+     ([keys.thread(S, "nope"), keys.markers(S, "nope"), keys.fence(S, "t", "nope")],
+      ["u1", 3, TOKEN, 1000]), 0),
+    ("fill_marker: stale load", "fill_marker",
+     ([keys.thread(S, "t"), keys.markers(S, "t"), keys.fence(S, "t", "t")],
+      ["u1", 3, "stale", 1000]), -1),
     ("trim: a group missing", "trim", ([keys.log(S)], [*GROUPS, "other"]), -1),
     ("dead_letter: acknowledged by someone else", "dead_letter",
      ([keys.log(S), keys.dead_letters(S)], [GROUPS[0], "1-1", "why"]), 0),
@@ -175,7 +206,8 @@ async def test_a_refusal_changes_nothing(prepared: aioredis.Redis, case: str, na
 def test_every_script_with_a_refusal_has_a_case() -> None:
     refusing = {"thread_put", "message_append", "message_update", "state_put", "fill_thread",
                 "fill_state", "fill_meta", "fill_messages", "trim", "dead_letter", "replay",
-                "remove_consumers", "raise_counters", "ephemeral_publish"}
+                "remove_consumers", "raise_counters", "ephemeral_publish", "read_marker",
+                "fill_marker"}
     assert {name for _, name, _, _ in REFUSALS} == refusing
     # The others never refuse: they read, or always write (groups, fences, the release).
     assert set(SCRIPTS) - refusing == {"read_page", "get_message", "count_from", "create_groups",

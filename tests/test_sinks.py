@@ -35,7 +35,8 @@ from tests.memory_sink import MemorySink
 STAMP = "2026-03-04T05:06:07.890Z"
 FIELDS = {"t": ("title", "owner_id", "metadata", "version", "deleted"),
           "m": ("seq", "role", "content", "metadata", "version", "deleted"),
-          "s": ("value", "version", "deleted")}
+          "s": ("value", "version", "deleted"),
+          "r": ("seq",)}  # a read marker (issue 12.2): its version is its seq
 TRICKY = [
     'emoji 👩‍👩‍👧‍👦 🏳️‍🌈 👋🏽 and "double" \'single\' `back` quotes',
     "back\\slash \\n is not a newline, \\u0000 is not a NUL, \\\\ two, trailing \\",
@@ -73,11 +74,15 @@ class PostgresBackend:
     async def versions(self, kind: str, tid: str, entity: str) -> list[int]:
         sql = {"t": "SELECT version FROM threads WHERE thread_id = $1 AND version > 0",
                "m": "SELECT version FROM messages WHERE thread_id = $2 AND message_id = $1",
-               "s": "SELECT version FROM state_entries WHERE key = $1"}[kind]
-        args = (entity, tid) if kind == "m" else (entity,)
-        return sorted(r["version"] for r in await self._conn.fetch(sql, *args))
+               "s": "SELECT version FROM state_entries WHERE key = $1",
+               "r": "SELECT seq FROM read_markers WHERE user_id = $1 AND thread_id = $2"}[kind]
+        args = (entity, tid) if kind in "mr" else (entity,)
+        return sorted(r[0] for r in await self._conn.fetch(sql, *args))
 
     async def latest(self, kind: str, tid: str, entity: str) -> dict[str, Any] | None:
+        if kind == "r":
+            seq = await self._backing.load_marker(tid, entity)
+            return None if seq is None else {"seq": seq}
         if kind == "t":
             row: Any = await self._backing.load_thread(entity)
         elif kind == "m":
@@ -87,7 +92,7 @@ class PostgresBackend:
         return fields(kind, row.doc) if row else None
 
 
-_EVENT_PREFIX = {"t": "thread.", "m": "message.", "s": "state."}
+_EVENT_PREFIX = {"t": "thread.", "m": "message.", "s": "state.", "r": "read."}
 _CH_STATE = f"""
 SELECT count() AS n, max(version) AS v, argMax(content, version) AS value,
        argMax(deleted, version) AS gone
@@ -109,6 +114,9 @@ class ClickHouseBackend:
         return [int(r["version"]) for r in rows]
 
     async def latest(self, kind: str, tid: str, entity: str) -> dict[str, Any] | None:
+        if kind == "r":
+            seqs = await self.versions(kind, tid, entity)
+            return {"seq": max(seqs)} if seqs else None
         if kind == "s":
             r = (await self._store.query(_CH_STATE, {"key": entity}))[0]
             if not r["n"]:
@@ -197,6 +205,11 @@ def state(key: str, version: int, value: Any, deleted: bool = False) -> Change:
     return _change("s", key, key, version, "state.deleted" if deleted else "state.updated", {
         "version": version, "key": key, "value": None if deleted else value,
         "expires_at": None, "updated_at": STAMP, "deleted": deleted})
+
+
+def marker(tid: str, uid: str, seq: int) -> Change:
+    return _change("r", uid, tid, seq, "read.updated",
+                   {"thread_id": tid, "user_id": uid, "seq": seq, "updated_at": STAMP})
 
 
 def batch(uid: str, version: int = 1) -> list[Change]:
@@ -323,3 +336,17 @@ async def test_an_empty_batch_is_fine(backend: Backend, uid: str) -> None:
     await backend.sink.write(changes)
     await backend.sink.write([])
     assert await versions_of(backend, changes) == [[1]] * 4
+
+
+async def test_a_read_marker_keeps_its_highest_seq(backend: Backend, uid: str) -> None:
+    """A marker's version is its seq: an upsert keeps the highest (a stale redelivery never
+    moves it back), an event sink keeps every move once; markers are per thread and user."""
+    tid = f"t-{uid}"
+    for seq in (2, 5, 3, 5):  # 3: stale, claimed after the newer flush; then 5 replayed
+        await backend.sink.write([marker(tid, "u1", seq)])
+    await backend.sink.write([marker(f"o-{uid}", "u1", 1), marker(tid, "u2", 1)])
+    expected = [5] if backend.sink.info.coalesce else [2, 3, 5]
+    assert await backend.versions("r", tid, "u1") == expected
+    assert await backend.latest("r", tid, "u1") == {"seq": 5}
+    assert await backend.latest("r", tid, "u2") == {"seq": 1}
+    assert await backend.latest("r", tid, "u3") is None

@@ -238,6 +238,7 @@ async def exercise_scripts(client: Any, shard: int) -> None:
         b"OK", b"2", b"fp"]
     assert await evalsha(client, "get_message", [th[1], keys.cold(s, tid), th[0]],
                          [mid]) == edited.encode()
+    await exercise_markers(client, s, tid)
     token = await fenced(client, keys.fence(s, "k", "k"))
     assert (await evalsha(client, "state_put", [state, keys.log(s), keys.fence(s, "k", "k")], [
         '{"key":"k","value":1}', "", "0,1,", "put", 4, "", 4, "k", token]))[0] == b"CREATED"
@@ -245,20 +246,33 @@ async def exercise_scripts(client: Any, shard: int) -> None:
     await exercise_fills(client, s)
 
 
+async def exercise_markers(client: Any, shard: int, tid: str) -> None:
+    """A read marker filled (as from PostgreSQL), moved and read, on the thread's slot."""
+    th, markers = thread_keys(shard, tid), keys.markers(shard, tid)
+    token = await fenced(client, th[4])
+    assert await evalsha(client, "fill_marker", [th[0], markers, th[4]],
+                         ["u1", 0, token, TTL_MS]) == 1
+    marker_keys = [*th[:4], *th[5:], markers]
+    assert await evalsha(client, "read_marker", marker_keys, [
+        "put", "u1", 1, '{"seq":1}', keys.events(shard), 3, tid]) == [b"MOVED", b"1"]
+    assert await evalsha(client, "read_marker", marker_keys, [
+        "get", "u1", 0, "", keys.events(shard), 0, tid]) == [b"OK", b"1", b"2", b"0", 0]
+
+
 async def exercise_release(client: Any, shard: int, tid: str, mid: str) -> None:
-    """Read the four log entries in group pg and release them: every key then has its TTL."""
+    """Read the five log entries in group pg and release them: every key then has its TTL."""
     [[_, entries]] = await client.xreadgroup(GROUP, "c1", {keys.log(shard): ">"}, count=10)
     kinds = [fields[b"k"] for _, fields in entries]
-    assert kinds == [b"t", b"m", b"m", b"s"]
+    assert kinds == [b"t", b"m", b"m", b"r", b"s"]
     args: list[Any] = [GROUP, TTL_MS, 200, 1000, 5]
     for entry_id, fields in entries:
         if fields[b"k"] == b"s":
-            args += [entry_id, 8, "s", ""]
+            args += [entry_id, 9, "s", ""]
         else:
             args += [entry_id, 2, "t", mid if fields[b"k"] == b"m" else ""]
     th = thread_keys(shard, tid)
-    cached = [*th[:3], keys.state(shard, "k")]
-    release_keys = [keys.log(shard), *th[:3], th[5], th[6], th[4], cached[3],
+    cached = [*th[:3], keys.state(shard, "k"), keys.markers(shard, tid)]
+    release_keys = [keys.log(shard), *th[:3], th[5], th[6], th[4], cached[4], cached[3],
                     keys.fence(shard, "k", "k")]
     assert await evalsha(client, "release", release_keys, args) == 0
     assert (await client.xpending(keys.log(shard), GROUP))["pending"] == 0

@@ -70,8 +70,9 @@ _HTTP_OPTIONS: dict[str, Any] = {"connect_timeout": 5, "send_receive_timeout": 3
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
     event_id String,               -- kind:entity_id:version, the deduplication key
-    event LowCardinality(String),  -- message.created|updated|deleted, thread.*, state.*
-    entity_id String,              -- the thread id, message id or state key
+    event LowCardinality(String),  -- message.created|updated|deleted, thread.*, state.*,
+                                   -- read.updated (a read marker moved to seq)
+    entity_id String,              -- the thread id, message id, state key or user id
     thread_id String,              -- '' for state entries
     message_id String,             -- '' unless a message event
     seq UInt64,
@@ -165,6 +166,7 @@ def event_row(e: Change, instance: str, store_content: bool) -> list[Any]:
         raise TypeError(f"the doc is not a JSON object: {e.doc[:80]!r}")
     when = _ts(d.get("updated_at"), e.ts_ms)
     tid, mid, seq, role, title, owner, text, meta = "", "", 0, "", "", "", "", "{}"
+    deleted = e.kind != "r" and bool(d["deleted"])  # a read marker is never deleted
     if e.kind == "m":
         tid, mid, seq, role = d["thread_id"], e.entity_id, int(d["seq"]), d["role"]
         text, meta = d["content"], _json(d["metadata"])
@@ -172,13 +174,15 @@ def event_row(e: Change, instance: str, store_content: bool) -> list[Any]:
         tid, title, owner, meta = e.entity_id, d["title"], d["owner_id"], _json(d["metadata"])
     elif e.kind == "s":
         text = "" if d["deleted"] else _json(d["value"])
+    elif e.kind == "r":  # read marker: entity_id is the user, version the marker's seq
+        tid, seq = d["thread_id"], int(d["seq"])
     else:
         raise ValueError(f"unknown entity kind {e.kind!r}")
     if not isinstance(text, str):
         raise TypeError("content must be a string")
     length = len(text.encode())
     return [event_id(e), e.event, e.entity_id, tid, mid, seq, role, title, owner, length,
-            text if store_content else "", meta, bool(d["deleted"]), e.version,
+            text if store_content else "", meta, deleted, e.version,
             when if d.get("created_at") == d.get("updated_at") else _ts(d.get("created_at"), when),
             when, instance]
 
@@ -384,3 +388,11 @@ class ClickHouseBacking:
 
     async def persist(self, kind: str, doc: bytes, fingerprint: str = "") -> None:
         raise Unavailable("postgres is unavailable; clickhouse is read-only")
+
+    async def load_marker(self, tid: str, uid: str) -> int | None:
+        raise Unavailable("postgres is unavailable; read markers are not served from "
+                          "clickhouse")
+
+    async def count_live(self, tid: str, lo: int, hi: int, exclude: list[str]) -> int:
+        raise Unavailable("postgres is unavailable; unread counts are not served from "
+                          "clickhouse")

@@ -6,6 +6,7 @@ thread's window) is read through the backing (PostgreSQL) and cached again.
     hot.messages  append, get, edit, delete   hot.state     get, put, delete
     hot.release   the flush acknowledgement (cache policy: unflushed counts, TTLs, windows)
     hot.ephemeral publish (pushed to subscribers, never stored)
+    hot.markers   get, put, unread (read markers, issue 12.2)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from proxy.backends import Backing
 from proxy.failpoints import Failpoints
 from proxy.hot.core import Core, Result
 from proxy.hot.ephemeral import Ephemerals
+from proxy.hot.markers import Marker, Markers
 from proxy.hot.messages import Messages
 from proxy.hot.pages import Page, Pages, page_range
 from proxy.hot.release import Release
@@ -23,7 +25,7 @@ from proxy.redisconn import RedisClient
 from proxy.settings import Settings
 from proxy.writelog import Backlog
 
-__all__ = ["HotTier", "Page", "Result", "page_range"]
+__all__ = ["HotTier", "Marker", "Page", "Result", "page_range"]
 
 
 class HotTier:
@@ -37,4 +39,5 @@ class HotTier:
         self.state = States(core)
         self.release = Release(core)
         self.ephemeral = Ephemerals(core, self.threads)
+        self.markers = Markers(core, self.threads)
         self.aclose = core.aclose

@@ -27,6 +27,7 @@ Client to server (`WsClientMessage`):
 Server to client (`WsServerMessage`):
 - `{"type": "message.created"|"message.updated"|"message.deleted", "thread_id", "seq", "message"}`
 - `{"type": "thread.created"|"thread.updated"|"thread.deleted", "thread_id", "last_seq", "thread"}`
+- `{"type": "read.updated", "thread_id", "seq", "user_id"}`: a user's read marker moved to seq
 - `{"type": "subscribed", "thread_id", "last_seq"}`, `{"type": "pong"}`
 - `{"type": "ephemeral", "thread_id", "ts", "event": {"type", "data"}}`: live only, never
   replayed on resume, not in the seq stream
@@ -37,6 +38,19 @@ Server to client (`WsServerMessage`):
 Close codes: 1001 when the sidecar shuts down; 4008 when the client reads too slowly.
 """
 
+
+MARKERS = """\
+A user's read position in a thread. PUT moves it forward only: a seq at or below the current
+one changes nothing and answers the current marker (200 either way); a seq past the thread's
+last_seq is 422. A move is pushed to the thread's subscribers as `read.updated`. While Redis is
+down (redis.write_through), PUT answers 503: markers are not written through.
+"""
+
+UNREAD = """\
+`unread` counts the thread's live (not deleted) messages after `seq`, right on every sidecar
+after any append or delete. A user without a marker is at seq 0. X-Tier `postgres`: part of
+the count came from below the Redis window (or Redis is down).
+"""
 
 STATS = """\
 From ClickHouse (so as fresh as X-Staleness-S says), over the latest version of each message:
@@ -164,6 +178,19 @@ def v1_paths() -> Schema:
             "delete": operation("deleteState", "Delete a state entry",
                                 written("The tombstone.", state, read_back("getState", KEY)),
                                 "400 404 412 422 500 503", params=write),
+        },
+        "/v1/threads/{tid}/read-markers/{uid}": {
+            "parameters": at("tid", "uid"),
+            "put": operation("putReadMarker", "Move a user's read marker forward",
+                             {"200": response("The marker now.", ref("ReadMarkerPosition"),
+                                              ["X-Tier", "X-Durability"]),
+                              "202": response(ACCEPTED, ref("ReadMarkerPosition"),
+                                              ["X-Tier", "X-Durability"])},
+                             "400 404 413 415 422 500 503", params=["X-Durability"],
+                             body="ReadMarkerInput", description=MARKERS),
+            "get": operation("getReadMarker", "A user's read marker and unread count",
+                             {"200": response("The marker.", ref("ReadMarker"), ["X-Tier"])},
+                             "404 422 500 503", description=UNREAD),
         },
         "/v1/status": {"get": operation(
             "getStatus", "Tiers, circuit states, backlog and lag per sink, dead letters",

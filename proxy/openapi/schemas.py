@@ -131,6 +131,7 @@ def parameters() -> Schema:
         "tid": param("tid", "path", ident, f"Thread id {invalid}"),
         "mid": param("mid", "path", ident, f"Message id {invalid}"),
         "key": param("key", "path", ident, f"State key {invalid}"),
+        "uid": param("uid", "path", ident, f"User id {invalid}"),
         "page": page_parameter(),
         "If-Match": param("If-Match", "header", STR,
                           "The version the write expects the entity to be at (`\"3\"`, `3` "
@@ -213,6 +214,9 @@ def input_schemas(api: Api) -> Schema:
                            "ttl": {"type": ["number", "null"], "exclusiveMinimum": 0,
                                    "maximum": TTL_MAX_S, "description": "Seconds to live."}},
                           "value", closed=True),
+        "ReadMarkerInput": obj({"seq": {**integer(0, MAX_CURSOR), "description": "Read up "
+                                        "to this seq (at most the thread's last_seq)."}},
+                               closed=True),
     }
 
 
@@ -235,6 +239,9 @@ def entity_schemas() -> Schema:
         "StateEntry": obj({"key": STR, "value": {"description": "null once deleted"},
                            "version": integer(1), "expires_at": stamp(nullable=True),
                            "updated_at": stamp(), "deleted": BOOL}),
+        "ReadMarkerPosition": obj({"thread_id": STR, "user_id": STR, "seq": integer(0)}),
+        "ReadMarker": obj({"thread_id": STR, "user_id": STR, "seq": integer(0),
+                           "unread": integer(0)}),
         "Error": obj({"error": obj({"code": STR, "message": STR,
                                     "detail": {"description": "e.g. {\"field\": ...}, or null"}})}),
     }
@@ -290,6 +297,8 @@ def ws_schemas() -> Schema:
             obj({"type": thread_events, "thread_id": STR, "last_seq": integer(0), "ts": ts,
                  "thread": {"type": "object", "description": "The thread (without last_seq)."}},
                 "type thread_id last_seq thread"),
+            obj({"type": const("read.updated"), "thread_id": STR, "seq": integer(0), "ts": ts,
+                 "user_id": STR}),
             obj({"type": const("subscribed"), "thread_id": STR, "last_seq": integer(0)}),
             obj({"type": const("ephemeral"), "thread_id": STR, "ts": integer(0),
                  "event": obj({"type": STR, "data": {}})}),

@@ -5,8 +5,8 @@
 -- lowered, so the next write cannot hand out a seq or version that is already taken.
 -- After write-through (mode 'drop'), PostgreSQL's copy is the newer one: an entity behind it
 -- is dropped once clean, and one with unflushed changes is left alone for now (2: pending).
--- KEYS: an entity's keys: a thread's hash, messages, window, recent ids, overlay; or a state
---       entry's hash
+-- KEYS: an entity's keys: a thread's hash, messages, window, recent ids, overlay, read
+--       markers; or a state entry's hash
 -- ARGV: mode ('raise' | 'drop'), PostgreSQL's version, last seq ('' for state), then
 --       (mid, version) per message
 -- Returns 0 up to date, 1 dropped, 2 raised (or, for 'drop', pending).

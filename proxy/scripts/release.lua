@@ -2,8 +2,9 @@
 -- change left, give its keys their cache TTL; trim flushed messages out of thread windows.
 -- Only entries this call really acknowledged count (a redelivered or zombie batch acks
 -- nothing twice), so `pend` stays exact; it never goes below 0 (an alarm instead).
--- KEYS: log, then per entity: thread, messages, window, recent ids, overlay, load fence
---       (kind 't') or state, load fence (kind 's')
+-- KEYS: log, then per entity: thread, messages, window, recent ids, overlay, load fence,
+--       read markers (kind 't': a thread, its messages and its markers) or state, load
+--       fence (kind 's')
 -- ARGV: group, ttl_ms, window size, recent ids kept, now_ms, then per entry: entry id,
 --       key index, kind, mid or ''
 -- Every released entity's load fence is deleted: a read-through that began before this flush
@@ -97,6 +98,7 @@ for idx, kind in pairs(touched) do
   if pend and tonumber(pend) == 0 then
     if kind == 't' then
       for j = idx, idx + 4 do redis.call('PEXPIRE', KEYS[j], ttl) end
+      redis.call('PEXPIRE', KEYS[idx + 6], ttl)  -- the read markers (issue 12.2)
     else
       local x, life = redis.call('HGET', k, 'x'), ttl
       if x and x ~= '' then life = math.max(1, math.min(ttl, tonumber(x) - now)) end

@@ -9,7 +9,8 @@ Checked here: one write per version and one seq per message, one message per seq
 read against the writes acknowledged before it and the answers seen before it (5, 8), pages
 holding exactly the seqs they cover (2; 5 if a missing one was acknowledged), no answer from
 a thread whose delete was acknowledged (5), no 404 for what is live (5: also a DELETE of a
-live state entry), a same-id same-body append answered 200 (api), If-Match honoured (api).
+live state entry), a same-id same-body append answered 200 (api), If-Match honoured (api),
+read markers never move backwards (8) and a move answers at least the seq it asked (api).
 
 Allowances, i.e. what the contract lets an answer be:
 
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from tests.faults.violations import Violations
 from tests.faults.workload import (
+    MARKER_OPS,
     MESSAGE_WRITES,
     STATE_WRITES,
     THREAD_WRITES,
@@ -192,6 +194,7 @@ def check_history(ops: list[Op], events: list[FaultEvent], out: Violations) -> I
     index = Index.of(ops, events)
     check_claims(index, out)
     check_seqs(ops, out)
+    check_markers(ops, out)
     for op in ops:
         if op.kind in WRITES:
             check_write_answer(index, op, out)
@@ -226,6 +229,25 @@ def check_seqs(ops: list[Op], out: Violations) -> None:
     for (tid, seq), mids in owners.items():
         if len(mids) > 1:
             out.add("2", f"thread {tid} seq {seq} was given to {sorted(mids)}: seq reused")
+
+
+def check_markers(ops: list[Op], out: Violations) -> None:
+    """8: a read marker never goes back: an answer (PUT or GET) never shows a lower seq than
+    one answered before it was sent; api: a PUT answers at least the seq it asked for."""
+    seen: defaultdict[tuple[str, str], Timeline] = _timelines()
+    answered = [op for op in ops if op.ok and op.kind in MARKER_OPS]
+    for op in answered:
+        seen[(op.thread_id, op.entity)].add(op.ended, int(op.doc["seq"]))
+    for timeline in seen.values():
+        timeline.seal()
+    for op in answered:
+        seq, before = int(op.doc["seq"]), seen[(op.thread_id, op.entity)].before(op.started)
+        if seq < before:
+            out.add("8", f"read marker of {op.entity} on thread {op.thread_id} went back from "
+                    f"{before} to {seq}: {op.brief()}")
+        if op.kind == "put_marker" and seq < int((op.body or {})["seq"]):
+            out.add("api", f"a read-marker move answered a lower seq than it asked for: "
+                    f"{op.brief()}")
 
 
 def check_write_answer(index: Index, op: Op, out: Violations) -> None:

@@ -111,6 +111,19 @@ def test_a_page_with_a_gap_is_flagged() -> None:
     assert labels([page]) == ["2"]
 
 
+def test_a_read_marker_that_goes_back_is_flagged() -> None:
+    """Not once a later answer began after the higher one ended; a concurrent one may lag."""
+    def marker(kind: str, seq: int, at: tuple[float, float], asked: int = 0) -> Op:
+        return op(kind, "u1", at, 200, {"thread_id": "t", "user_id": "u1", "seq": seq}, tid="t",
+                  body={"seq": asked} if kind == "put_marker" else None)
+    moved = marker("put_marker", 5, (0, 1), asked=5)
+    assert labels([moved, marker("get_marker", 5, (2, 3))]) == []
+    assert labels([moved, marker("get_marker", 2, (0.5, 3))]) == []
+    assert labels([moved, marker("get_marker", 2, (2, 3))]) == ["8"]
+    assert labels([moved, marker("put_marker", 3, (2, 3), asked=3)]) == ["8"]
+    assert labels([marker("put_marker", 3, (0, 1), asked=4)]) == ["api"]
+
+
 def test_health_is_honest_per_process() -> None:
     """Once a sidecar said postgres down, it must not say up before PostgreSQL is back; a
     restarted one (another port) starts again from up. /readyz must not be 200 without Redis."""

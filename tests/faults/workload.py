@@ -23,12 +23,13 @@ import orjson
 
 from tests.faults.history import FAIL, INFO, OK
 
-# (kind, weight): the op mix. Writes first, then reads, then the dead-letter replay race.
+# (kind, weight): the op mix. Writes first, then reads, then the dead-letter replay race,
+# then read markers (issue 12.2; last, so the kinds drawn before them keep their weights).
 MIX: tuple[tuple[str, float], ...] = (
     ("append", 14), ("append_anon", 5), ("retry", 4), ("conflict", 1), ("edit", 8),
     ("delete_message", 2), ("put_thread", 2), ("delete_thread", 0.4), ("put_state", 12),
     ("delete_state", 3), ("get_thread", 5), ("page", 9), ("get_message", 8), ("get_state", 8),
-    ("replay", 0.3),
+    ("replay", 0.3), ("put_marker", 3), ("get_marker", 3),
 )
 MESSAGE_WRITES = frozenset({"append", "append_anon", "retry", "conflict", "edit",
                             "delete_message"})
@@ -36,6 +37,8 @@ THREAD_WRITES = frozenset({"put_thread", "delete_thread"})
 STATE_WRITES = frozenset({"put_state", "delete_state"})
 WRITES = MESSAGE_WRITES | THREAD_WRITES | STATE_WRITES
 READS = frozenset({"get_thread", "page", "get_message", "get_state"})
+MARKER_OPS = frozenset({"put_marker", "get_marker"})  # entity: the user id
+USERS = ("u0", "u1", "u2")  # whose read markers the workload moves
 POISON = "poison"  # message text or state values holding it break the temporary CHECK
 POISONABLE = frozenset({"append", "append_anon", "edit", "put_state"})
 
@@ -304,6 +307,19 @@ class Generator:
 
     def _replay(self) -> Op:
         return self._op("replay", "", "", "POST", "/v1/admin/dead-letters/replay")
+
+    # ---- read markers
+
+    def _put_marker(self) -> Op:
+        """Any seq up to the last one known, so some move the marker and some do not."""
+        tid, uid = self._thread(), self._rng.choice(USERS)
+        seq = self._rng.randint(0, self._k.last_seq.get(tid, 0))
+        return self._op("put_marker", tid, uid, "PUT", f"/v1/threads/{tid}/read-markers/{uid}",
+                        body={"seq": seq})
+
+    def _get_marker(self) -> Op:
+        tid, uid = self._thread(), self._rng.choice(USERS)
+        return self._op("get_marker", tid, uid, "GET", f"/v1/threads/{tid}/read-markers/{uid}")
 
 
 class Caller:

@@ -52,7 +52,7 @@ class PostgresSink:
         await self._store.upsert((c.kind, c.doc, c.fingerprint) for c in changes)
 
 
-_KINDS = {"thread": "t", "message": "m", "state": "s"}
+_KINDS = {"thread": "t", "message": "m", "state": "s", "marker": "r"}
 # What means PostgreSQL cannot be reached now.
 DOWN = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
         asyncpg.CannotConnectNowError)
@@ -101,6 +101,12 @@ class PostgresBacking:
             return None
         value = orjson.loads(r["value"]) if r["value"] is not None else None
         return state_row(**{**r, "value": value})
+
+    async def load_marker(self, tid: str, uid: str) -> int | None:
+        return await self._query(lambda: self._store.fetch_marker(tid, uid))
+
+    async def count_live(self, tid: str, lo: int, hi: int, exclude: list[str]) -> int:
+        return await self._query(lambda: self._store.count_live(tid, lo, hi, exclude))
 
     async def persist(self, kind: str, doc: bytes, fingerprint: str = "") -> None:
         """Write-through of one change, idempotent with its later flush (same version)."""

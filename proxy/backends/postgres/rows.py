@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from proxy.backends import PoisonError
 
-KINDS = frozenset("tms")  # thread, message, state
+KINDS = frozenset("tmsr")  # thread, message, state, read marker
 
 Record = tuple[str, str, str | None]  # kind, doc (JSON), fingerprint
 
@@ -23,7 +23,8 @@ class Rows:
     @classmethod
     def of(cls, docs: Iterable[tuple[str, bytes, str]]) -> Rows:
         """From (kind, doc, fingerprint): kind 't' thread, 'm' message, 's' state; the doc
-        carries the version; the fingerprint (messages) that of the appended body. Only the
+        carries the version; the fingerprint (messages) that of the appended body; 'r' a
+        read marker. Only the
         UTF-8 is decoded here (PostgreSQL parses the JSON). Raises PoisonError on an entry
         that cannot be staged."""
         try:

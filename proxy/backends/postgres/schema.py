@@ -57,6 +57,16 @@ MIGRATIONS: list[str] = [
         fields jsonb NOT NULL
     )
     """,
+    # Read markers (issue 12.2): the seq up to which a user has read a thread, only raised.
+    """
+    CREATE TABLE IF NOT EXISTS read_markers (
+        thread_id text NOT NULL,
+        user_id text NOT NULL,
+        seq bigint NOT NULL,
+        updated_at timestamptz NOT NULL,
+        PRIMARY KEY (thread_id, user_id)
+    )
+    """,
 ]
 
 async def apply_migrations(conn: asyncpg.Connection) -> None:

@@ -84,6 +84,20 @@ WITH written AS (
 SELECT count(*) FROM written
 """
 
+# Read markers (issue 12.2) only move forward: the highest seq wins, an equal one is a replay.
+UPSERT_MARKERS = f"""
+WITH written AS (
+    INSERT INTO read_markers AS r (thread_id, user_id, seq, updated_at)
+    SELECT doc->>'thread_id', doc->>'user_id', (doc->>'seq')::bigint,
+           (doc->>'updated_at')::timestamptz
+    FROM {STAGE} WHERE kind = 'r'
+    ON CONFLICT (thread_id, user_id) DO UPDATE SET
+        seq = excluded.seq, updated_at = excluded.updated_at
+    WHERE excluded.seq > r.seq
+    RETURNING 1)
+SELECT count(*) FROM written
+"""
+
 # Staged rows skipped because PostgreSQL already holds their version — with other content.
 # A replay skips the same content; other content at an equal version means a version was
 # handed out twice (a bug or a Redis that lost data): never silently dropped, counted.

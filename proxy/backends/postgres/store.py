@@ -17,6 +17,7 @@ from proxy.backends.postgres.sql import (
     CONFLICTS,
     CREATE_STAGE,
     STAGE,
+    UPSERT_MARKERS,
     UPSERT_MESSAGES,
     UPSERT_STATE,
     UPSERT_THREADS,
@@ -90,9 +91,11 @@ class PostgresStore:
         driver's statement cache)."""
         for kind, table, sql in (("t", "threads", UPSERT_THREADS),
                                  ("m", "messages", UPSERT_MESSAGES),
-                                 ("s", "state_entries", UPSERT_STATE)):
+                                 ("s", "state_entries", UPSERT_STATE),
+                                 ("r", "read_markers", UPSERT_MARKERS)):
             staged = rows.counts[kind]
-            if staged and await conn.fetchval(sql) < staged:  # replays, or conflicts
+            # Fewer written: replays, or conflicts (a marker at an equal seq is a replay).
+            if staged and await conn.fetchval(sql) < staged and table in CONFLICTS:
                 await cls._count_conflicts(conn, table)
 
     @staticmethod
@@ -131,6 +134,18 @@ class PostgresStore:
             " FROM state_entries WHERE key = $1", key)
         return dict(row) if row else None
 
+    async def fetch_marker(self, tid: str, uid: str) -> int | None:
+        seq: int | None = await self._pool.fetchval(
+            "SELECT seq FROM read_markers WHERE thread_id = $1 AND user_id = $2", tid, uid)
+        return seq
+
+    async def count_live(self, tid: str, lo: int, hi: int, exclude: list[str]) -> int:
+        """Live messages of seqs lo..hi, but those in `exclude` (by the unique index on
+        thread_id, seq)."""
+        n: int = await self._pool.fetchval(
+            "SELECT count(*) FROM messages WHERE thread_id = $1 AND seq BETWEEN $2 AND $3"
+            " AND NOT deleted AND message_id <> ALL($4::text[])", tid, lo, hi, exclude)
+        return n
 
     async def fetch_counters(self, tids: list[str], keys_: list[str],
                              mids: list[tuple[str, str]]) -> dict[str, Any]:
