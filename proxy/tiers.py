@@ -12,7 +12,7 @@ import orjson
 from proxy import model
 from proxy.backends import PG, Backing, ThreadRow
 from proxy.backends.postgres.writethrough import WriteThrough
-from proxy.errors import NotFound
+from proxy.errors import NotFound, Unavailable
 from proxy.failover import Failover
 from proxy.hot import HotTier, Page, Result, page_range
 from proxy.hot.core import PERSISTED
@@ -109,9 +109,11 @@ class Tiers:
         return await self._serve(lambda: self._hot.threads.put(tid, t, if_match, durability),
                                  lambda: self._pg.put_thread(tid, t, if_match))
 
-    async def delete_thread(self, tid: str, if_match: str, durability: str) -> Result:
+    async def delete_thread(self, tid: str, if_match: str, durability: str,
+                            erase: bool = False) -> Result:
         return await self._serve(
-            lambda: self._hot.threads.delete(tid, if_match, durability),
+            lambda: self._hot.threads.delete(tid, if_match, durability, erase),
+            _no_erase if erase else
             lambda: self._pg.put_thread(tid, model.ThreadInput("", "", {}), if_match, "del"))
 
     async def get_thread(self, tid: str) -> Result:
@@ -137,10 +139,10 @@ class Tiers:
             lambda: self._pg.edit(tid, mid, patch, if_match))
 
     async def delete_message(self, tid: str, mid: str, if_match: str,
-                             durability: str) -> Result:
+                             durability: str, erase: bool = False) -> Result:
         return await self._serve(
-            lambda: self._hot.messages.delete(tid, mid, if_match, durability),
-            lambda: self._pg.delete_message(tid, mid, if_match))
+            lambda: self._hot.messages.delete(tid, mid, if_match, durability, erase),
+            _no_erase if erase else lambda: self._pg.delete_message(tid, mid, if_match))
 
     async def put_state(self, key: str, st: model.StateInput, if_match: str,
                         durability: str) -> Result:
@@ -154,3 +156,10 @@ class Tiers:
     async def get_state(self, key: str) -> Result:
         return await self._serve(lambda: self._hot.state.get(key),
                                  lambda: self._pg.get_state(key), write=False)
+
+
+async def _no_erase() -> Result:
+    """Write-through does not erase: the log and ClickHouse, which hold earlier versions, are
+    cleaned by the erase's own log entry, so an erase waits for Redis."""
+    raise Unavailable("erasure needs redis, which is down; retry once it is back",
+                      retry_after_s=5.0)

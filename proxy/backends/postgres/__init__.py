@@ -32,7 +32,7 @@ from proxy.backends.postgres.schema import apply_migrations, migrate
 from proxy.backends.postgres.store import SCHEMA_ERRORS, PostgresStore
 from proxy.circuit import Circuit
 from proxy.errors import Unavailable
-from proxy.model import Change
+from proxy.model import ERASED, Change
 
 __all__ = ["SCHEMA_ERRORS", "PostgresBacking", "PostgresSink", "PostgresStore",
            "apply_migrations", "migrate"]
@@ -49,7 +49,9 @@ class PostgresSink:
         self._store = store
 
     async def write(self, changes: list[Change]) -> None:
-        await self._store.upsert((c.kind, c.doc, c.fingerprint) for c in changes)
+        erased = [(c.thread_id, c.entity_id if c.kind == "m" else "") for c in changes
+                  if c.event in ERASED]
+        await self._store.upsert(((c.kind, c.doc, c.fingerprint) for c in changes), erased)
 
 
 _KINDS = {"thread": "t", "message": "m", "state": "s"}
