@@ -16,13 +16,13 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from proxy import keys
+from proxy import keys, routes
 from proxy.backends.ch_erasure import scopes, ttl_clause
 from proxy.backends.clickhouse import TABLE, ClickHouseStore
 from proxy.model import Change
 from proxy.settings import ConfigError, load
 from tests.conftest import AppClient, Servers, make_settings
-from tests.helpers import append, body, error, settled, unchanged, wait_for
+from tests.helpers import PAUSED, append, body, error, settled, unchanged, wait_for
 
 Client = TestClient[Any, Any]
 
@@ -323,6 +323,58 @@ async def test_a_thread_erase_reaches_what_only_postgres_and_clickhouse_hold(
         (i, "", "{}") for i in range(1, 6)]
 
 
+async def test_a_persisted_thread_erase_blanks_postgres_before_it_answers(
+        client_for: AppClient, servers: Servers, pg: asyncpg.Connection) -> None:
+    """With flushing paused, only the answer's write-through can have blanked PostgreSQL."""
+    c = await client_for(make_settings(servers, **PAUSED))
+    persisted, secret = {"X-Durability": "persisted"}, marker("persisted")
+    await body(await c.put("/v1/threads/er9", json={}, headers=persisted), 201)
+    for i in range(3):
+        resp = await c.post("/v1/threads/er9/messages", headers=persisted,
+                            json={"role": "user", "content": f"{secret} {i}"})
+        await body(resp, 201)
+    assert await pg_holding(pg, secret) == ["public.messages"]
+    resp = await c.delete("/v1/threads/er9?erase=true", headers=persisted)
+    assert (await body(resp, 200))["deleted"] and resp.headers["X-Durability"] == "persisted"
+    assert not await pg_holding(pg, secret)
+    assert await pg.fetchval("SELECT deleted FROM threads WHERE thread_id = 'er9'")
+
+
+async def test_an_erase_at_a_stale_version_is_412_and_changes_nothing(
+        client: Client, redis: aioredis.Redis) -> None:
+    secret = marker("stale")
+    await body(await client.put("/v1/threads/er10", json={}), 201)
+    mid = (await append(client, "er10", secret))["message_id"]
+    async with unchanged(redis):
+        await error(await client.delete(f"/v1/threads/er10/messages/{mid}?erase=true",
+                                        headers={"If-Match": '"7"'}), 412, "precondition_failed")
+        await error(await client.delete("/v1/threads/er10?erase=true",
+                                        headers={"If-Match": '"7"'}), 412, "precondition_failed")
+    assert await redis_holding(redis, secret)
+    resp = await client.delete(f"/v1/threads/er10/messages/{mid}?erase=true",
+                               headers={"If-Match": '"1"'})
+    assert (await body(resp, 200))["version"] == 2
+
+
+async def test_subscribers_see_an_erase_as_a_delete_without_content(
+        client_for: AppClient, settings: Any) -> None:
+    a, b = await client_for(settings), await client_for(settings)
+    hub = a.app[routes.HUB]
+    await wait_for(lambda: _true(len(hub.subscribed_shards) == settings.redis.shards))
+    secret = marker("pushed")
+    await body(await b.put("/v1/threads/er11", json={}), 201)
+    mid = (await append(b, "er11", secret))["message_id"]
+    async with a.ws_connect("/v1/ws") as ws:
+        await ws.send_json({"op": "subscribe", "thread_id": "er11", "after_seq": 1})
+        assert (await ws.receive_json(timeout=5))["type"] == "subscribed"
+        await erase(b, f"/v1/threads/er11/messages/{mid}")
+        await erase(b, "/v1/threads/er11")
+        events = [await ws.receive_json(timeout=5), await ws.receive_json(timeout=5)]
+    assert [e["type"] for e in events] == ["message.deleted", "thread.deleted"]
+    assert events[0]["message"]["content"] == "" and events[0]["seq"] == 1
+    assert secret not in repr(events)
+
+
 @pytest.mark.parametrize("query", ["erase=yes", "erase=", "erase=TRUE", "erase=1",
                                    "erase=true&erase=true"])
 async def test_bad_erase_values_are_400_and_change_nothing(
@@ -373,6 +425,10 @@ def test_clickhouse_scopes_one_statement_per_thread() -> None:
     assert scopes(changes) == [("thread_id = {tid:String}", {"tid": "t3"}), (
         "thread_id = {tid:String} AND message_id IN {mids:Array(String)}",
         {"tid": "t1", "mids": ["a", "b"]})]
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def _expiring(r: aioredis.Redis, key: str) -> bool:

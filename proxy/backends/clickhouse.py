@@ -386,5 +386,6 @@ class ClickHouseBacking:
     async def load_state(self, key: str) -> StateRow | None:
         raise Unavailable("postgres is unavailable; state entries are not served from clickhouse")
 
-    async def persist(self, kind: str, doc: bytes, fingerprint: str = "") -> None:
+    async def persist(self, kind: str, doc: bytes, fingerprint: str = "",
+                      erased: bool = False) -> None:
         raise Unavailable("postgres is unavailable; clickhouse is read-only")

@@ -178,7 +178,7 @@ class Messages:
         status = out[0].decode()
         if status == "OK":
             return await self._c.stored("message", tid, doc, durability,
-                                        fingerprint=out[2].decode())
+                                        fingerprint=out[2].decode(), erased=erase)
         if status == "MISS":
             await self._fill_meta(tid, mid)
         elif status == "GONE":

@@ -87,7 +87,8 @@ class Threads:
                 raise PreconditionFailed(f"thread {tid} is at version {out[1].decode()}",
                                          {"version": out[1].decode()})
             doc = with_last_seq(out[2], int(out[3]))
-            return await self._c.stored("thread", tid, doc, durability, status == "CREATED")
+            return await self._c.stored("thread", tid, doc, durability, status == "CREATED",
+                                        erased=erase)
 
         return await settle(f"thread {tid}", attempt)
 

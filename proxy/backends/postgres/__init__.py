@@ -104,9 +104,13 @@ class PostgresBacking:
         value = orjson.loads(r["value"]) if r["value"] is not None else None
         return state_row(**{**r, "value": value})
 
-    async def persist(self, kind: str, doc: bytes, fingerprint: str = "") -> None:
-        """Write-through of one change, idempotent with its later flush (same version)."""
-        await self._query(lambda: self._store.upsert([(_KINDS[kind], doc, fingerprint)]))
+    async def persist(self, kind: str, doc: bytes, fingerprint: str = "",
+                      erased: bool = False) -> None:
+        """Write-through of one change, idempotent with its later flush (same version); an
+        erasure's tombstone with its erasure, as the flush will do it."""
+        d = orjson.loads(doc) if erased else {}
+        scope = [(d["thread_id"], d.get("message_id", ""))] if erased else []
+        await self._query(lambda: self._store.upsert([(_KINDS[kind], doc, fingerprint)], scope))
 
 
 def _message(r: dict[str, Any]) -> MessageRow:
