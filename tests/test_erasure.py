@@ -20,6 +20,7 @@ from proxy import keys, routes
 from proxy.backends.ch_erasure import scopes, ttl_clause
 from proxy.backends.clickhouse import TABLE, ClickHouseStore
 from proxy.model import Change
+from proxy.redisconn import Scripts
 from proxy.settings import ConfigError, load
 from tests.conftest import AppClient, Servers, make_settings
 from tests.helpers import PAUSED, append, body, error, settled, unchanged, wait_for
@@ -373,6 +374,35 @@ async def test_subscribers_see_an_erase_as_a_delete_without_content(
     assert [e["type"] for e in events] == ["message.deleted", "thread.deleted"]
     assert events[0]["message"]["content"] == "" and events[0]["seq"] == 1
     assert secret not in repr(events)
+
+
+async def test_the_script_checks_the_read_ahead_and_scans_what_came_after_it(
+        client_for: AppClient, servers: Servers, redis: aioredis.Redis) -> None:
+    """The erase script is given the entries a paged read found (one of them trimmed since)
+    and scans the log only after the last one read: an entry appended after the read-ahead
+    goes too, and the unflushed counts of both are given back."""
+    s = make_settings(servers, **PAUSED)
+    c = await client_for(s)
+    secret = marker("late")
+    await body(await c.put("/v1/threads/er12", json={}), 201)
+    mid = (await append(c, "er12", f"{secret} 1"))["message_id"]
+    await body(await c.patch(f"/v1/threads/er12/messages/{mid}", json={"content": secret}), 200)
+    shard = keys.shard_of("er12", s.redis.shards)
+    log, dlq, t = keys.log(shard), keys.dead_letters(shard), keys.thread(shard, "er12")
+    entries = [i.decode() for i, _ in await redis.xrange(log)]
+    assert len(entries) == 3 and await redis.hget(t, "pend") == b"3"
+    tomb = (b'{"seq":1,"version":3,"message_id":"%s","thread_id":"er12","role":"user",'
+            b'"content":"","metadata":{},"created_at":null,"updated_at":null,"deleted":true}'
+            % mid.encode())
+    out = await Scripts(redis).run("message_update", [
+        t, keys.messages(shard, "er12"), keys.window(shard, "er12"), log,
+        keys.cold(shard, "er12"), keys.recent(shard, "er12"), keys.overlay(shard, "er12"), dlq],
+        ["er12", mid, 2, tomb, 3, "message.erased", keys.events(shard), 0, 1, "pg",
+         entries[1], "0-0", 2, entries[1], "9-9"])  # entries[2] came "after"; 9-9 is gone
+    assert out[0] == b"OK"
+    assert not await redis_holding(redis, secret)
+    assert await redis.hget(t, "pend") == b"2"  # the thread's entry and the erase
+    assert len(await redis.xrange(log)) == 2
 
 
 @pytest.mark.parametrize("query", ["erase=yes", "erase=", "erase=TRUE", "erase=1",

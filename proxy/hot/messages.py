@@ -15,6 +15,7 @@ from proxy import keys, model
 from proxy.backends import PG, Backing, MessageRow
 from proxy.errors import Conflict, NotFound, PreconditionFailed
 from proxy.flights import KeyedLocks
+from proxy.hot import erasure
 from proxy.hot.core import ACKNOWLEDGED, PERSISTED, Core, Result, settle
 from proxy.hot.threads import Threads
 
@@ -172,9 +173,10 @@ class Messages:
         s = self._c.shard(tid)
         ks = self._c.thread_keys(tid) + [keys.cold(s, tid), self._c.recent_key(tid),
                                          self._c.overlay_key(tid), keys.dead_letters(s)]
+        ahead = await erasure.read_ahead(self._c, s, erasure.of_message(tid, mid)) if erase else []
         out = await self._c.run("message_update", ks, [
             tid, mid, version, doc, new["version"], "message.erased" if erase else event,
-            keys.events(s), ms, new["seq"], PG.name if erase else ""])
+            keys.events(s), ms, new["seq"], PG.name if erase else "", *ahead])
         status = out[0].decode()
         if status == "OK":
             return await self._c.stored("message", tid, doc, durability,

@@ -8,6 +8,7 @@ import orjson
 from proxy import keys, model
 from proxy.backends import PG, ThreadRow
 from proxy.errors import Conflict, NotFound, PreconditionFailed
+from proxy.hot import erasure
 from proxy.hot.core import ACKNOWLEDGED, Core, Result, settle
 
 
@@ -68,9 +69,10 @@ class Threads:
 
         async def attempt(new: str = "") -> Result | None:
             ms = model.now_ms()
+            ahead = await erasure.read_ahead(self._c, s, erasure.of_thread(tid)) if erase else []
             out = await self._c.run("thread_put", ks, [
                 model.thread_body(tid, t, op == "del", ms), orjson.dumps(model.iso(ms)),
-                if_match, new, op, keys.events(s), ms, tid, PG.name if erase else ""])
+                if_match, new, op, keys.events(s), ms, tid, PG.name if erase else "", *ahead])
             status = out[0].decode()
             if status == "MISS" and new:  # the fence moved: the thread was released since
                 return None

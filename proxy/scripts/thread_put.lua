@@ -6,7 +6,8 @@
 --       '' = not known), op ('put'|'del'), channel, ts_ms, tid,
 --       erase (op 'del' only): '' (a tombstone), else the consumer group whose acknowledgement
 --       releases unflushed counts ('pg'): every log entry and dead letter of the thread and
---       its messages is deleted and the message docs leave Redis (a deleted thread too)
+--       its messages is deleted and the message docs leave Redis (a deleted thread too),
+--       then the erase's read-ahead (proxy/hot/erasure.py; see erase below)
 -- Returns {status, version, doc}: MISS when Redis lacks the thread and "new" is not (or no
 -- longer: the fence moved) known. Nothing is written unless every check passes.
 local t = KEYS[1]
@@ -25,9 +26,12 @@ if ARGV[3] ~= '' and ARGV[3] ~= v then return {'PRECONDITION', v} end
 -- log (and every group's pending list) and from the dead letters. An entry the release group
 -- has not acknowledged, or a dead letter of that group, still holds an unflushed count: it is
 -- given back here (this change counts one itself). Entries meant for another group alone
--- (field g) never held one.
+-- (field g) never held one. The entries come from the caller's paged read-ahead (ARGV from
+-- `at`: the last log id and dead-letter id it read, how many log ids, the log ids, the
+-- dead-letter ids), each checked again here; what came after those it read is scanned here,
+-- so every entry is seen atomically without a scan of the whole log blocking Redis.
 -- (The same function is in message_update.lua: scripts cannot share code.)
-local function erase(log, dlq, thread, msgs, release, match)
+local function erase(log, dlq, thread, msgs, release, match, at)
   local function id_of(id)
     local ms, n = string.match(id, '^(%d+)-(%d+)$')
     return {tonumber(ms), tonumber(n)}
@@ -48,25 +52,38 @@ local function erase(log, dlq, thread, msgs, release, match)
       redis.call('HDEL', msgs, 'p|' .. m)
     end
   end
-  for s, stream in ipairs({log, dlq}) do
-    for _, entry in ipairs(redis.call('XRANGE', stream, '-', '+')) do
-      local f = {}
-      for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
-      local m = match(f)
-      if m then
-        local counted
-        if s == 1 then
-          counted = (f['g'] or '') == '' or f['g'] == release
-          if counted and delivered and not later(id_of(entry[1]), delivered) then
-            counted = #redis.call('XPENDING', stream, release, entry[1], entry[1], 1) > 0
-          end
-          for _, g in ipairs(groups) do redis.call('XACK', stream, g, entry[1]) end
-        else
-          counted = f['group'] == release
-        end
-        if counted then give_back(m) end
-        redis.call('XDEL', stream, entry[1])
+  local function visit(in_log, stream, entry)
+    local f = {}
+    for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
+    local m = match(f)
+    if not m then return end
+    local counted
+    if in_log then
+      counted = (f['g'] or '') == '' or f['g'] == release
+      if counted and delivered and not later(id_of(entry[1]), delivered) then
+        counted = #redis.call('XPENDING', stream, release, entry[1], entry[1], 1) > 0
       end
+      for _, g in ipairs(groups) do redis.call('XACK', stream, g, entry[1]) end
+    else
+      counted = f['group'] == release
+    end
+    if counted then give_back(m) end
+    redis.call('XDEL', stream, entry[1])
+  end
+  local n = tonumber(ARGV[at + 2] or '0')
+  local known = {{}, {}}
+  for j = at + 3, #ARGV do
+    local list = known[j < at + 3 + n and 1 or 2]
+    list[#list + 1] = ARGV[j]
+  end
+  for s, stream in ipairs({log, dlq}) do
+    for _, id in ipairs(known[s]) do
+      local entry = redis.call('XRANGE', stream, id, id)[1]
+      if entry then visit(s == 1, stream, entry) end
+    end
+    local last = ARGV[at + s - 1]
+    for _, entry in ipairs(redis.call('XRANGE', stream, last and ('(' .. last) or '-', '+')) do
+      visit(s == 1, stream, entry)
     end
   end
 end
@@ -75,7 +92,7 @@ if erasing then
     erase(KEYS[4], KEYS[8], t, KEYS[2], ARGV[9], function(f)
       if f['k'] == 'm' and f['tid'] == ARGV[8] then return f['id'] end
       if f['k'] == 't' and f['id'] == ARGV[8] then return '' end
-    end)
+    end, 10)
   end
   local docs = {}
   for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
