@@ -262,7 +262,13 @@ class Flusher:
         acked before). Returns the ids of entries moved to the dead-letter stream."""
         backoff = self._cfg.backoff()
         while True:
-            await self._pause(self._circuit.wait_s())
+            held = self._circuit.wait_s()
+            await self._pause(held)
+            # Held a while (a sink outage): what an erasure deleted from the log meanwhile
+            # must not be written now (issue 12.4).
+            if (held > 0 or backoff.attempt) and not (unique := await self._log.still_pending(
+                    self.name, self._consumer, unique)):
+                return set()
             try:
                 return await self._try_write(unique, older)
             except Unavailable:

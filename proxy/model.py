@@ -24,6 +24,8 @@ MAX_PAGE = 1000  # messages in one page
 DEFAULT_PAGE = 50
 MAX_CURSOR = 2**53  # the largest seq a cursor may name: exact in Lua, JSON and every tier
 TTL_MAX_S = 10 * 365 * 86400  # the longest ttl of a state entry
+# The log events of an erasure (?erase=true): the sinks also remove every stored version.
+ERASED = ("message.erased", "thread.erased")
 
 
 @dataclass(frozen=True, slots=True)

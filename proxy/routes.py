@@ -172,8 +172,17 @@ def _staleness(request: web.Request, resp: web.Response) -> web.Response:
 
 async def delete_thread(request: web.Request) -> web.Response:
     tid = _tid(request)
-    result = await request.app[TIERS].delete_thread(tid, _if_match(request), _durability(request))
+    result = await request.app[TIERS].delete_thread(tid, _if_match(request), _durability(request),
+                                                    _erase(request))
     return _write_response(request, result)
+
+
+def _erase(request: web.Request) -> bool:
+    """`?erase=true`: remove the content from every tier, every stored version (issue 12.4)."""
+    value = request.query.get("erase", "false")
+    if value not in ("true", "false") or len(request.query.getall("erase", [])) > 1:
+        raise Malformed("erase must be true or false (once)", {"param": "erase"})
+    return value == "true"
 
 
 # ---- messages
@@ -252,7 +261,7 @@ async def patch_message(request: web.Request) -> web.Response:
 async def delete_message(request: web.Request) -> web.Response:
     tid, mid = _tid(request), _mid(request)
     result = await request.app[TIERS].delete_message(tid, mid, _if_match(request),
-                                                    _durability(request))
+                                                    _durability(request), _erase(request))
     return _write_response(request, result)
 
 

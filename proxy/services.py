@@ -174,8 +174,9 @@ async def _background(app: web.Application, workers: Workers, client: Any, consu
                                                         max_delay_ms=s.clickhouse.interval_ms),
                  consumer, 1, log.ack_changes, failpoints)
     if CH.name in s.flush.sink_names:
-        workers.start("flusher-ch", lambda: _prepared(ch_store.create_schema, (Unavailable,),
-                                                      "clickhouse schema", ch.run), ch.stop)
+        workers.start("flusher-ch", lambda: _prepared(
+            lambda: ch_store.create_schema(s.clickhouse.retention_days), (Unavailable,),
+            "clickhouse schema", ch.run), ch.stop)
     monitor = Monitor(log, circuits, hot.backlog, s.flush.trim_interval_s, consumer,
                       2 * s.flush.claim_idle_ms, s.flush.max_lag_s,
                       Reconciler(client, pg_store, s.redis.shards))

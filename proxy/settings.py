@@ -73,6 +73,7 @@ class ClickHouse:
     max_batch: int = 10_000
     interval_ms: int = 1000
     store_content: bool = True
+    retention_days: int = 0  # a TTL on the events table; 0 = none (issue 12.4)
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,8 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{key}: must be a TCP port (1-65535)")
     _validate_redis(s.redis)
     _validate_ephemeral(s.ephemeral)
+    if s.clickhouse.retention_days < 0:
+        raise ConfigError("clickhouse.retention_days: must be 0 (keep events) or more")
 
 
 def _validate_redis(r: Redis) -> None:

@@ -121,9 +121,11 @@ class Tiers:
         return await self._serve(lambda: self._hot.threads.put(tid, t, if_match, durability),
                                  lambda: self._pg.put_thread(tid, t, if_match))
 
-    async def delete_thread(self, tid: str, if_match: str, durability: str) -> Result:
+    async def delete_thread(self, tid: str, if_match: str, durability: str,
+                            erase: bool = False) -> Result:
         return await self._serve(
-            lambda: self._hot.threads.delete(tid, if_match, durability),
+            lambda: self._hot.threads.delete(tid, if_match, durability, erase),
+            _no_erase if erase else
             lambda: self._pg.put_thread(tid, model.ThreadInput("", "", {}), if_match, "del"))
 
     async def get_thread(self, tid: str) -> Result:
@@ -149,10 +151,10 @@ class Tiers:
             lambda: self._pg.edit(tid, mid, patch, if_match))
 
     async def delete_message(self, tid: str, mid: str, if_match: str,
-                             durability: str) -> Result:
+                             durability: str, erase: bool = False) -> Result:
         return await self._serve(
-            lambda: self._hot.messages.delete(tid, mid, if_match, durability),
-            lambda: self._pg.delete_message(tid, mid, if_match))
+            lambda: self._hot.messages.delete(tid, mid, if_match, durability, erase),
+            _no_erase if erase else lambda: self._pg.delete_message(tid, mid, if_match))
 
     async def put_state(self, key: str, st: model.StateInput, if_match: str,
                         durability: str) -> Result:
@@ -180,3 +182,9 @@ class Tiers:
         on every sidecar after any append or delete; NotFound for an unknown or deleted
         thread. For the inbox's `user_id` (one call per thread of a page)."""
         return (await self.get_marker(tid, uid)).unread
+
+async def _no_erase() -> Result:
+    """Write-through does not erase: the log and ClickHouse, which hold earlier versions, are
+    cleaned by the erase's own log entry, so an erase waits for Redis."""
+    raise Unavailable("erasure needs redis, which is down; retry once it is back",
+                      retry_after_s=5.0)

@@ -148,6 +148,20 @@ class WriteLog:
             await redis_call(lambda s=shard, f=fields: self._r.xadd(  # type: ignore[misc]
                 keys.log(s), {**f, "g": group}))
 
+    async def still_pending(self, group: str, consumer: str,
+                            changes: list[Change]) -> list[Change]:
+        """The changes whose entries `group` still holds pending, now this consumer's (XCLAIM
+        JUSTID). An erasure deletes and acknowledges its entity's entries: a batch held
+        through a sink outage must not write them once the sink is back."""
+        kept: list[Change] = []
+        for shard in sorted({c.shard for c in changes}):
+            ids = [c.entry_id for c in changes if c.shard == shard]
+            held = await redis_call(lambda s=shard, i=ids: self._r.xclaim(  # type: ignore[misc]
+                keys.log(s), group, consumer, 0, i, justid=True))
+            held_ids = {_as_str(i) for i in held}
+            kept += [c for c in changes if c.shard == shard and c.entry_id in held_ids]
+        return kept
+
     async def ack(self, shard: int, group: str, ids: list[str]) -> None:
         if ids:
             await redis_call(lambda: self._r.xack(keys.log(shard), group, *ids))

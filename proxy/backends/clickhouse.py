@@ -56,6 +56,7 @@ from clickhouse_connect.driver.client import Client
 
 from proxy import model
 from proxy.backends import CH, MessageRow, PoisonError, StateRow, ThreadRow, message_row, thread_row
+from proxy.backends.ch_erasure import erase, keep_retention
 from proxy.errors import Unavailable
 from proxy.failpoints import Failpoints
 from proxy.model import Change
@@ -242,13 +243,15 @@ class ClickHouseStore:
         except (chexc.ClickHouseError, OSError) as e:
             raise Unavailable(f"clickhouse: {e}") from e
 
-    async def create_schema(self) -> None:
+    async def create_schema(self, retention_days: int = 0) -> None:
         await self.command(SCHEMA)
+        await keep_retention(self, TABLE, retention_days)
         logger.info("clickhouse table %s is ready", TABLE)
 
-    async def command(self, sql: str, params: dict[str, Any] | None = None) -> None:
-        """A statement without rows (DDL, TRUNCATE), parameters server-side."""
-        await self._guarded(lambda c: c.command(sql, parameters=params))
+    async def command(self, sql: str, params: dict[str, Any] | None = None,
+                      settings: dict[str, Any] | None = None) -> None:
+        """A statement without rows (DDL, TRUNCATE, mutations), parameters server-side."""
+        await self._guarded(lambda c: c.command(sql, parameters=params, settings=settings))
 
     async def insert(self, entries: Sequence[Change], instance: str,
                      store_content: bool) -> None:
@@ -333,6 +336,7 @@ class ClickHouseSink:
         await self._failpoints.hit("ch-insert")
         try:
             await self._store.insert(changes, self._instance, self._store_content)
+            await erase(self._store, TABLE, changes)  # every stored version (issue 12.4)
         except PoisonError:
             raise
         except Exception as err:
@@ -386,7 +390,8 @@ class ClickHouseBacking:
     async def load_state(self, key: str) -> StateRow | None:
         raise Unavailable("postgres is unavailable; state entries are not served from clickhouse")
 
-    async def persist(self, kind: str, doc: bytes, fingerprint: str = "") -> None:
+    async def persist(self, kind: str, doc: bytes, fingerprint: str = "",
+                      erased: bool = False) -> None:
         raise Unavailable("postgres is unavailable; clickhouse is read-only")
 
     async def load_marker(self, tid: str, uid: str) -> int | None:

@@ -135,19 +135,21 @@ class Core:
                               f"(redis.max_memory_ratio {s.redis.max_memory_ratio:g})")
 
     async def stored(self, kind: str, entity_id: str, doc: bytes, durability: str,
-                     created: bool = False, fingerprint: str = "") -> Result:
+                     created: bool = False, fingerprint: str = "",
+                     erased: bool = False) -> Result:
         """A write of the entity that happened in Redis (or was found there: a repeat),
         answered at the level it reaches: `replicated` once WAIT saw it on
         redis.ack_replicas replicas in time; `persisted` once also committed in PostgreSQL.
         A level not reached in time is answered as acknowledged (never an error: the write
-        happened, and its flush will still bring it to PostgreSQL)."""
+        happened, and its flush will still bring it to PostgreSQL). `erased`: an erasure's
+        tombstone, persisted with its erasure."""
         if durability == REPLICATED:
             return Result(doc, created=created, durability=await self._replicated(entity_id))
         if durability != PERSISTED:
             return Result(doc, created=created)
         try:
             async with asyncio.timeout(self.settings.api.request_timeout_s / 2):
-                await self.backing.persist(kind, doc, fingerprint)
+                await self.backing.persist(kind, doc, fingerprint, erased)
         except Exception as e:  # any failure: the answer says what happened
             logger.warning("%s write-through not confirmed (%r): answered as acknowledged",
                            kind, e)

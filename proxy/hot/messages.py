@@ -12,9 +12,10 @@ from typing import Any
 import orjson
 
 from proxy import keys, model
-from proxy.backends import Backing, MessageRow
+from proxy.backends import PG, Backing, MessageRow
 from proxy.errors import Conflict, NotFound, PreconditionFailed
 from proxy.flights import KeyedLocks
+from proxy.hot import erasure
 from proxy.hot.core import ACKNOWLEDGED, PERSISTED, Core, Result, settle
 from proxy.hot.threads import Threads
 
@@ -140,11 +141,13 @@ class Messages:
                                   lambda d, ms: model.edited_message(d, patch.fields, ms))
 
     async def delete(self, tid: str, mid: str, if_match: str,
-                     durability: str = ACKNOWLEDGED) -> Result:
-        return await self._update(tid, mid, if_match, durability, model.deleted_message)
+                     durability: str = ACKNOWLEDGED, erase: bool = False) -> Result:
+        """A tombstone; `erase` also removes every earlier version from the log and the
+        dead letters (message_update.lua), and the sinks remove it from what they store."""
+        return await self._update(tid, mid, if_match, durability, model.deleted_message, erase)
 
     async def _update(self, tid: str, mid: str, if_match: str, durability: str,
-                      change: Edit) -> Result:
+                      change: Edit, erase: bool = False) -> Result:
         """Read, change, compare-and-set on the version; retried on a lost race unless the
         client named the version it expects (then the race is its 412)."""
         self._c.admit()
@@ -153,11 +156,12 @@ class Messages:
         async with self._edits.hold((tid, mid)):
             return await settle(f"message {mid}",
                                 lambda: self._compare_and_set(tid, mid, if_match, durability,
-                                                              change))
+                                                              change, erase))
 
     async def _compare_and_set(self, tid: str, mid: str, if_match: str, durability: str,
-                               change: Edit) -> Result | None:
-        current = orjson.loads((await self.get(tid, mid)).doc)
+                               change: Edit, erase: bool = False) -> Result | None:
+        # A deleted message may still be erased: its earlier versions hold its content.
+        current = orjson.loads((await self.get(tid, mid, include_deleted=erase)).doc)
         version = str(current["version"])
         if if_match and if_match != version:
             raise PreconditionFailed(f"message {mid} is at version {version}",
@@ -166,15 +170,17 @@ class Messages:
         new = change(current, ms)
         doc = orjson.dumps(new)
         event = "message.deleted" if new["deleted"] else "message.updated"
-        ks = self._c.thread_keys(tid) + [keys.cold(self._c.shard(tid), tid),
-                                         self._c.recent_key(tid), self._c.overlay_key(tid)]
+        s = self._c.shard(tid)
+        ks = self._c.thread_keys(tid) + [keys.cold(s, tid), self._c.recent_key(tid),
+                                         self._c.overlay_key(tid), keys.dead_letters(s)]
+        ahead = await erasure.read_ahead(self._c, s, erasure.of_message(tid, mid)) if erase else []
         out = await self._c.run("message_update", ks, [
-            tid, mid, version, doc, new["version"], event, keys.events(self._c.shard(tid)),
-            ms, new["seq"]])
+            tid, mid, version, doc, new["version"], "message.erased" if erase else event,
+            keys.events(s), ms, new["seq"], PG.name if erase else "", *ahead])
         status = out[0].decode()
         if status == "OK":
             return await self._c.stored("message", tid, doc, durability,
-                                        fingerprint=out[2].decode())
+                                        fingerprint=out[2].decode(), erased=erase)
         if status == "MISS":
             await self._fill_meta(tid, mid)
         elif status == "GONE":

@@ -6,8 +6,9 @@ from __future__ import annotations
 import orjson
 
 from proxy import keys, model
-from proxy.backends import ThreadRow
+from proxy.backends import PG, ThreadRow
 from proxy.errors import Conflict, NotFound, PreconditionFailed
+from proxy.hot import erasure
 from proxy.hot.core import ACKNOWLEDGED, Core, Result, settle
 
 
@@ -50,20 +51,28 @@ class Threads:
                   durability: str = ACKNOWLEDGED) -> Result:
         return await self._write(tid, t, if_match, "put", durability)
 
-    async def delete(self, tid: str, if_match: str, durability: str = ACKNOWLEDGED) -> Result:
-        return await self._write(tid, model.ThreadInput("", "", {}), if_match, "del", durability)
+    async def delete(self, tid: str, if_match: str, durability: str = ACKNOWLEDGED,
+                     erase: bool = False) -> Result:
+        """A tombstone; `erase` (a deleted thread too) also removes the thread's and its
+        messages' log entries, dead letters and docs from Redis (thread_put.lua), and the
+        sinks remove their content from what they store."""
+        return await self._write(tid, model.ThreadInput("", "", {}), if_match, "del", durability,
+                                 erase)
 
     async def _write(self, tid: str, t: model.ThreadInput, if_match: str, op: str,
-                     durability: str) -> Result:
+                     durability: str, erase: bool = False) -> Result:
         self._c.admit()
+        s = self._c.shard(tid)
         ks = self._c.thread_keys(tid) + [self._c.fence_key("t", tid), self._c.recent_key(tid),
-                                         self._c.overlay_key(tid)]
+                                         self._c.overlay_key(tid), keys.dead_letters(s),
+                                         keys.cold(s, tid)]
 
         async def attempt(new: str = "") -> Result | None:
             ms = model.now_ms()
+            ahead = await erasure.read_ahead(self._c, s, erasure.of_thread(tid)) if erase else []
             out = await self._c.run("thread_put", ks, [
                 model.thread_body(tid, t, op == "del", ms), orjson.dumps(model.iso(ms)),
-                if_match, new, op, keys.events(self._c.shard(tid)), ms, tid])
+                if_match, new, op, keys.events(s), ms, tid, PG.name if erase else "", *ahead])
             status = out[0].decode()
             if status == "MISS" and new:  # the fence moved: the thread was released since
                 return None
@@ -80,7 +89,8 @@ class Threads:
                 raise PreconditionFailed(f"thread {tid} is at version {out[1].decode()}",
                                          {"version": out[1].decode()})
             doc = with_last_seq(out[2], int(out[3]))
-            return await self._c.stored("thread", tid, doc, durability, status == "CREATED")
+            return await self._c.stored("thread", tid, doc, durability, status == "CREATED",
+                                        erased=erase)
 
         return await settle(f"thread {tid}", attempt)
 

@@ -145,6 +145,13 @@ def parameters() -> Schema:
                               "PostgreSQL. Case-insensitive; absent: `replicated` when the "
                               "sidecar sets redis.ack_replicas, else `acknowledged`; another "
                               "value (an empty one too): 400."),
+        # Issue 12.4: erasure.
+        "erase": param("erase", "query", {"type": "boolean", "default": False},
+                       "`true`: erase, not only tombstone — the content and metadata leave "
+                       "every tier in every stored version (Redis docs, log entries and dead "
+                       "letters; PostgreSQL; ClickHouse), the tombstone keeps the seq. Also "
+                       "for what is already deleted. Another value than true or false: 400; "
+                       "while Redis is down (write-through): 503."),
     }
 
 

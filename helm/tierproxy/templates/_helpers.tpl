@@ -196,7 +196,7 @@ metrics: {host: str, port: int}
 data: {dir: str}
 redis: {url: str, shards: int, window: int, pool_size: int, socket_timeout_s: float, health_check_interval_s: float, ack_replicas: int, ack_timeout_ms: int, max_memory_ratio: float, write_through: bool}
 postgres: {url: str, pool_max: int, command_timeout_s: float}
-clickhouse: {url: str, max_batch: int, interval_ms: int, store_content: bool}
+clickhouse: {url: str, max_batch: int, interval_ms: int, store_content: bool, retention_days: int}
 flush: {max_batch: int, max_delay_ms: int, max_inflight: int, max_attempts: int, claim_idle_ms: int, backoff_base_ms: int, backoff_max_ms: int, max_backlog: int, trim_interval_s: float, max_lag_s: float, sinks: str}
 circuit: {failure_threshold: int, open_s: float}
 cache: {ttl_s: int, recent_ids: int, id_clock_skew_s: float}

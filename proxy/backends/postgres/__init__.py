@@ -32,7 +32,7 @@ from proxy.backends.postgres.schema import apply_migrations, migrate
 from proxy.backends.postgres.store import SCHEMA_ERRORS, PostgresStore
 from proxy.circuit import Circuit
 from proxy.errors import Unavailable
-from proxy.model import Change
+from proxy.model import ERASED, Change
 
 __all__ = ["SCHEMA_ERRORS", "PostgresBacking", "PostgresSink", "PostgresStore",
            "apply_migrations", "migrate"]
@@ -49,7 +49,9 @@ class PostgresSink:
         self._store = store
 
     async def write(self, changes: list[Change]) -> None:
-        await self._store.upsert((c.kind, c.doc, c.fingerprint) for c in changes)
+        erased = [(c.thread_id, c.entity_id if c.kind == "m" else "") for c in changes
+                  if c.event in ERASED]
+        await self._store.upsert(((c.kind, c.doc, c.fingerprint) for c in changes), erased)
 
 
 _KINDS = {"thread": "t", "message": "m", "state": "s", "marker": "r"}
@@ -108,9 +110,13 @@ class PostgresBacking:
     async def count_live(self, tid: str, lo: int, hi: int, exclude: list[str]) -> int:
         return await self._query(lambda: self._store.count_live(tid, lo, hi, exclude))
 
-    async def persist(self, kind: str, doc: bytes, fingerprint: str = "") -> None:
-        """Write-through of one change, idempotent with its later flush (same version)."""
-        await self._query(lambda: self._store.upsert([(_KINDS[kind], doc, fingerprint)]))
+    async def persist(self, kind: str, doc: bytes, fingerprint: str = "",
+                      erased: bool = False) -> None:
+        """Write-through of one change, idempotent with its later flush (same version); an
+        erasure's tombstone with its erasure, as the flush will do it."""
+        d = orjson.loads(doc) if erased else {}
+        scope = [(d["thread_id"], d.get("message_id", ""))] if erased else []
+        await self._query(lambda: self._store.upsert([(_KINDS[kind], doc, fingerprint)], scope))
 
 
 def _message(r: dict[str, Any]) -> MessageRow:

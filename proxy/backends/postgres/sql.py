@@ -121,3 +121,19 @@ JOIN state_entries s ON s.key = x.key AND s.version = x.version
 WHERE (s.value, s.deleted) IS DISTINCT FROM (x.value, x.deleted)
 """,
 }
+
+# Erasures (issue 12.4), after the batch's upserts in its transaction: $1 thread ids, $2 message
+# ids ('' = the whole thread). The tombstones already blank what they replace; this also
+# blanks every message of an erased thread (PostgreSQL may hold more than Redis) and a row
+# that kept its version (an equal-version replay), and drops the write-through log's copies.
+ERASE = """
+WITH erased AS (SELECT * FROM unnest($1::text[], $2::text[]) AS x(tid, mid)),
+blanked AS (
+    UPDATE messages m SET content = '', metadata = '{}' FROM erased e
+    WHERE m.thread_id = e.tid AND (e.mid = '' OR m.message_id = e.mid)
+      AND (m.content <> '' OR m.metadata <> '{}'::jsonb)
+    RETURNING 1)
+DELETE FROM write_through_events w USING erased e
+WHERE w.fields->>'k' IN ('t', 'm') AND w.fields->>'tid' = e.tid
+  AND (e.mid = '' OR (w.fields->>'k' = 'm' AND w.fields->>'id' = e.mid))
+"""

@@ -16,6 +16,7 @@ from proxy.backends.postgres.schema import apply_migrations
 from proxy.backends.postgres.sql import (
     CONFLICTS,
     CREATE_STAGE,
+    ERASE,
     STAGE,
     UPSERT_MARKERS,
     UPSERT_MESSAGES,
@@ -64,9 +65,11 @@ class PostgresStore:
         async with self._pool.acquire() as conn:
             await apply_migrations(conn)
 
-    async def upsert(self, docs: Iterable[tuple[str, bytes, str]]) -> None:
+    async def upsert(self, docs: Iterable[tuple[str, bytes, str]],
+                     erased: list[tuple[str, str]] | None = None) -> None:
         """One transaction for the whole batch of (kind, doc, fingerprint), unique per
-        entity: staged by one binary COPY, then one statement per table (sql.py)."""
+        entity: staged by one binary COPY, then one statement per table (sql.py); then the
+        batch's erasures, (thread id, message id or '' for the whole thread)."""
         rows = Rows.of(docs)
         if not rows.records:
             return
@@ -74,6 +77,8 @@ class PostgresStore:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.copy_records_to_table(STAGE, records=rows.records)
                 await self._write(conn, rows)
+                if erased:
+                    await conn.execute(ERASE, [t for t, _ in erased], [m for _, m in erased])
                 await self._failpoints.hit("before-pg-commit")
         except asyncpg.UniqueViolationError as e:
             if e.constraint_name != "messages_thread_seq":
