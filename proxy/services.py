@@ -25,7 +25,8 @@ from aiohttp import web
 
 from proxy import internal, routes
 from proxy.backends import CH, GROUPS, PG, SINKS
-from proxy.backends.clickhouse import ClickHouseBacking, ClickHouseSink, ClickHouseStore
+from proxy.backends.ch_backing import ClickHouseBacking
+from proxy.backends.clickhouse import ClickHouseSink, ClickHouseStore
 from proxy.backends.postgres import SCHEMA_ERRORS, PostgresBacking, PostgresSink, PostgresStore
 from proxy.backends.postgres.writethrough import WriteThrough
 from proxy.backoff import Backoff

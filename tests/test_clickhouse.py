@@ -23,7 +23,8 @@ from prometheus_client import REGISTRY
 
 from proxy import keys
 from proxy.app import FAILPOINTS
-from proxy.backends.clickhouse import ClickHouseBacking, ClickHouseSink, ClickHouseStore
+from proxy.backends.ch_backing import ClickHouseBacking
+from proxy.backends.clickhouse import ClickHouseSink, ClickHouseStore
 from proxy.client import NO_RETRY, TransportError, Written
 from proxy.client import Client as APIClient
 from proxy.embedded import clickhouse_url

@@ -24,7 +24,8 @@ import orjson
 import pytest
 
 from proxy.backends import PoisonError, Sink
-from proxy.backends.clickhouse import TABLE, ClickHouseBacking, ClickHouseSink, ClickHouseStore
+from proxy.backends.ch_backing import ClickHouseBacking
+from proxy.backends.clickhouse import TABLE, ClickHouseSink, ClickHouseStore
 from proxy.backends.postgres import PostgresBacking, PostgresSink, PostgresStore
 from proxy.circuit import Circuit
 from proxy.failpoints import Failpoints

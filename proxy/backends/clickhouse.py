@@ -1,6 +1,6 @@
 """ClickHouse, the analytics tier: the `events` table, bulk columnar inserts that are visible
 exactly once despite retries (the streamer's sink), and the reads behind /stats and degraded
-reads (a read-only backing while PostgreSQL is down). The only module that knows
+reads (served by ch_backing.py while PostgreSQL is down). The only module that knows
 clickhouse-connect.
 
 One client per store, over `http(s)://` (a ClickHouse server) or `chdb://DIR` (embedded). The
@@ -47,7 +47,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import clickhouse_connect
 import orjson
@@ -55,7 +55,7 @@ from clickhouse_connect.driver import exceptions as chexc
 from clickhouse_connect.driver.client import Client
 
 from proxy import model
-from proxy.backends import CH, MessageRow, PoisonError, StateRow, ThreadRow, message_row, thread_row
+from proxy.backends import CH, MessageRow, PoisonError, ThreadRow, message_row, thread_row
 from proxy.backends.ch_erasure import erase, keep_retention
 from proxy.errors import Unavailable
 from proxy.failpoints import Failpoints
@@ -343,61 +343,3 @@ class ClickHouseSink:
             if is_data_error(err):
                 raise PoisonError(f"clickhouse rejected the data: {err}") from err
             raise  # the server's health: the flusher backs off and retries the same batch
-
-
-class EventReads(Protocol):
-    """What degraded reads need: ClickHouseStore, or the worker answering for it (chDB)."""
-
-    async def fetch_thread(self, tid: str) -> ThreadRow | None: ...
-    async def fetch_messages(self, tid: str, lo: int, hi: int) -> list[MessageRow]: ...
-    async def fetch_message(self, tid: str, mid: str) -> MessageRow | None: ...
-
-
-class ClickHouseBacking:
-    """Degraded reads (backends.Backing, read-only) when PostgreSQL cannot answer: what Redis
-    does not hold is read from ClickHouse, possibly stale (by the age of the `ch` backlog),
-    marked `X-Tier: clickhouse`. Each thread and message is rebuilt from its latest event
-    (argMax by version).
-
-    The hot tier never writes these rows back into Redis and never bases a write on them:
-    ClickHouse may lag PostgreSQL, and a stale last_seq or message version cached in Redis
-    would let the next append reuse a seq, or an edit lose to a newer version already in
-    PostgreSQL. State entries are not served (they are not events the read path can rebuild),
-    and nothing is persisted here."""
-
-    tier = CH.tier
-
-    def __init__(self, store: EventReads, store_content: bool) -> None:
-        self._store = store
-        self._store_content = store_content
-
-    def _need_content(self) -> None:
-        if not self._store_content:
-            raise Unavailable("postgres is unavailable and clickhouse does not store message "
-                              "text (clickhouse.store_content = false)")
-
-    async def load_thread(self, tid: str) -> ThreadRow | None:
-        return await self._store.fetch_thread(tid)
-
-    async def load_messages(self, tid: str, lo: int, hi: int) -> list[MessageRow]:
-        self._need_content()
-        return await self._store.fetch_messages(tid, lo, hi)
-
-    async def load_message(self, tid: str, mid: str) -> MessageRow | None:
-        self._need_content()
-        return await self._store.fetch_message(tid, mid)
-
-    async def load_state(self, key: str) -> StateRow | None:
-        raise Unavailable("postgres is unavailable; state entries are not served from clickhouse")
-
-    async def persist(self, kind: str, doc: bytes, fingerprint: str = "",
-                      erased: bool = False) -> None:
-        raise Unavailable("postgres is unavailable; clickhouse is read-only")
-
-    async def load_marker(self, tid: str, uid: str) -> int | None:
-        raise Unavailable("postgres is unavailable; read markers are not served from "
-                          "clickhouse")
-
-    async def count_live(self, tid: str, lo: int, hi: int, exclude: list[str]) -> int:
-        raise Unavailable("postgres is unavailable; unread counts are not served from "
-                          "clickhouse")
