@@ -256,6 +256,32 @@ async def delete_message(request: web.Request) -> web.Response:
     return _write_response(request, result)
 
 
+# ---- inbox
+
+
+def _inbox_query(request: web.Request) -> tuple[str, model.InboxKey | None, int]:
+    q = request.query
+    unknown = set(q) - {"owner_id", "limit", "before"}
+    if unknown:
+        raise Malformed(f"unknown query parameter {sorted(unknown)[0]!r}")
+    if "owner_id" not in q:
+        raise Malformed("owner_id is required", {"param": "owner_id"})
+    owner = model.check_id(q["owner_id"], "owner_id")
+    limit = _int_param(q.get("limit", str(model.DEFAULT_INBOX)), "limit", 1, model.MAX_INBOX)
+    before = model.parse_inbox_cursor(q["before"]) if "before" in q else None
+    return owner, before, limit
+
+
+async def list_inbox(request: web.Request) -> web.Response:
+    """An owner's threads, newest activity first (hot.inbox)."""
+    owner, before, limit = _inbox_query(request)
+    page = await request.app[TIERS].inbox(owner, before, limit)
+    cursor = model.inbox_cursor(page.next_cursor) if page.next_cursor else None
+    head = orjson.dumps({"owner_id": owner, "next_cursor": cursor})
+    return json_response(head[:-1] + b',"items":[' + b",".join(page.items) + b"]}",
+                         tier=page.tier)
+
+
 # ---- state
 
 
@@ -320,3 +346,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/status", status, allow_head=False)
     r.add_post("/v1/admin/dead-letters/replay", replay_dead_letters)
     r.add_get("/v1/ws", websocket, allow_head=False)
+    r.add_get("/v1/threads", list_inbox, allow_head=False)  # inbox (hot.inbox)

@@ -214,12 +214,12 @@ async def create_thread(client: Any, shard: int, tid: str) -> None:
     token = await fenced(client, keys.fence(shard, "t", tid))  # PostgreSQL said: new
     reply = await evalsha(client, "thread_put", thread_keys(shard, tid), [
         '{"title":"t"}', '"2024-01-01T00:00:00Z"', "", token, "put", keys.events(shard), 1,
-        tid])
+        tid, "", ""])  # no owner: the inbox index keys are not touched
     assert reply[0] == b"CREATED"
 
 
 def append_args(shard: int, tid: str, mid: str) -> list[Any]:
-    return [tid, mid, message_body(tid, mid), "fp", keys.events(shard), 2, "*", 0, 300_000]
+    return [tid, mid, message_body(tid, mid), "fp", keys.events(shard), 2, "*", 0, 300_000, ""]
 
 
 async def exercise_scripts(client: Any, shard: int) -> None:
@@ -273,7 +273,7 @@ async def exercise_fills(client: Any, shard: int) -> None:
     th, fence = all_keys[:3], all_keys[4]
     token = await fenced(client, fence)
     assert await evalsha(client, "fill_thread", [*th, fence, *all_keys[5:]], [
-        '{"title":"f"}', "3", '"2024-01-01T00:00:00Z"', "0", "0", TTL_MS, token, 9]) == 1
+        '{"title":"f"}', "3", '"2024-01-01T00:00:00Z"', "0", "0", TTL_MS, token, 9, "", 0]) == 1
     assert await evalsha(client, "fill_meta", [*th[:2], fence],
                          ["m8", "1", "fp", "{}", token]) == 1
     old = '{"seq":1,"message_id":"m9"}'

@@ -5,6 +5,7 @@ thread's window) is read through the backing (PostgreSQL) and cached again.
     hot.threads   get, put, delete            hot.pages     page
     hot.messages  append, get, edit, delete   hot.state     get, put, delete
     hot.release   the flush acknowledgement (cache policy: unflushed counts, TTLs, windows)
+    hot.inbox     an owner's threads by last activity (Redis's index merged with PostgreSQL)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from proxy.backends import Backing
 from proxy.failpoints import Failpoints
 from proxy.hot.core import Core, Result
+from proxy.hot.inbox import Inbox, InboxPage
 from proxy.hot.messages import Messages
 from proxy.hot.pages import Page, Pages, page_range
 from proxy.hot.release import Release
@@ -21,7 +23,7 @@ from proxy.redisconn import RedisClient
 from proxy.settings import Settings
 from proxy.writelog import Backlog
 
-__all__ = ["HotTier", "Page", "Result", "page_range"]
+__all__ = ["HotTier", "InboxPage", "Page", "Result", "page_range"]
 
 
 class HotTier:
@@ -34,4 +36,5 @@ class HotTier:
         self.pages = Pages(core, self.threads, self.messages)
         self.state = States(core)
         self.release = Release(core)
+        self.inbox = Inbox(core)
         self.aclose = core.aclose

@@ -1,0 +1,119 @@
+"""Inbox page latency (GET /v1/threads?owner_id=) for an owner with many threads, warm and cold.
+
+    python loadtests/inbox_latency.py                      (10,000 threads, embedded servers)
+    python loadtests/inbox_latency.py --threads 2000 --limit 20
+
+It starts embedded Redis + PostgreSQL and a sidecar (cache.ttl_s short, so that flushed
+threads leave Redis), creates `--threads` threads for one owner and 100 for another (a message
+each for every tenth), then walks every page of both inboxes with the cursor, one request at a
+time, timing each:
+
+- warm: every thread still in Redis (its hash and index entry), the merge with PostgreSQL's
+  rows answering from Redis's docs;
+- cold: every thread flushed and expired from Redis; the first walk also drops the index
+  entries left over (cold, first), the second reads PostgreSQL's index alone (cold).
+
+The small owner's figures beside the large one's show the cost per page does not grow with
+the owner's thread count. Sequential requests: latency, not throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import harness
+from harness import Target
+
+TTL_S = 20  # long enough that every thread is still in Redis for the warm walk
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="inbox_latency.py", description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=10_000, help="threads of the large owner")
+    p.add_argument("--limit", type=int, default=50, help="page size")
+    return p.parse_args(argv)
+
+
+async def create(target: Target, owners: dict[str, int]) -> None:
+    sem = asyncio.Semaphore(32)
+    async with target.client(connections=32) as c:
+
+        async def one(owner: str, i: int) -> None:
+            async with sem:
+                await c.put_thread(f"{owner}-t{i}", title=f"thread {i}", owner_id=owner)
+                if i % 10 == 0:
+                    await c.append(f"{owner}-t{i}", "hello", role="user")
+
+        await asyncio.gather(*(one(o, i) for o, n in owners.items() for i in range(n)))
+
+
+async def walk(target: Target, owner: str, limit: int) -> tuple[list[float], int, set[str]]:
+    """Every page of the owner's inbox in order: each request's ms, threads seen, X-Tiers."""
+    times, seen, tiers = [], 0, set()
+    query: dict[str, Any] = {"owner_id": owner, "limit": limit}
+    async with aiohttp.ClientSession(f"{target.url}", headers=target.headers) as s:
+        while True:
+            started = time.perf_counter()
+            async with s.get("/v1/threads", params=query) as resp:
+                assert resp.status == 200, await resp.text()
+                page = await resp.json()
+            times.append((time.perf_counter() - started) * 1000)
+            seen += len(page["items"])
+            tiers.add(resp.headers["X-Tier"])
+            if page["next_cursor"] is None:
+                return times, seen, tiers
+            query["before"] = page["next_cursor"]
+
+
+async def cold(target: Target) -> None:
+    """Wait until nothing is left to flush, then for the cache TTL to pass."""
+    async with aiohttp.ClientSession(target.url, headers=target.headers) as s:
+        while True:
+            async with s.get("/v1/status") as resp:
+                status = await resp.json()
+            if all(v["backlog"] == 0 for v in status["sinks"].values()):
+                break
+            await asyncio.sleep(0.5)
+    await asyncio.sleep(TTL_S + 1.5)
+
+
+def line(what: str, owner: str, threads: int, r: tuple[list[float], int, set[str]]) -> str:
+    times, seen, tiers = r
+    q = statistics.quantiles(times, n=100) if len(times) > 1 else times * 99
+    return (f"{what:<12} {owner:<6} {threads:>6} threads  {len(times):>4} pages ({seen} "
+            f"threads, {'/'.join(sorted(tiers))}): p50 {statistics.median(times):6.2f} ms  "
+            f"p99 {q[98]:6.2f} ms  first page {times[0]:6.2f} ms")
+
+
+async def measure(target: Target, args: argparse.Namespace) -> list[str]:
+    owners = {"big": args.threads, "small": 100}
+    await create(target, owners)
+    out = []
+    for phase in ("warm", "cold, first", "cold"):
+        if phase == "cold, first":
+            await cold(target)
+        for owner, n in owners.items():
+            out.append(line(phase, owner, n, await walk(target, owner, args.limit)))
+            print(out[-1], flush=True)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    with harness.temporary_stack(baselines=False) as stack:
+        stack.restart_sidecar({"TIERPROXY_CACHE_TTL_S": str(TTL_S)})
+        assert stack.sidecar is not None
+        asyncio.run(measure(stack.sidecar, args))
+    return 0
+
+
+if __name__ == "__main__":
+    harness.stop_on_sigterm()
+    sys.exit(main())
