@@ -8,10 +8,10 @@ threads leave Redis), creates `--threads` threads for one owner and 100 for anot
 each for every tenth), then walks every page of both inboxes with the cursor, one request at a
 time, timing each:
 
-- warm: every thread still in Redis (its hash and index entry), the merge with PostgreSQL's
-  rows answering from Redis's docs;
-- cold: every thread flushed and expired from Redis; the first walk also drops the index
-  entries left over (cold, first), the second reads PostgreSQL's index alone (cold).
+- warm: every thread still in Redis (its hash and index entry; cache.ttl_s is 120 s), the
+  merge with PostgreSQL's rows answering from Redis's docs;
+- cold: once every thread hash was flushed and expired from Redis; the first walk also drops
+  the index entries left over (cold, first), the second reads PostgreSQL's index alone.
 
 The small owner's figures beside the large one's show the cost per page does not grow with
 the owner's thread count. Sequential requests: latency, not throughput.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -28,10 +29,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
+import asyncpg
 import harness
-from harness import Target
+import redis.asyncio as aioredis
+from harness import Stack, Target
 
-TTL_S = 20  # long enough that every thread is still in Redis for the warm walk
+TTL_S = 120  # long enough that every thread is still in Redis for the warm walk
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -54,9 +57,10 @@ async def create(target: Target, owners: dict[str, int]) -> None:
         await asyncio.gather(*(one(o, i) for o, n in owners.items() for i in range(n)))
 
 
-async def walk(target: Target, owner: str, limit: int) -> tuple[list[float], int, set[str]]:
+async def walk(target: Target, owner: str, limit: int) -> tuple[list[float], int, list[str]]:
     """Every page of the owner's inbox in order: each request's ms, threads seen, X-Tiers."""
-    times, seen, tiers = [], 0, set()
+    times: list[float] = []
+    seen, tiers = 0, []
     query: dict[str, Any] = {"owner_id": owner, "limit": limit}
     async with aiohttp.ClientSession(f"{target.url}", headers=target.headers) as s:
         while True:
@@ -66,39 +70,53 @@ async def walk(target: Target, owner: str, limit: int) -> tuple[list[float], int
                 page = await resp.json()
             times.append((time.perf_counter() - started) * 1000)
             seen += len(page["items"])
-            tiers.add(resp.headers["X-Tier"])
+            tiers.append(resp.headers["X-Tier"])
             if page["next_cursor"] is None:
                 return times, seen, tiers
             query["before"] = page["next_cursor"]
 
 
-async def cold(target: Target) -> None:
-    """Wait until nothing is left to flush, then for the cache TTL to pass."""
-    async with aiohttp.ClientSession(target.url, headers=target.headers) as s:
-        while True:
-            async with s.get("/v1/status") as resp:
-                status = await resp.json()
-            if all(v["backlog"] == 0 for v in status["sinks"].values()):
-                break
-            await asyncio.sleep(0.5)
-    await asyncio.sleep(TTL_S + 1.5)
+async def cold(redis_url: str) -> None:
+    """Wait until every thread hash left Redis (flushed, then expired after the cache TTL)."""
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        while [k async for k in r.scan_iter(match="tp:{*}:t:*", count=1000)]:
+            await asyncio.sleep(1.0)
+    finally:
+        await r.aclose()
 
 
-def line(what: str, owner: str, threads: int, r: tuple[list[float], int, set[str]]) -> str:
+async def plan(postgres_url: str) -> str:
+    """How PostgreSQL answers a page below a cursor (it should be one range of threads_inbox)."""
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        rows = await conn.fetch(
+            "EXPLAIN SELECT thread_id FROM threads WHERE owner_id = 'big' AND NOT deleted"
+            " AND version > 0 AND (last_activity_at, thread_id) < (now(), 'x')"
+            " ORDER BY last_activity_at DESC, thread_id DESC LIMIT 50")
+        return " | ".join(r[0].strip() for r in rows[:3])
+    finally:
+        await conn.close()
+
+
+def line(what: str, owner: str, threads: int, r: tuple[list[float], int, list[str]]) -> str:
     times, seen, tiers = r
     q = statistics.quantiles(times, n=100) if len(times) > 1 else times * 99
     return (f"{what:<12} {owner:<6} {threads:>6} threads  {len(times):>4} pages ({seen} "
-            f"threads, {'/'.join(sorted(tiers))}): p50 {statistics.median(times):6.2f} ms  "
+            f"threads, X-Tier {', '.join(f'{t} {tiers.count(t)}' for t in sorted(set(tiers)))}"
+            f"): p50 {statistics.median(times):6.2f} ms  "
             f"p99 {q[98]:6.2f} ms  first page {times[0]:6.2f} ms")
 
 
-async def measure(target: Target, args: argparse.Namespace) -> list[str]:
-    owners = {"big": args.threads, "small": 100}
+async def measure(stack: Stack, args: argparse.Namespace) -> list[str]:
+    assert stack.sidecar is not None
+    target, owners = stack.sidecar, {"big": args.threads, "small": 100}
     await create(target, owners)
-    out = []
+    out = [f"postgres plan: {await plan(stack.postgres_url)}"]
+    print(out[0], flush=True)
     for phase in ("warm", "cold, first", "cold"):
         if phase == "cold, first":
-            await cold(target)
+            await cold(stack.redis_url)
         for owner, n in owners.items():
             out.append(line(phase, owner, n, await walk(target, owner, args.limit)))
             print(out[-1], flush=True)
@@ -109,8 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     with harness.temporary_stack(baselines=False) as stack:
         stack.restart_sidecar({"TIERPROXY_CACHE_TTL_S": str(TTL_S)})
-        assert stack.sidecar is not None
-        asyncio.run(measure(stack.sidecar, args))
+        asyncio.run(measure(stack, args))
+        print(f"load average (1, 5, 15 min): {os.getloadavg()}")
     return 0
 
 

@@ -243,6 +243,7 @@ async def exercise_scripts(client: Any, shard: int) -> None:
         '{"key":"k","value":1}', "", "0,1,", "put", 4, "", 4, "k", token]))[0] == b"CREATED"
     await exercise_release(client, s, tid, mid)
     await exercise_fills(client, s)
+    await exercise_inbox(client, s)
 
 
 async def exercise_release(client: Any, shard: int, tid: str, mid: str) -> None:
@@ -264,6 +265,24 @@ async def exercise_release(client: Any, shard: int, tid: str, mid: str) -> None:
     assert (await client.xpending(keys.log(shard), GROUP))["pending"] == 0
     for key in cached:
         assert 0 < await client.pttl(key) <= TTL_MS, key
+
+
+async def exercise_inbox(client: Any, shard: int) -> None:
+    """A thread with an owner: its writes keep the owner's index of the shard, which the
+    inbox scripts read (one slot: the index and the thread hashes share the shard's tag)."""
+    tid, owner = f"i{shard}", "u1"
+    index = keys.inbox(shard, owner)
+    token = await fenced(client, keys.fence(shard, "t", tid))
+    assert (await evalsha(client, "thread_put", thread_keys(shard, tid) + [index, index], [
+        '{"title":"i","owner_id":"u1"}', '"2024-01-01T00:00:00Z"', "", token, "put",
+        keys.events(shard), 5, tid, owner, owner]))[0] == b"CREATED"
+    assert (await evalsha(client, "message_append", append_keys(shard, tid) + [index],
+                          [*append_args(shard, tid, "m1")[:-1], owner]))[0] == b"CREATED"
+    assert await evalsha(client, "inbox_scan", [index], ["+inf", "", 10]) == [tid.encode(),
+                                                                               b"5"]
+    state, _, seq, activity = await evalsha(client, "inbox_check",
+                                            [index, keys.thread(shard, tid)], [owner, tid])
+    assert (state, seq, activity) == (b"live", b"1", b"5")
 
 
 async def exercise_fills(client: Any, shard: int) -> None:
