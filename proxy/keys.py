@@ -10,6 +10,8 @@ Thread hash `thread(s, tid)`:
     seq   the last message seq assigned           pend  changes of the thread and its
     ft    the latest append time (ms) of a message    messages not yet flushed to PostgreSQL
           whose id Redis forgot (0: none; an id made before then may be in PostgreSQL only)
+    o     the owner_id (inbox)                    la    last activity (ms): the latest of
+          the thread's changes and message appends (inbox; never goes backwards)
 Messages hash `messages(s, tid)`, per message id `mid`:
     d|mid  the message JSON (window, overlay)     m|mid  "<version>,<fingerprint>[,<ts>]"
     p|mid  changes of the message not yet flushed (absent: none); ts: when it was appended
@@ -31,6 +33,8 @@ Log entry (XADD to `log(s)`):
     g  (replayed dead letters only) the one consumer group it is meant for
 Dead letter (XADD to `dead_letters(s)`): the entry's fields plus
     error  why it was given up    group  the group that gave up    source_id  its log entry id
+Inbox index `inbox(s, owner)`: sorted set tid -> last activity ms of the owner's threads on
+    shard s (no TTL: an entry whose thread hash is gone is flushed, and dropped when read).
 Load fence `fence(s, kind, id)` (kind t: a thread and its messages, k: a state key): the token
     a read-through's fill must present; release.lua deletes it on every release of the entity,
     so a load that began before a newer version was flushed can never install what it read.
@@ -90,6 +94,11 @@ def overlay(shard: int, tid: str) -> str:
 
 def cold(shard: int, tid: str) -> str:
     return f"{_tag(shard)}:c:{tid}"
+
+
+def inbox(shard: int, owner: str) -> str:
+    """An owner's threads of one shard by last activity (inbox)."""
+    return f"{_tag(shard)}:in:{owner}"
 
 
 def state(shard: int, key: str) -> str:

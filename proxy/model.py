@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import Invalid
+from proxy.errors import Invalid, Malformed
 from proxy.keys import ID_RE
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -304,3 +305,26 @@ def parse_marker(body: Any) -> int:
 def marker_doc(tid: str, uid: str, seq: int, ms: int) -> bytes:
     """A read marker as the log carries it (kind 'r'; its version is its seq)."""
     return orjson.dumps({"thread_id": tid, "user_id": uid, "seq": seq, "updated_at": iso(ms)})
+# ---- inbox
+
+InboxKey = tuple[int, str]  # (last activity ms, thread id): inbox order, newest first
+MAX_INBOX = 200  # threads in one inbox page
+DEFAULT_INBOX = 50
+
+
+INBOX_CURSOR = r"^[0-9]{1,15}\.[A-Za-z0-9._:-]{1,128}$"  # "<activity ms>.<thread id>"
+_INBOX_CURSOR_RE = re.compile(INBOX_CURSOR)
+
+
+def inbox_cursor(key: InboxKey) -> str:
+    """The next_cursor of an inbox page: the position of its last thread (opaque to clients)."""
+    return f"{key[0]}.{key[1]}"
+
+
+def parse_inbox_cursor(raw: str) -> InboxKey:
+    """A position as inbox_cursor writes it; Malformed for anything else."""
+    if not _INBOX_CURSOR_RE.fullmatch(raw):
+        raise Malformed("before is not an inbox cursor (next_cursor of a page)",
+                        {"param": "before"})
+    ms, _, tid = raw.partition(".")
+    return int(ms), tid

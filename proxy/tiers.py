@@ -14,8 +14,9 @@ from proxy.backends import PG, Backing, ThreadRow
 from proxy.backends.postgres.writethrough import WriteThrough
 from proxy.errors import NotFound, Unavailable
 from proxy.failover import Failover
-from proxy.hot import HotTier, Marker, Page, Result, page_range
+from proxy.hot import HotTier, InboxPage, Marker, Page, Result, page_range
 from proxy.hot.core import PERSISTED
+from proxy.hot.inbox import with_activity
 from proxy.hot.threads import with_last_seq
 
 T = TypeVar("T")
@@ -74,6 +75,14 @@ class PostgresTier:
     async def delete_message(self, tid: str, mid: str, if_match: str) -> Result:
         row = await self._through.update_message(tid, mid, if_match, model.deleted_message)
         return Result(row.doc, PG.tier, False, PERSISTED)
+
+    async def inbox(self, owner: str, before: model.InboxKey | None, limit: int) -> InboxPage:
+        """PostgreSQL alone holds every thread now: one range of its inbox index."""
+        rows = await self._backing.load_inbox(owner, before, limit)
+        items = [with_activity(with_last_seq(r.doc, r.last_seq), r.last_activity_ms)
+                 for r in rows]
+        cursor = (rows[-1].last_activity_ms, rows[-1].thread_id) if len(rows) == limit else None
+        return InboxPage(owner, items, cursor, PG.tier)
 
     async def put_state(self, key: str, st: model.StateInput, if_match: str) -> Result:
         expires = model.now_ms() + int(st.ttl_s * 1000) if st.ttl_s is not None else None
@@ -182,6 +191,11 @@ class Tiers:
         on every sidecar after any append or delete; NotFound for an unknown or deleted
         thread. For the inbox's `user_id` (one call per thread of a page)."""
         return (await self.get_marker(tid, uid)).unread
+
+    async def inbox(self, owner: str, before: model.InboxKey | None, limit: int) -> InboxPage:
+        return await self._serve(lambda: self._hot.inbox.page(owner, before, limit),
+                                 lambda: self._pg.inbox(owner, before, limit), write=False)
+
 
 async def _no_erase() -> Result:
     """Write-through does not erase: the log and ClickHouse, which hold earlier versions, are

@@ -32,12 +32,12 @@ def test_key_slot_is_redis_crc16() -> None:
 
 def shard_keys(shard: int, entity: str) -> list[str]:
     """Everything a script of this shard may touch for `entity` (thread scripts: thread,
-    messages, window, cold cache, read markers; state scripts: the state key), and the
-    shard's streams and channel."""
+    messages, window, cold cache, read markers, the inbox index of an owner; state scripts:
+    the state key), and the shard's streams and channel."""
     return [keys.thread(shard, entity), keys.messages(shard, entity), keys.window(shard, entity),
             keys.cold(shard, entity), keys.markers(shard, entity), keys.state(shard, entity),
-            keys.log(shard),
-            keys.dead_letters(shard), keys.events(shard)]
+            keys.log(shard), keys.dead_letters(shard), keys.events(shard),
+            keys.inbox(shard, entity)]  # an owner's inbox index (owner ids may hold braces)
 
 
 @pytest.mark.parametrize("entity", IDS)

@@ -40,14 +40,22 @@ def marker_args(tid: str, mode: str = "put", seq: int = 1) -> list[Any]:
             keys.events(S), 1, tid]
 
 
-def append_args(tid: str, mid: str, fp: str, checked: str = "*") -> list[Any]:
+def append_args(tid: str, mid: str, fp: str, checked: str = "*",
+                owner: str = "") -> list[Any]:
     body = f'{{"version":1,"message_id":"{mid}","thread_id":"{tid}","content":"x"}}'
-    return [tid, mid, body, fp, keys.events(S), 1, checked, 0, 30_000]
+    return [tid, mid, body, fp, keys.events(S), 1, checked, 0, 30_000, owner]
 
 
-def thread_args(tid: str, op: str = "put", if_match: str = "", new: str = "") -> list[Any]:
+def thread_args(tid: str, op: str = "put", if_match: str = "", new: str = "",
+                owner: str = "", believed: str = "") -> list[Any]:
     return ['{"title":"t"}', '"2026-01-01T00:00:00.000Z"', if_match, new, op, keys.events(S), 1,
-            tid]
+            tid, owner, believed]
+
+
+def inbox_keys(owner: str = "", believed: str = "") -> list[str]:
+    """thread_put's inbox index keys (the new owner's, the believed one's), after its others
+    (the erase's dead letters and cold cache)."""
+    return [keys.dead_letters(S), keys.cold(S, "t"), keys.inbox(S, owner), keys.inbox(S, believed)]
 
 
 def state_args(key: str, op: str = "put", if_match: str = "", base: str = "") -> list[Any]:
@@ -84,7 +92,7 @@ async def prepared(redis: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
         == b"OK"
     assert await run(redis, "fill_thread", [*thread_keys("old")[:3], *thread_keys("old")[4:]],
                      ['{"title":"o"}', 1, '"2026-01-01T00:00:00.000Z"', 5, 0, 600_000, TOKEN,
-                      1000]) == 1
+                      1000, "", 0]) == 1
     assert (await run(redis, "message_append", thread_keys("t")[:6],
                       append_args("t", "m1", "fp1")))[0] == b"CREATED"
     assert (await run(redis, "state_put", state_keys("k"), state_args("k", base="0,1,")))[0] \
@@ -106,8 +114,14 @@ REFUSALS: list[tuple[str, str, Any]] = [
      [b"GONE", b"2"]),
     ("thread_put: delete of a new thread", "thread_put",
      (thread_keys("nope"), thread_args("nope", "del", new=TOKEN)), [b"NOTFOUND"]),
+    ("thread_put: another owner than believed", "thread_put",
+     (thread_keys("t") + inbox_keys("u1", "u1"), thread_args("t", owner="u1", believed="u1")),
+     [b"OWNER", b""]),
     ("thread_put: If-Match", "thread_put", (thread_keys("t"), thread_args("t", if_match="9")),
      [b"PRECONDITION", b"1"]),
+    ("message_append: another owner than believed", "message_append",
+     (thread_keys("t")[:6] + [keys.inbox(S, "u1")], append_args("t", "m2", "fp2", owner="u1")),
+     [b"OWNER", b""]),
     ("message_append: no thread", "message_append",
      (thread_keys("nope")[:6], append_args("nope", "m2", "fp2")), [b"MISS"]),
     ("message_append: deleted thread", "message_append",
@@ -138,10 +152,10 @@ REFUSALS: list[tuple[str, str, Any]] = [
      (state_keys("nope"), state_args("nope", "del", base="0,1,")), [b"NOTFOUND"]),
     ("fill_thread: present", "fill_thread",
      ([*thread_keys("t")[:3], *thread_keys("t")[4:]],
-      ["{}", 1, '"x"', 0, 0, 1000, TOKEN, 1]), 0),
+      ["{}", 1, '"x"', 0, 0, 1000, TOKEN, 1, "", 0]), 0),
     ("fill_thread: stale load", "fill_thread",
      ([*thread_keys("nope")[:3], *thread_keys("nope")[4:]],
-      ["{}", 1, '"x"', 0, 0, 1000, "stale", 1]), -1),
+      ["{}", 1, '"x"', 0, 0, 1000, "stale", 1, "", 0]), -1),
     ("fill_state: present", "fill_state", ([keys.state(S, "k"), keys.fence(S, "k", "k")],
                                            ["{}", 1, "", 1000, 5, TOKEN]), 0),
     ("fill_state: stale load", "fill_state",
@@ -211,4 +225,4 @@ def test_every_script_with_a_refusal_has_a_case() -> None:
     assert {name for _, name, _, _ in REFUSALS} == refusing
     # The others never refuse: they read, or always write (groups, fences, the release).
     assert set(SCRIPTS) - refusing == {"read_page", "get_message", "count_from", "create_groups",
-                                       "load_fence", "release"}
+                                       "load_fence", "release", "inbox_scan", "inbox_check"}

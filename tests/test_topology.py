@@ -214,12 +214,12 @@ async def create_thread(client: Any, shard: int, tid: str) -> None:
     token = await fenced(client, keys.fence(shard, "t", tid))  # PostgreSQL said: new
     reply = await evalsha(client, "thread_put", thread_keys(shard, tid), [
         '{"title":"t"}', '"2024-01-01T00:00:00Z"', "", token, "put", keys.events(shard), 1,
-        tid])
+        tid, "", ""])  # no owner: the inbox index keys are not touched
     assert reply[0] == b"CREATED"
 
 
 def append_args(shard: int, tid: str, mid: str) -> list[Any]:
-    return [tid, mid, message_body(tid, mid), "fp", keys.events(shard), 2, "*", 0, 300_000]
+    return [tid, mid, message_body(tid, mid), "fp", keys.events(shard), 2, "*", 0, 300_000, ""]
 
 
 async def exercise_scripts(client: Any, shard: int) -> None:
@@ -244,6 +244,7 @@ async def exercise_scripts(client: Any, shard: int) -> None:
         '{"key":"k","value":1}', "", "0,1,", "put", 4, "", 4, "k", token]))[0] == b"CREATED"
     await exercise_release(client, s, tid, mid)
     await exercise_fills(client, s)
+    await exercise_inbox(client, s)
 
 
 async def exercise_markers(client: Any, shard: int, tid: str) -> None:
@@ -280,6 +281,25 @@ async def exercise_release(client: Any, shard: int, tid: str, mid: str) -> None:
         assert 0 < await client.pttl(key) <= TTL_MS, key
 
 
+async def exercise_inbox(client: Any, shard: int) -> None:
+    """A thread with an owner: its writes keep the owner's index of the shard, which the
+    inbox scripts read (one slot: the index and the thread hashes share the shard's tag)."""
+    tid, owner = f"i{shard}", "u1"
+    index = keys.inbox(shard, owner)
+    token = await fenced(client, keys.fence(shard, "t", tid))
+    assert (await evalsha(client, "thread_put", thread_keys(shard, tid) + [
+        keys.dead_letters(shard), keys.cold(shard, tid), index, index], [
+        '{"title":"i","owner_id":"u1"}', '"2024-01-01T00:00:00Z"', "", token, "put",
+        keys.events(shard), 5, tid, owner, owner]))[0] == b"CREATED"
+    assert (await evalsha(client, "message_append", append_keys(shard, tid) + [index],
+                          [*append_args(shard, tid, "m1")[:-1], owner]))[0] == b"CREATED"
+    assert await evalsha(client, "inbox_scan", [index], ["+inf", "", 10]) == [tid.encode(),
+                                                                               b"5"]
+    state, _, seq, activity = await evalsha(client, "inbox_check",
+                                            [index, keys.thread(shard, tid)], [owner, tid])
+    assert (state, seq, activity) == (b"live", b"1", b"5")
+
+
 async def exercise_fills(client: Any, shard: int) -> None:
     """The read-through scripts, on a thread and a state key loaded 'from PostgreSQL'."""
     tid = f"f{shard}"
@@ -287,7 +307,7 @@ async def exercise_fills(client: Any, shard: int) -> None:
     th, fence = all_keys[:3], all_keys[4]
     token = await fenced(client, fence)
     assert await evalsha(client, "fill_thread", [*th, fence, *all_keys[5:]], [
-        '{"title":"f"}', "3", '"2024-01-01T00:00:00Z"', "0", "0", TTL_MS, token, 9]) == 1
+        '{"title":"f"}', "3", '"2024-01-01T00:00:00Z"', "0", "0", TTL_MS, token, 9, "", 0]) == 1
     assert await evalsha(client, "fill_meta", [*th[:2], fence],
                          ["m8", "1", "fp", "{}", token]) == 1
     old = '{"seq":1,"message_id":"m9"}'

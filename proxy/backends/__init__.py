@@ -60,6 +60,9 @@ class ThreadRow:
     created_at: str  # JSON string, as the thread script stores it
     last_seq: int
     deleted: bool
+    thread_id: str = ""
+    owner_id: str = ""
+    last_activity_ms: int = 0  # the later of its last change and last message (inbox)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,11 @@ class Backing(Protocol):
     async def count_live(self, tid: str, lo: int, hi: int, exclude: list[str]) -> int: ...
     async def persist(self, kind: str, doc: bytes, fingerprint: str = "",
                       erased: bool = False) -> None: ...
+    async def load_inbox(self, owner: str, before: tuple[int, str] | None,
+                         limit: int) -> list[ThreadRow]:
+        """An owner's live threads strictly below `before` (activity ms, tid; None: from
+        the top), newest activity first, at most `limit`."""
+        ...
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -106,13 +114,14 @@ def _ms(dt: datetime | None) -> int | None:
 
 def thread_row(*, thread_id: str, title: str, owner_id: str, metadata: Any,
                created_at: datetime, updated_at: datetime, version: int, last_seq: int,
-               deleted: bool) -> ThreadRow:
+               deleted: bool, last_activity_at: datetime | None = None) -> ThreadRow:
     """A thread as the thread script stores it (fields in its order; metadata a JSON object)."""
     created = _iso(created_at)
     doc = orjson.dumps({"version": version, "created_at": created, "thread_id": thread_id,
                         "title": title, "owner_id": owner_id, "metadata": metadata,
                         "updated_at": _iso(updated_at), "deleted": deleted})
-    return ThreadRow(doc, version, orjson.dumps(created).decode(), last_seq, deleted)
+    return ThreadRow(doc, version, orjson.dumps(created).decode(), last_seq, deleted,
+                     thread_id, owner_id, _ms(last_activity_at) or 0)
 
 
 def message_row(*, message_id: str, thread_id: str, seq: int, role: str, content: str,

@@ -54,6 +54,10 @@ class ClickHouseBacking:
     async def load_state(self, key: str) -> StateRow | None:
         raise Unavailable("postgres is unavailable; state entries are not served from clickhouse")
 
+    async def load_inbox(self, owner: str, before: tuple[int, str] | None,
+                         limit: int) -> list[ThreadRow]:
+        raise Unavailable("postgres is unavailable; the inbox is not served from clickhouse")
+
     async def persist(self, kind: str, doc: bytes, fingerprint: str = "",
                       erased: bool = False) -> None:
         raise Unavailable("postgres is unavailable; clickhouse is read-only")

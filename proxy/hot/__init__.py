@@ -7,6 +7,7 @@ thread's window) is read through the backing (PostgreSQL) and cached again.
     hot.release   the flush acknowledgement (cache policy: unflushed counts, TTLs, windows)
     hot.ephemeral publish (pushed to subscribers, never stored)
     hot.markers   get, put, unread (read markers, issue 12.2)
+    hot.inbox     an owner's threads by last activity (Redis's index merged with PostgreSQL)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from proxy.backends import Backing
 from proxy.failpoints import Failpoints
 from proxy.hot.core import Core, Result
 from proxy.hot.ephemeral import Ephemerals
+from proxy.hot.inbox import Inbox, InboxPage
 from proxy.hot.markers import Marker, Markers
 from proxy.hot.messages import Messages
 from proxy.hot.pages import Page, Pages, page_range
@@ -25,7 +27,7 @@ from proxy.redisconn import RedisClient
 from proxy.settings import Settings
 from proxy.writelog import Backlog
 
-__all__ = ["HotTier", "Marker", "Page", "Result", "page_range"]
+__all__ = ["HotTier", "InboxPage", "Marker", "Page", "Result", "page_range"]
 
 
 class HotTier:
@@ -40,4 +42,5 @@ class HotTier:
         self.release = Release(core)
         self.ephemeral = Ephemerals(core, self.threads)
         self.markers = Markers(core, self.threads)
+        self.inbox = Inbox(core)
         self.aclose = core.aclose

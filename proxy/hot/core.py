@@ -16,6 +16,7 @@ from proxy.backends import Backing
 from proxy.errors import Backpressure, Unavailable
 from proxy.failpoints import Failpoints
 from proxy.flights import SingleFlight
+from proxy.hot.owners import OwnerHints
 from proxy.redisconn import RedisClient
 from proxy.settings import Settings
 from proxy.writelog import Backlog
@@ -59,6 +60,7 @@ class Core:
         self.degraded = degraded  # read-only, when the backing is down
         self.backlog = backlog
         self.flights = SingleFlight()
+        self.owners = OwnerHints()  # inbox: the owner index key each thread write needs
 
     async def run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
         """One script call, auto-pipelined with the other requests' calls of this tick."""
@@ -109,6 +111,10 @@ class Core:
         """thread, messages, window, log: the keys of the thread scripts, in that order."""
         s = self.shard(tid)
         return [keys.thread(s, tid), keys.messages(s, tid), keys.window(s, tid), keys.log(s)]
+
+    def inbox_key(self, tid: str, owner: str) -> str:
+        """The inbox index of `owner` on the shard of thread `tid`."""
+        return keys.inbox(self.shard(tid), owner)
 
     def recent_key(self, tid: str) -> str:
         return keys.recent(self.shard(tid), tid)

@@ -42,11 +42,15 @@ class Messages:
 
     async def _append_once(self, req: _Append, checked: str) -> Result | None:
         c, tid = self._c, req.tid
+        owner = c.owners.get(tid)  # inbox: its index key goes last
         out = await c.run("message_append", c.thread_keys(tid) + [
-            c.fence_key("t", tid), c.recent_key(tid)], [
+            c.fence_key("t", tid), c.recent_key(tid), c.inbox_key(tid, owner)], [
             tid, req.mid, req.body, req.fingerprint, keys.events(c.shard(tid)), req.ms, checked,
-            model.ulid_ms(req.mid), int(c.settings.cache.id_clock_skew_s * 1000)])
+            model.ulid_ms(req.mid), int(c.settings.cache.id_clock_skew_s * 1000), owner])
         status = out[0].decode()
+        if status == "OWNER":  # another owner than believed: again with its index key
+            c.owners.learn(tid, out[1].decode())
+            return None
         if status == "MISS":
             if await self._threads.fill(tid) is None:
                 raise NotFound(f"thread {tid} not found")

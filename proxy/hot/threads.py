@@ -38,7 +38,9 @@ class Threads:
             if row is not None:
                 await self._c.run("fill_thread", self._fill_keys(tid), [
                     row.doc, row.version, row.created_at, row.last_seq, int(row.deleted),
-                    self._c.ttl_ms, token, model.now_ms()])
+                    self._c.ttl_ms, token, model.now_ms(), row.owner_id,
+                    row.last_activity_ms])
+                self._c.owners.learn(tid, row.owner_id)
             return row
 
         return await self._c.flights.do(("t", tid), lambda: self._c.fresh("t", tid, load))
@@ -70,10 +72,18 @@ class Threads:
         async def attempt(new: str = "") -> Result | None:
             ms = model.now_ms()
             ahead = await erasure.read_ahead(self._c, s, erasure.of_thread(tid)) if erase else []
-            out = await self._c.run("thread_put", ks, [
+            # Inbox: the index keys of the new owner and of the one we believe it has now.
+            believed = self._c.owners.get(tid, "" if op == "del" else t.owner_id)
+            owner = believed if op == "del" else t.owner_id
+            out = await self._c.run("thread_put", ks + [
+                self._c.inbox_key(tid, owner), self._c.inbox_key(tid, believed)], [
                 model.thread_body(tid, t, op == "del", ms), orjson.dumps(model.iso(ms)),
-                if_match, new, op, keys.events(s), ms, tid, PG.name if erase else "", *ahead])
+                if_match, new, op, keys.events(s), ms, tid, owner, believed,
+                PG.name if erase else "", *ahead])
             status = out[0].decode()
+            if status == "OWNER":  # another owner than believed: again with its index key
+                self._c.owners.learn(tid, out[1].decode())
+                return None
             if status == "MISS" and new:  # the fence moved: the thread was released since
                 return None
             if status == "MISS":  # not in Redis: PostgreSQL has it, or it is new
@@ -88,6 +98,7 @@ class Threads:
             if status == "PRECONDITION":
                 raise PreconditionFailed(f"thread {tid} is at version {out[1].decode()}",
                                          {"version": out[1].decode()})
+            self._c.owners.learn(tid, owner)
             doc = with_last_seq(out[2], int(out[3]))
             return await self._c.stored("thread", tid, doc, durability, status == "CREATED",
                                         erased=erase)

@@ -60,6 +60,15 @@ and last live message (null without any). 404: no event of the thread, or it is 
 """
 
 
+INBOX = """\
+Threads whose owner_id is the given one, newest last activity first (the later of the last
+message appended and the last change of the thread), deleted ones left out; right on every
+sidecar right after any write. `next_cursor` goes in `before` for the next page. 503 while
+PostgreSQL is unreachable (it holds the threads Redis no longer does). X-Tier: postgres when
+some thread came from PostgreSQL.
+"""
+
+
 # ---- links: where a response's ids lead (the stateful tests follow them)
 
 TID = {"tid": "$request.path.tid"}
@@ -193,6 +202,10 @@ def v1_paths() -> Schema:
                              {"200": response("The marker.", ref("ReadMarker"), ["X-Tier"])},
                              "404 422 500 503", description=UNREAD),
         },
+        "/v1/threads": {"get": operation(
+            "listInbox", "An owner's threads, newest activity first",
+            {"200": response("The page.", ref("InboxPage"), ["X-Tier"])}, "400 422 500 503",
+            params=["owner_id", "inboxLimit", "inboxBefore"], description=INBOX)},
         "/v1/status": {"get": operation(
             "getStatus", "Tiers, circuit states, backlog and lag per sink, dead letters",
             {"200": response("The status.", ref("Status"))}, "500 503")},

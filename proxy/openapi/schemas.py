@@ -7,7 +7,15 @@ from typing import Any
 
 from proxy.backends import SINKS
 from proxy.keys import ID_PATTERN
-from proxy.model import DEFAULT_PAGE, MAX_CURSOR, MAX_PAGE, TTL_MAX_S
+from proxy.model import (
+    DEFAULT_INBOX,
+    DEFAULT_PAGE,
+    INBOX_CURSOR,
+    MAX_CURSOR,
+    MAX_INBOX,
+    MAX_PAGE,
+    TTL_MAX_S,
+)
 from proxy.settings import Api
 
 Schema = dict[str, Any]
@@ -133,6 +141,14 @@ def parameters() -> Schema:
         "key": param("key", "path", ident, f"State key {invalid}"),
         "uid": param("uid", "path", ident, f"User id {invalid}"),
         "page": page_parameter(),
+        # inbox (GET /v1/threads)
+        "owner_id": {**param("owner_id", "query", ident, f"The owner {invalid}"),
+                     "required": True},
+        "inboxLimit": param("limit", "query", {**integer(1, MAX_INBOX), "default": DEFAULT_INBOX},
+                            "Page size."),
+        "inboxBefore": param("before", "query", {"type": "string", "pattern": INBOX_CURSOR},
+                             "The next_cursor of the previous page (opaque); 400 if it is "
+                             "not one."),
         "If-Match": param("If-Match", "header", STR,
                           "The version the write expects the entity to be at (`\"3\"`, `3` "
                           "or `W/\"3\"`); `*` or absent: any. Another version, or a value "
@@ -227,6 +243,12 @@ def input_schemas(api: Api) -> Schema:
     }
 
 
+def entity_thread(meta: Schema, common: Schema) -> Schema:
+    """The properties of a thread."""
+    return {"thread_id": STR, "title": STR, "owner_id": STR, "metadata": meta,
+            "last_seq": integer(0), **common}
+
+
 def entity_schemas() -> Schema:
     meta = ref("Metadata")
     common = {"version": integer(1), "created_at": stamp(), "updated_at": stamp(),
@@ -235,14 +257,21 @@ def entity_schemas() -> Schema:
                         obj({"after": integer(0)}, closed=True), {"type": "null"}],
               "description": "The query of the next page in the same direction; null: none."}
     return {
-        "Thread": obj({"thread_id": STR, "title": STR, "owner_id": STR, "metadata": meta,
-                       "last_seq": integer(0), **common}),
+        "Thread": obj(entity_thread(meta, common)),
         "Message": obj({"seq": integer(1), "message_id": STR, "thread_id": STR, "role": STR,
                         "content": STR, "metadata": meta, **common},
                        description="A tombstone (deleted) keeps its seq; its content is empty."),
         "MessagePage": obj({"thread_id": STR, "last_seq": integer(0), "next_cursor": cursor,
                             "items": {"type": "array", "items": ref("Message"),
                                       "description": "Ordered by seq; tombstones included."}}),
+        "InboxPage": obj({"owner_id": STR,
+                          "next_cursor": {"type": ["string", "null"],
+                                          "description": "`before` of the next page; null: "
+                                                         "none."},
+                          "items": {"type": "array", "items": obj({
+                              **entity_thread(meta, common), "last_activity_at": stamp()}),
+                              "description": "The owner's live threads, newest activity "
+                                             "(last message or change) first."}}),
         "StateEntry": obj({"key": STR, "value": {"description": "null once deleted"},
                            "version": integer(1), "expires_at": stamp(nullable=True),
                            "updated_at": stamp(), "deleted": BOOL}),

@@ -2,7 +2,8 @@
 -- already or the load is stale (its fence token is gone: the thread was released since).
 -- KEYS: thread, messages, window, fence, recent ids, overlay
 -- ARGV: doc, version, created_at (JSON string), last_seq, deleted ('1'|'0'), ttl_ms, token,
---       now_ms
+--       now_ms, owner_id, last activity ms (inbox: the hash keeps both; the index is not
+--       touched: PostgreSQL holds the same activity)
 -- Returns 1 filled, 0 present, -1 stale. Leftover message keys of an expired thread are clean
 -- (they got their TTL together with the thread), so they are dropped — the window must stay a
 -- contiguous suffix — but the seq never goes below one they hold. Every message id so far is
@@ -17,5 +18,6 @@ seq = string.format('%d', seq)
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[5], KEYS[6])
 redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'v', ARGV[2], 'c', ARGV[3], 'seq', seq,
   'del', ARGV[5], 'ft', forgotten, 'pend', '0')
+redis.call('HSET', KEYS[1], 'o', ARGV[9], 'la', ARGV[10])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return 1

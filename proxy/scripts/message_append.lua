@@ -4,11 +4,14 @@
 --       the body was made: its created_at), checked ('*': a new generated id, in no store; a
 --       load fence token: PostgreSQL said the id is not there, read under that token; '':
 --       not checked), id_ms (the creation time a ULID id carries, 0 for other ids),
---       skew_ms (how far a client's clock may run ahead of ours)
+--       skew_ms (how far a client's clock may run ahead of ours),
+--       owner_id the caller believes the thread has (inbox)
+-- (KEYS, inbox:) the inbox index of that owner on this shard
 -- Returns {status, ...}: CREATED doc; DUP doc — or DUP '' version ts seq when the message
 -- left the window and only its id is still known; CONFLICT; MISS (thread not in Redis); GONE
 -- (thread deleted); CHECK (the id may be in PostgreSQL only, and was not checked, or the
--- check is stale: the thread was released since, e.g. a peer's copy flushed and trimmed).
+-- check is stale: the thread was released since, e.g. a peer's copy flushed and trimmed);
+-- OWNER, owner (inbox: the thread's owner is not the believed one, whose index was given).
 local th = redis.call('HMGET', KEYS[1], 'seq', 'del', 'ft')
 if not th[1] then return {'MISS'} end
 if th[2] == '1' then return {'GONE'} end
@@ -31,6 +34,11 @@ then
   return {'CHECK'}
 end
 
+-- Inbox: the thread's owner must be the believed one (its index key is KEYS[7]).
+local owner = redis.call('HGET', KEYS[1], 'o')
+if not owner then owner = cjson.decode(redis.call('HGET', KEYS[1], 'doc')).owner_id end
+if owner ~= ARGV[10] then return {'OWNER', owner} end
+
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local s = string.format('%d', seq)
 local doc = '{"seq":' .. s .. ',' .. string.sub(ARGV[3], 2)
@@ -46,4 +54,9 @@ redis.call('XADD', KEYS[4], '*', 'k', 'm', 'id', mid, 'tid', ARGV[1], 'v', '1',
   'e', 'message.created', 'ts', ARGV[6], 'd', doc, 'f', ARGV[4])
 redis.call('PUBLISH', ARGV[5], '{"type":"message.created","thread_id":"' .. ARGV[1]
   .. '","seq":' .. s .. ',"ts":' .. ARGV[6] .. ',"message":' .. doc .. '}')
+-- Inbox: last activity (never backwards) in the hash and the owner's index of this shard.
+local la = string.format('%d', math.max(tonumber(redis.call('HGET', KEYS[1], 'la') or '0'),
+  tonumber(ARGV[6])))
+redis.call('HSET', KEYS[1], 'la', la)
+if owner ~= '' then redis.call('ZADD', KEYS[7], la, ARGV[1]) end
 return {'CREATED', doc}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -97,6 +98,12 @@ class PostgresBacking:
         r = await self._query(lambda: self._store.fetch_message(tid, mid))
         return _message(r) if r else None
 
+    async def load_inbox(self, owner: str, before: tuple[int, str] | None,
+                         limit: int) -> list[ThreadRow]:
+        at = None if before is None else (_at(before[0]), before[1])
+        rows = await self._query(lambda: self._store.fetch_inbox(owner, at, limit))
+        return [thread_row(**{**r, "metadata": orjson.loads(r["metadata"])}) for r in rows]
+
     async def load_state(self, key: str) -> StateRow | None:
         r = await self._query(lambda: self._store.fetch_state(key))
         if r is None:
@@ -117,6 +124,10 @@ class PostgresBacking:
         d = orjson.loads(doc) if erased else {}
         scope = [(d["thread_id"], d.get("message_id", ""))] if erased else []
         await self._query(lambda: self._store.upsert([(_KINDS[kind], doc, fingerprint)], scope))
+
+
+def _at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 def _message(r: dict[str, Any]) -> MessageRow:

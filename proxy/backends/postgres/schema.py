@@ -67,6 +67,24 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (thread_id, user_id)
     )
     """,
+    # Inbox (GET /v1/threads?owner_id=): each thread's last activity, the later of its last
+    # change and its last message, kept by the flush and by write-through; rows from before
+    # this column are filled once from their messages.
+    """
+    DO $$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema =
+                       current_schema() AND table_name = 'threads'
+                       AND column_name = 'last_activity_at') THEN
+            ALTER TABLE threads ADD COLUMN last_activity_at timestamptz;
+            UPDATE threads t SET last_activity_at = greatest(t.updated_at,
+                (SELECT max(m.created_at) FROM messages m WHERE m.thread_id = t.thread_id));
+            ALTER TABLE threads ALTER COLUMN last_activity_at SET DEFAULT now(),
+                                ALTER COLUMN last_activity_at SET NOT NULL;
+        END IF;
+    END $$;
+    CREATE INDEX IF NOT EXISTS threads_inbox
+        ON threads (owner_id, last_activity_at DESC, thread_id DESC) WHERE NOT deleted;
+    """,
 ]
 
 async def apply_migrations(conn: asyncpg.Connection) -> None:

@@ -18,7 +18,8 @@ _THREADS = f"""
 SELECT doc->>'thread_id' AS thread_id, doc->>'title' AS title, doc->>'owner_id' AS owner_id,
        doc->'metadata' AS metadata, (doc->>'created_at')::timestamptz AS created_at,
        (doc->>'updated_at')::timestamptz AS updated_at, (doc->>'version')::bigint AS version,
-       (doc->>'deleted')::bool AS deleted
+       (doc->>'deleted')::bool AS deleted,
+       (doc->>'updated_at')::timestamptz AS last_activity_at  -- inbox: a change is activity
 FROM {STAGE} WHERE kind = 't'"""
 _MESSAGES = f"""
 SELECT doc->>'message_id' AS message_id, doc->>'thread_id' AS thread_id,
@@ -38,20 +39,22 @@ FROM {STAGE} WHERE kind = 's'"""
 UPSERT_THREADS = f"""
 WITH written AS (
     INSERT INTO threads AS t (thread_id, title, owner_id, metadata, created_at, updated_at,
-                              version, deleted)
+                              version, deleted, last_activity_at)
     {_THREADS}
     ON CONFLICT (thread_id) DO UPDATE SET
         title = excluded.title, owner_id = excluded.owner_id, metadata = excluded.metadata,
         created_at = excluded.created_at, updated_at = excluded.updated_at,
-        version = excluded.version, deleted = excluded.deleted
+        version = excluded.version, deleted = excluded.deleted,
+        last_activity_at = greatest(t.last_activity_at, excluded.last_activity_at)
     WHERE excluded.version > t.version
     RETURNING 1)
 SELECT count(*) FROM written
 """
 
 # Message ids are scoped by thread, as in the API (/v1/threads/{tid}/messages/{mid}). The
-# same statement raises each thread's last_seq; a message's thread row may not be flushed
-# yet: a version-0 placeholder holds last_seq and loses to the thread's first real version.
+# same statement raises each thread's last_seq (and last activity); a message's thread row
+# may not be flushed yet: a version-0 placeholder holds them and loses to the thread's first
+# real version.
 UPSERT_MESSAGES = f"""
 WITH staged AS MATERIALIZED ({_MESSAGES}),
 written AS (
@@ -65,10 +68,13 @@ written AS (
     WHERE excluded.version > m.version
     RETURNING 1),
 last_seqs AS (
-    INSERT INTO threads AS t (thread_id, version, last_seq)
-    SELECT thread_id, 0, max(seq) FROM staged GROUP BY thread_id ORDER BY thread_id
-    ON CONFLICT (thread_id) DO UPDATE SET last_seq = excluded.last_seq
-    WHERE excluded.last_seq > t.last_seq)
+    -- inbox: the thread's last activity moves to its newest message (never backwards)
+    INSERT INTO threads AS t (thread_id, version, last_seq, last_activity_at)
+    SELECT thread_id, 0, max(seq), max(created_at) FROM staged GROUP BY thread_id
+    ORDER BY thread_id
+    ON CONFLICT (thread_id) DO UPDATE SET last_seq = greatest(t.last_seq, excluded.last_seq),
+        last_activity_at = greatest(t.last_activity_at, excluded.last_activity_at)
+    WHERE excluded.last_seq > t.last_seq OR excluded.last_activity_at > t.last_activity_at)
 SELECT count(*) FROM written
 """
 

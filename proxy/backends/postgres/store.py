@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -115,9 +116,22 @@ class PostgresStore:
     async def fetch_thread(self, tid: str) -> dict[str, Any] | None:
         row = await self._pool.fetchrow(
             "SELECT thread_id, title, owner_id, metadata::text AS metadata, created_at,"
-            " updated_at, version, last_seq, deleted FROM threads"
+            " updated_at, version, last_seq, deleted, last_activity_at FROM threads"
             " WHERE thread_id = $1 AND version > 0", tid)
         return dict(row) if row else None
+
+    async def fetch_inbox(self, owner: str, before: tuple[datetime, str] | None,
+                          limit: int) -> list[dict[str, Any]]:
+        """An owner's live threads below `before` (last activity, tid), newest first: one
+        range of the threads_inbox index."""
+        where = "" if before is None else " AND (last_activity_at, thread_id) < ($3, $4)"
+        rows = await self._pool.fetch(
+            "SELECT thread_id, title, owner_id, metadata::text AS metadata, created_at,"
+            " updated_at, version, last_seq, deleted, last_activity_at FROM threads"
+            " WHERE owner_id = $1 AND NOT deleted AND version > 0" + where +
+            " ORDER BY last_activity_at DESC, thread_id DESC LIMIT $2",
+            owner, limit, *(before or ()))
+        return [dict(r) for r in rows]
 
     async def fetch_messages(self, tid: str, lo: int, hi: int) -> list[dict[str, Any]]:
         rows = await self._pool.fetch(

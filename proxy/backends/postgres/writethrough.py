@@ -23,18 +23,19 @@ from proxy.errors import Conflict, Invalid, NotFound, PreconditionFailed, Unavai
 Change = Callable[[dict[str, Any], int], dict[str, Any]]
 
 _THREAD = ("thread_id, title, owner_id, metadata::text AS metadata, created_at, updated_at,"
-           " version, last_seq, deleted")
+           " version, last_seq, deleted, last_activity_at")
 _MESSAGE = ("message_id, thread_id, seq, role, content, metadata::text AS metadata,"
             " created_at, updated_at, version, deleted, fingerprint")
 _STATE = "key, value::text AS value, version, expires_at, updated_at, deleted"
 
 PUT_THREAD = f"""
 INSERT INTO threads AS t (thread_id, title, owner_id, metadata, created_at, updated_at,
-                          version, deleted)
-VALUES ($1, $2, $3, $4::jsonb, $5, $5, $6, $7)
+                          version, deleted, last_activity_at)
+VALUES ($1, $2, $3, $4::jsonb, $5, $5, $6, $7, $5)
 ON CONFLICT (thread_id) DO UPDATE SET title = excluded.title, owner_id = excluded.owner_id,
     metadata = excluded.metadata, updated_at = excluded.updated_at, version = excluded.version,
     deleted = excluded.deleted,
+    last_activity_at = greatest(t.last_activity_at, excluded.last_activity_at),
     created_at = CASE WHEN t.version = 0 THEN excluded.created_at ELSE t.created_at END
 RETURNING {_THREAD}"""
 APPEND = f"""
@@ -111,10 +112,13 @@ class WriteThrough:
             seq = 1 + await conn.fetchval(
                 "SELECT greatest((SELECT last_seq FROM threads WHERE thread_id = $1),"
                 " (SELECT coalesce(max(seq), 0) FROM messages WHERE thread_id = $1))", tid)
+            now = _now()
             row = _message(await conn.fetchrow(APPEND, mid, tid, seq, m.role, m.content,
-                                               orjson.dumps(m.metadata).decode(), _now(),
+                                               orjson.dumps(m.metadata).decode(), now,
                                                fingerprint))
-            await conn.execute("UPDATE threads SET last_seq = $2 WHERE thread_id = $1", tid, seq)
+            await conn.execute("UPDATE threads SET last_seq = $2, last_activity_at ="
+                               " greatest(last_activity_at, $3) WHERE thread_id = $1",
+                               tid, seq, now)
             await _logged(conn, tid, "m", mid, 1, "message.created", row.doc, fingerprint)
         return row, True
 
