@@ -403,7 +403,7 @@ async def test_state_ttl_expires(client: Client, redis: aioredis.Redis,
 
 async def test_unknown_routes_are_json_404(client: Client, redis: aioredis.Redis) -> None:
     async with unchanged(redis):
-        for path in ("/nope", "/v1", "/v1/threads", "/v1/threads/t1/messages/m1/x",
+        for path in ("/nope", "/v1", "/v1/threads/t1/messages/m1/x",
                      "/v1/state", "/v2/threads/t1"):
             await error(await client.get(path), 404, "not_found")
         await error(await client.post("/v1/nope", json={}), 404, "not_found")
