@@ -91,3 +91,11 @@ class Backpressure(Unavailable):
     """The write-behind backlog is above its bound; the client should retry later."""
 
     code = "backpressure"
+
+
+class Resync(Conflict):
+    """A changes position this thread cannot continue from (past its last cseq: a Redis that
+    lost data, or erased history): start again from the current state; `detail` holds the
+    thread's current `cseq`."""
+
+    code = "resync"

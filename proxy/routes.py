@@ -20,7 +20,7 @@ from proxy.errors import (
     UnsupportedMediaType,
 )
 from proxy.failover import Failover
-from proxy.hot import HotTier, Page, Result
+from proxy.hot import Feed, HotTier, Page, Result
 from proxy.hot.core import ACKNOWLEDGED, LEVELS, REPLICATED
 from proxy.hub import WebSocketHub
 from proxy.settings import Settings
@@ -256,6 +256,35 @@ async def delete_message(request: web.Request) -> web.Response:
     return _write_response(request, result)
 
 
+# ---- the changes feed
+
+
+def _changes_query(request: web.Request) -> tuple[int, int]:
+    q = request.query
+    unknown = set(q) - {"after_cseq", "limit"}
+    if unknown:
+        raise Malformed(f"unknown query parameter {sorted(unknown)[0]!r}")
+    after = _int_param(q.get("after_cseq", "0"), "after_cseq", 0, model.MAX_CURSOR)
+    return after, _int_param(q.get("limit", str(model.DEFAULT_PAGE)), "limit", 1, model.MAX_PAGE)
+
+
+def changes_body(feed: Feed) -> bytes:
+    """The current docs by cseq (kind thread or message), and the position to go on from."""
+    cursor = {"after_cseq": feed.upto} if feed.upto < feed.last_cseq else None
+    head = orjson.dumps({"thread_id": feed.thread_id, "last_cseq": feed.last_cseq,
+                         "next_cursor": cursor})
+    items = (b'{"kind":"%s","doc":%s}' % (b"message" if c.member else b"thread", c.doc)
+             for c in feed.items)
+    return head[:-1] + b',"items":[' + b",".join(items) + b"]}"
+
+
+async def list_changes(request: web.Request) -> web.Response:
+    tid = _tid(request)
+    after, limit = _changes_query(request)
+    feed = await request.app[TIERS].changes(tid, after, limit)
+    return json_response(changes_body(feed), tier=feed.tier)
+
+
 # ---- state
 
 
@@ -320,3 +349,5 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/status", status, allow_head=False)
     r.add_post("/v1/admin/dead-letters/replay", replay_dead_letters)
     r.add_get("/v1/ws", websocket, allow_head=False)
+    # The changes feed (issue 12.3).
+    r.add_get("/v1/threads/{tid}/changes", list_changes, allow_head=False)

@@ -19,9 +19,10 @@ logger = logging.getLogger(__name__)
 CREATED = "message.created"
 # What the write scripts publish starts like this; anything else is parsed as JSON.
 _EVENT_HEAD = re.compile(
-    rb'\{"type":"([a-z.]+)","thread_id":"([A-Za-z0-9._:-]+)","(?:last_)?seq":(\d+),"ts":(\d+)[,}]')
-_OPS = {"subscribe": {"op", "thread_id", "after_seq"}, "unsubscribe": {"op", "thread_id"},
-        "ping": {"op"}}
+    rb'\{"type":"([a-z.]+)","thread_id":"([A-Za-z0-9._:-]+)","(?:last_)?seq":(\d+),"ts":(\d+)'
+    rb'(?:,"cseq":(\d+))?[,}]')
+_OPS = {"subscribe": {"op", "thread_id", "after_seq", "after_cseq"},
+        "unsubscribe": {"op", "thread_id"}, "ping": {"op"}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,7 @@ class Event:
     seq: int  # the message's seq (message events) or the thread's last_seq (thread events)
     ts_ms: int  # when the write was acknowledged
     frame: bytes
+    cseq: int = 0  # the change's number in its thread (0: an event that is no change)
 
     @property
     def created(self) -> bool:
@@ -42,11 +44,12 @@ class Event:
 def parse_event(data: bytes) -> Event | None:
     m = _EVENT_HEAD.match(data)
     if m:
-        return Event(m[1].decode(), m[2].decode(), int(m[3]), int(m[4]), data)
+        return Event(m[1].decode(), m[2].decode(), int(m[3]), int(m[4]), data, int(m[5] or 0))
     try:
         doc = orjson.loads(data)
         seq = doc.get("seq", doc.get("last_seq", 0))
-        return Event(doc["type"], doc["thread_id"], int(seq), int(doc.get("ts", 0)), data)
+        return Event(doc["type"], doc["thread_id"], int(seq), int(doc.get("ts", 0)), data,
+                     int(doc.get("cseq", 0)))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         logger.warning("ws hub: ignoring an event that is not one: %r", data[:200])
         return None
@@ -57,6 +60,17 @@ def backfill_frame(tid: str, doc: bytes) -> tuple[int, bytes]:
     seq = int(orjson.loads(doc)["seq"])
     head = b'{"type":"message.created","thread_id":"%s","seq":%d,"message":' % (tid.encode(), seq)
     return seq, head + doc + b"}"
+
+
+def change_frame(tid: str, member: str, doc: bytes) -> tuple[int, bytes]:
+    """An entity's current doc from the changes feed as the event of its latest change
+    (created at version 1, else updated, or deleted), with its cseq."""
+    d = orjson.loads(doc)
+    kind = "message" if member else "thread"
+    what = "deleted" if d["deleted"] else "created" if d["version"] == 1 else "updated"
+    head = orjson.dumps({"type": f"{kind}.{what}", "thread_id": tid, "cseq": d["cseq"],
+                         **({"seq": d["seq"]} if member else {})})
+    return int(d["cseq"]), head[:-1] + b',"%s":' % kind.encode() + doc + b"}"
 
 
 def reply(kind: str, **fields: Any) -> bytes:
@@ -74,6 +88,7 @@ class Op:
     op: str
     thread_id: str
     after_seq: int | None
+    after_cseq: int | None = None
 
 
 def parse_op(msg: Any) -> Op:
@@ -94,7 +109,10 @@ def parse_op(msg: Any) -> Op:
         if name not in allowed:
             raise Invalid(f"unknown field {name!r} for op {op}", {"field": name})
     tid = "" if op == "ping" else _thread_id(doc.get("thread_id"))
-    return Op(str(op), tid, _after_seq(doc.get("after_seq")))
+    if doc.get("after_seq") is not None and doc.get("after_cseq") is not None:
+        raise Invalid("give either after_seq or after_cseq, not both", {"field": "after_cseq"})
+    return Op(str(op), tid, _after_seq(doc.get("after_seq")),
+              _after_seq(doc.get("after_cseq"), "after_cseq"))
 
 
 def _thread_id(value: Any) -> str:
@@ -103,11 +121,11 @@ def _thread_id(value: Any) -> str:
     return model.check_id(value, "thread_id")
 
 
-def _after_seq(value: Any) -> int | None:
+def _after_seq(value: Any, name: str = "after_seq") -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= model.MAX_CURSOR:
-        raise Invalid("after_seq must be a whole number >= 0", {"field": "after_seq"})
+        raise Invalid(f"{name} must be a whole number >= 0", {"field": name})
     return value
 
 

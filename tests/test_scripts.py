@@ -23,7 +23,13 @@ TOKEN = "tok"  # a load fence token registered for every entity below
 
 def thread_keys(tid: str) -> list[str]:
     return [keys.thread(S, tid), keys.messages(S, tid), keys.window(S, tid), keys.log(S),
-            keys.fence(S, "t", tid), keys.recent(S, tid), keys.overlay(S, tid)]
+            keys.fence(S, "t", tid), keys.recent(S, tid), keys.overlay(S, tid),
+            keys.changes(S, tid)]
+
+
+def append_keys(tid: str) -> list[str]:
+    """message_append's: thread_put's without the overlay."""
+    return [*thread_keys(tid)[:6], keys.changes(S, tid)]
 
 
 def state_keys(key: str) -> list[str]:
@@ -66,7 +72,7 @@ async def prepared(redis: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
     assert await run(redis, "fill_thread", [*thread_keys("old")[:3], *thread_keys("old")[4:]],
                      ['{"title":"o"}', 1, '"2026-01-01T00:00:00.000Z"', 5, 0, 600_000, TOKEN,
                       1000]) == 1
-    assert (await run(redis, "message_append", thread_keys("t")[:6],
+    assert (await run(redis, "message_append", append_keys("t"),
                       append_args("t", "m1", "fp1")))[0] == b"CREATED"
     assert (await run(redis, "state_put", state_keys("k"), state_args("k", base="0,1,")))[0] \
         == b"CREATED"
@@ -86,15 +92,15 @@ REFUSALS: list[tuple[str, str, Any]] = [
     ("thread_put: If-Match", "thread_put", (thread_keys("t"), thread_args("t", if_match="9")),
      [b"PRECONDITION", b"1"]),
     ("message_append: no thread", "message_append",
-     (thread_keys("nope")[:6], append_args("nope", "m2", "fp2")), [b"MISS"]),
+     (append_keys("nope"), append_args("nope", "m2", "fp2")), [b"MISS"]),
     ("message_append: deleted thread", "message_append",
-     (thread_keys("gone")[:6], append_args("gone", "m2", "fp2")), [b"GONE"]),
+     (append_keys("gone"), append_args("gone", "m2", "fp2")), [b"GONE"]),
     ("message_append: same id, other body", "message_append",
-     (thread_keys("t")[:6], append_args("t", "m1", "fpX")), [b"CONFLICT"]),
+     (append_keys("t"), append_args("t", "m1", "fpX")), [b"CONFLICT"]),
     ("message_append: a repeat", "message_append",
-     (thread_keys("t")[:6], append_args("t", "m1", "fp1")), None),
+     (append_keys("t"), append_args("t", "m1", "fp1")), None),
     ("message_append: an id PostgreSQL may hold", "message_append",
-     (thread_keys("old")[:6], append_args("old", "m2", "fp2", checked="")), [b"CHECK"]),
+     (append_keys("old"), append_args("old", "m2", "fp2", checked="")), [b"CHECK"]),
     ("message_update: unknown message", "message_update",
      ([*thread_keys("t")[:4], keys.cold(S, "t"), *thread_keys("t")[5:]],
       ["t", "m9", "1", "{}", "2", "message.updated", keys.events(S), 2, 1]), [b"MISS"]),
@@ -135,9 +141,9 @@ REFUSALS: list[tuple[str, str, Any]] = [
     ("remove_consumers: nobody idle", "remove_consumers", ([keys.log(S)],
                                                             [GROUPS[0], "me", 60_000]), 0),
     ("raise_counters: Redis is not behind", "raise_counters",
-     ([*thread_keys("t")[:3], *thread_keys("t")[5:]], ["raise", 1, 1, "m1", 1]), 0),
+     ([*thread_keys("t")[:3], *thread_keys("t")[5:7]], ["raise", 1, 1, "m1", 1]), 0),
     ("raise_counters: an unflushed entity is left for its flush", "raise_counters",
-     ([*thread_keys("t")[:3], *thread_keys("t")[5:]], ["drop", 9, 9, "m1", 1]), 2),
+     ([*thread_keys("t")[:3], *thread_keys("t")[5:7]], ["drop", 9, 9, "m1", 1]), 2),
 ]
 
 
@@ -160,4 +166,4 @@ def test_every_script_with_a_refusal_has_a_case() -> None:
     assert {name for _, name, _, _ in REFUSALS} == refusing
     # The others never refuse: they read, or always write (groups, fences, the release).
     assert set(SCRIPTS) - refusing == {"read_page", "get_message", "create_groups",
-                                       "load_fence", "release"}
+                                       "load_fence", "release", "read_changes"}

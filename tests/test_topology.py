@@ -190,14 +190,15 @@ async def evalsha(client: Any, name: str, keys_: list[str], args: list[Any]) -> 
 
 
 def thread_keys(shard: int, tid: str) -> list[str]:
-    """thread, messages, window, log, load fence, recent ids, overlay: thread_put's keys."""
+    """thread, messages, window, log, load fence, recent ids, overlay, changes: thread_put's
+    keys."""
     return [keys.thread(shard, tid), keys.messages(shard, tid), keys.window(shard, tid),
             keys.log(shard), keys.fence(shard, "t", tid), keys.recent(shard, tid),
-            keys.overlay(shard, tid)]
+            keys.overlay(shard, tid), keys.changes(shard, tid)]
 
 
 def append_keys(shard: int, tid: str) -> list[str]:
-    return thread_keys(shard, tid)[:6]
+    return [*thread_keys(shard, tid)[:6], keys.changes(shard, tid)]
 
 
 async def fenced(client: Any, fence: str, token: str = "tok") -> str:
@@ -233,11 +234,12 @@ async def exercise_scripts(client: Any, shard: int) -> None:
     assert (await evalsha(client, "read_page", [*th[:3], th[6]], ["latest", 0, 10]))[:6] == [
         b"OK", b"1", 1, 1, 1, 1]
     edited = '{"seq":1,"message_id":"m1","content":"edited","version":2}'
+    stored = b'{"seq":1,"cseq":3,"message_id":"m1","content":"edited","version":2}'
     assert await evalsha(client, "message_update", [*th[:4], keys.cold(s, tid), *th[5:]], [
         tid, mid, "1", edited, "2", "message.updated", keys.events(s), 3, "1"]) == [
-        b"OK", b"2", b"fp"]
+        b"OK", b"2", b"fp", stored]
     assert await evalsha(client, "get_message", [th[1], keys.cold(s, tid), th[0]],
-                         [mid]) == edited.encode()
+                         [mid]) == stored
     token = await fenced(client, keys.fence(s, "k", "k"))
     assert (await evalsha(client, "state_put", [state, keys.log(s), keys.fence(s, "k", "k")], [
         '{"key":"k","value":1}', "", "0,1,", "put", 4, "", 4, "k", token]))[0] == b"CREATED"
@@ -253,12 +255,12 @@ async def exercise_release(client: Any, shard: int, tid: str, mid: str) -> None:
     args: list[Any] = [GROUP, TTL_MS, 200, 1000, 5]
     for entry_id, fields in entries:
         if fields[b"k"] == b"s":
-            args += [entry_id, 8, "s", ""]
+            args += [entry_id, 9, "s", ""]
         else:
             args += [entry_id, 2, "t", mid if fields[b"k"] == b"m" else ""]
     th = thread_keys(shard, tid)
     cached = [*th[:3], keys.state(shard, "k")]
-    release_keys = [keys.log(shard), *th[:3], th[5], th[6], th[4], cached[3],
+    release_keys = [keys.log(shard), *th[:3], th[5], th[6], th[4], th[7], cached[3],
                     keys.fence(shard, "k", "k")]
     assert await evalsha(client, "release", release_keys, args) == 0
     assert (await client.xpending(keys.log(shard), GROUP))["pending"] == 0

@@ -60,6 +60,17 @@ class ThreadRow:
     created_at: str  # JSON string, as the thread script stores it
     last_seq: int
     deleted: bool
+    last_cseq: int = 0  # the thread's last change number (of it or one of its messages)
+
+
+@dataclass(frozen=True)
+class ChangeRow:
+    """An entity of a thread at its latest change: `member` '' is the thread, else the id of
+    one of its messages (as in the changes set, keys.changes)."""
+
+    member: str
+    cseq: int
+    doc: bytes
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,7 @@ class MessageRow:
     version: int
     fingerprint: str
     doc: bytes
+    cseq: int = 0  # of its latest change
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,10 @@ class Backing(Protocol):
     async def load_messages(self, tid: str, lo: int, hi: int) -> list[MessageRow]: ...
     async def load_message(self, tid: str, mid: str) -> MessageRow | None: ...
     async def load_state(self, key: str) -> StateRow | None: ...
+    async def load_changes(self, tid: str, after: int, limit: int) -> list[ChangeRow]:
+        """The thread and its messages whose latest change has a cseq after `after`, by
+        cseq, at most `limit`."""
+        ...
     async def persist(self, kind: str, doc: bytes, fingerprint: str = "") -> None: ...
 
 
@@ -101,26 +117,28 @@ def _ms(dt: datetime | None) -> int | None:
 
 def thread_row(*, thread_id: str, title: str, owner_id: str, metadata: Any,
                created_at: datetime, updated_at: datetime, version: int, last_seq: int,
-               deleted: bool) -> ThreadRow:
+               deleted: bool, cseq: int = 0, last_cseq: int = 0) -> ThreadRow:
     """A thread as the thread script stores it (fields in its order; metadata a JSON object)."""
     created = _iso(created_at)
-    doc = orjson.dumps({"version": version, "created_at": created, "thread_id": thread_id,
-                        "title": title, "owner_id": owner_id, "metadata": metadata,
-                        "updated_at": _iso(updated_at), "deleted": deleted})
-    return ThreadRow(doc, version, orjson.dumps(created).decode(), last_seq, deleted)
+    doc = orjson.dumps({"version": version, "cseq": cseq, "created_at": created,
+                        "thread_id": thread_id, "title": title, "owner_id": owner_id,
+                        "metadata": metadata, "updated_at": _iso(updated_at),
+                        "deleted": deleted})
+    return ThreadRow(doc, version, orjson.dumps(created).decode(), last_seq, deleted,
+                     max(cseq, last_cseq))
 
 
 def message_row(*, message_id: str, thread_id: str, seq: int, role: str, content: str,
                 metadata: Any, created_at: datetime, updated_at: datetime, version: int,
-                deleted: bool, fingerprint: str | None = None) -> MessageRow:
+                deleted: bool, fingerprint: str | None = None, cseq: int = 0) -> MessageRow:
     """A message as the append script stores it, with the fingerprint of the body it was
     appended with (rows without one: of their current body)."""
-    doc = orjson.dumps({"seq": seq, "version": version, "message_id": message_id,
+    doc = orjson.dumps({"seq": seq, "cseq": cseq, "version": version, "message_id": message_id,
                         "thread_id": thread_id, "role": role, "content": content,
                         "metadata": metadata, "created_at": _iso(created_at),
                         "updated_at": _iso(updated_at), "deleted": deleted})
     fingerprint = fingerprint or model.MessageInput(None, role, content, metadata).fingerprint()
-    return MessageRow(message_id, seq, version, fingerprint, doc)
+    return MessageRow(message_id, seq, version, fingerprint, doc, cseq)
 
 
 def state_row(*, key: str, value: Any, version: int, expires_at: datetime | None,

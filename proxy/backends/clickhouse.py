@@ -55,7 +55,16 @@ from clickhouse_connect.driver import exceptions as chexc
 from clickhouse_connect.driver.client import Client
 
 from proxy import model
-from proxy.backends import CH, MessageRow, PoisonError, StateRow, ThreadRow, message_row, thread_row
+from proxy.backends import (
+    CH,
+    ChangeRow,
+    MessageRow,
+    PoisonError,
+    StateRow,
+    ThreadRow,
+    message_row,
+    thread_row,
+)
 from proxy.errors import Unavailable
 from proxy.failpoints import Failpoints
 from proxy.model import Change
@@ -381,6 +390,9 @@ class ClickHouseBacking:
 
     async def load_state(self, key: str) -> StateRow | None:
         raise Unavailable("postgres is unavailable; state entries are not served from clickhouse")
+
+    async def load_changes(self, tid: str, after: int, limit: int) -> list[ChangeRow]:
+        raise Unavailable("postgres is unavailable; clickhouse keeps no change numbers")
 
     async def persist(self, kind: str, doc: bytes, fingerprint: str = "") -> None:
         raise Unavailable("postgres is unavailable; clickhouse is read-only")

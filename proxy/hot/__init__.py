@@ -4,6 +4,7 @@ thread's window) is read through the backing (PostgreSQL) and cached again.
 
     hot.threads   get, put, delete            hot.pages     page
     hot.messages  append, get, edit, delete   hot.state     get, put, delete
+    hot.changes   after (the changes feed, by cseq)
     hot.release   the flush acknowledgement (cache policy: unflushed counts, TTLs, windows)
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from proxy.backends import Backing
 from proxy.failpoints import Failpoints
+from proxy.hot.changes import Changes, Feed
 from proxy.hot.core import Core, Result
 from proxy.hot.messages import Messages
 from proxy.hot.pages import Page, Pages, page_range
@@ -21,7 +23,7 @@ from proxy.redisconn import RedisClient
 from proxy.settings import Settings
 from proxy.writelog import Backlog
 
-__all__ = ["HotTier", "Page", "Result", "page_range"]
+__all__ = ["Feed", "HotTier", "Page", "Result", "page_range"]
 
 
 class HotTier:
@@ -33,5 +35,6 @@ class HotTier:
         self.messages = Messages(core, self.threads)
         self.pages = Pages(core, self.threads, self.messages)
         self.state = States(core)
+        self.changes = Changes(core, self.threads)
         self.release = Release(core)
         self.aclose = core.aclose

@@ -110,6 +110,9 @@ class Core:
         s = self.shard(tid)
         return [keys.thread(s, tid), keys.messages(s, tid), keys.window(s, tid), keys.log(s)]
 
+    def changes_key(self, tid: str) -> str:
+        return keys.changes(self.shard(tid), tid)
+
     def recent_key(self, tid: str) -> str:
         return keys.recent(self.shard(tid), tid)
 

@@ -42,7 +42,7 @@ class Messages:
     async def _append_once(self, req: _Append, checked: str) -> Result | None:
         c, tid = self._c, req.tid
         out = await c.run("message_append", c.thread_keys(tid) + [
-            c.fence_key("t", tid), c.recent_key(tid)], [
+            c.fence_key("t", tid), c.recent_key(tid), c.changes_key(tid)], [
             tid, req.mid, req.body, req.fingerprint, keys.events(c.shard(tid)), req.ms, checked,
             model.ulid_ms(req.mid), int(c.settings.cache.id_clock_skew_s * 1000)])
         status = out[0].decode()
@@ -164,16 +164,17 @@ class Messages:
                                      {"version": version})
         ms = model.now_ms()
         new = change(current, ms)
-        doc = orjson.dumps(new)
+        new.pop("cseq", None)  # the script puts the change's own cseq after the seq
         event = "message.deleted" if new["deleted"] else "message.updated"
         ks = self._c.thread_keys(tid) + [keys.cold(self._c.shard(tid), tid),
-                                         self._c.recent_key(tid), self._c.overlay_key(tid)]
+                                         self._c.recent_key(tid), self._c.overlay_key(tid),
+                                         self._c.changes_key(tid)]
         out = await self._c.run("message_update", ks, [
-            tid, mid, version, doc, new["version"], event, keys.events(self._c.shard(tid)),
-            ms, new["seq"]])
+            tid, mid, version, orjson.dumps(new), new["version"], event,
+            keys.events(self._c.shard(tid)), ms, new["seq"]])
         status = out[0].decode()
         if status == "OK":
-            return await self._c.stored("message", tid, doc, durability,
+            return await self._c.stored("message", tid, out[3], durability,
                                         fingerprint=out[2].decode())
         if status == "MISS":
             await self._fill_meta(tid, mid)

@@ -37,14 +37,15 @@ class Threads:
             if row is not None:
                 await self._c.run("fill_thread", self._fill_keys(tid), [
                     row.doc, row.version, row.created_at, row.last_seq, int(row.deleted),
-                    self._c.ttl_ms, token, model.now_ms()])
+                    self._c.ttl_ms, token, model.now_ms(), row.last_cseq])
             return row
 
         return await self._c.flights.do(("t", tid), lambda: self._c.fresh("t", tid, load))
 
     def _fill_keys(self, tid: str) -> list[str]:
         return self._c.thread_keys(tid)[:3] + [
-            self._c.fence_key("t", tid), self._c.recent_key(tid), self._c.overlay_key(tid)]
+            self._c.fence_key("t", tid), self._c.recent_key(tid), self._c.overlay_key(tid),
+            self._c.changes_key(tid)]
 
     async def put(self, tid: str, t: model.ThreadInput, if_match: str,
                   durability: str = ACKNOWLEDGED) -> Result:
@@ -57,7 +58,7 @@ class Threads:
                      durability: str) -> Result:
         self._c.admit()
         ks = self._c.thread_keys(tid) + [self._c.fence_key("t", tid), self._c.recent_key(tid),
-                                         self._c.overlay_key(tid)]
+                                         self._c.overlay_key(tid), self._c.changes_key(tid)]
 
         async def attempt(new: str = "") -> Result | None:
             ms = model.now_ms()

@@ -96,7 +96,9 @@ ERRORS = {
     "400": ("Malformed", "`malformed`: bad JSON, query parameter or X-Durability."),
     "401": ("Unauthorized", "`unauthorized`: api.token is set; bearer token missing/wrong."),
     "404": ("NotFound", "`not_found`: unknown or deleted."),
-    "409": ("Conflict", "`conflict`: thread deleted, or message id exists with another body."),
+    "409": ("Conflict", "`conflict`: thread deleted, or message id exists with another body; "
+                        "`resync` (changes feed): after_cseq is past the thread's last "
+                        "change, `detail.cseq` (start again from the current state)."),
     "412": ("PreconditionFailed", "`precondition_failed`: stale If-Match; see `detail.version`."),
     "413": ("TooLarge", "`too_large`: the body is over api.max_body_bytes ({max_body_bytes})."),
     "415": ("UnsupportedMediaType", "`unsupported_media_type`: send application/json."),
@@ -130,6 +132,7 @@ def parameters() -> Schema:
         "mid": param("mid", "path", ident, f"Message id {invalid}"),
         "key": param("key", "path", ident, f"State key {invalid}"),
         "page": page_parameter(),
+        "changes": changes_parameter(),
         "If-Match": param("If-Match", "header", STR,
                           "The version the write expects the entity to be at (`\"3\"`, `3` "
                           "or `W/\"3\"`); `*` or absent: any. Another version, or a value "
@@ -157,6 +160,16 @@ def page_parameter() -> Schema:
                  "", closed=True, **{"not": {"required": ["before", "after"]}})
     return {**param("page", "query", schema, "Without before or after: the latest page. "
                     "Both, or any other query parameter: 400."),
+            "style": "form", "explode": True}
+
+
+def changes_parameter() -> Schema:
+    """The changes feed's query (form style, exploded: `?after_cseq=7&limit=10`)."""
+    schema = obj({"after_cseq": {**integer(0, MAX_CURSOR), "default": 0,
+                                 "description": "The position: changes after this cseq."},
+                  "limit": {**integer(1, MAX_PAGE), "default": DEFAULT_PAGE,
+                            "description": "Page size."}}, "", closed=True)
+    return {**param("changes", "query", schema, "Any other query parameter: 400."),
             "style": "form", "explode": True}
 
 
@@ -217,7 +230,8 @@ def input_schemas(api: Api) -> Schema:
 def entity_schemas() -> Schema:
     meta = ref("Metadata")
     common = {"version": integer(1), "created_at": stamp(), "updated_at": stamp(),
-              "deleted": BOOL}
+              "deleted": BOOL, "cseq": {**integer(0), "description": "The thread's change "
+                                        "number of this version (the changes feed)."}}
     cursor = {"oneOf": [obj({"before": integer(1)}, closed=True),
                         obj({"after": integer(0)}, closed=True), {"type": "null"}],
               "description": "The query of the next page in the same direction; null: none."}
@@ -230,6 +244,18 @@ def entity_schemas() -> Schema:
         "MessagePage": obj({"thread_id": STR, "last_seq": integer(0), "next_cursor": cursor,
                             "items": {"type": "array", "items": ref("Message"),
                                       "description": "Ordered by seq; tombstones included."}}),
+        "ChangePage": obj({
+            "thread_id": STR, "last_cseq": integer(0),
+            "next_cursor": {"oneOf": [obj({"after_cseq": integer(0)}, closed=True),
+                                      {"type": "null"}],
+                            "description": "The query of the next page; null: caught up."},
+            "items": {"type": "array", "description": "Ordered by cseq; each entity once, at "
+                      "its latest change; tombstones included.", "items": {"oneOf": [
+                          obj({"kind": const("thread"), "doc": {
+                              "type": "object", "description": "The thread (without "
+                                                               "last_seq)."}}, closed=True),
+                          obj({"kind": const("message"), "doc": ref("Message")},
+                              closed=True)]}}}),
         "StateEntry": obj({"key": STR, "value": {"description": "null once deleted"},
                            "version": integer(1), "expires_at": stamp(nullable=True),
                            "updated_at": stamp(), "deleted": BOOL}),
@@ -274,20 +300,24 @@ def ws_schemas() -> Schema:
                                                  "thread.deleted"]}
     ts = {**integer(0), "description": "Live events: when the write was acknowledged (Unix "
                                        "ms). Absent on backfilled messages."}
+    cseq = {**integer(1), "description": "The change's number in its thread (gapless)."}
     return {
         "WsClientMessage": {"oneOf": [
-            obj({"op": const("subscribe"), "thread_id": tid, "after_seq": integer(0)},
-                "op thread_id", closed=True),
+            obj({"op": const("subscribe"), "thread_id": tid, "after_seq": integer(0),
+                 "after_cseq": integer(0)}, "op thread_id", closed=True,
+                **{"not": {"required": ["after_seq", "after_cseq"]}}),
             obj({"op": const("unsubscribe"), "thread_id": tid}, closed=True),
             obj({"op": const("ping")}, closed=True)]},
         "WsServerMessage": {"oneOf": [
-            obj({"type": events, "thread_id": STR, "seq": integer(1), "ts": ts,
+            obj({"type": events, "thread_id": STR, "seq": integer(1), "ts": ts, "cseq": cseq,
                  "message": ref("Message")}, "type thread_id seq message"),
             obj({"type": thread_events, "thread_id": STR, "last_seq": integer(0), "ts": ts,
+                 "cseq": cseq,
                  "thread": {"type": "object", "description": "The thread (without last_seq)."}},
-                "type thread_id last_seq thread"),
+                "type thread_id thread"),
             obj({"type": const("subscribed"), "thread_id": STR, "last_seq": integer(0)}),
-            obj({"type": const("error"), "code": STR, "message": STR, "thread_id": STR},
+            obj({"type": const("error"), "code": STR, "message": STR, "thread_id": STR,
+                 "cseq": {**integer(0), "description": "resync: the thread's current cseq."}},
                 "type code message"),
             obj({"type": const("pong")})]},
     }

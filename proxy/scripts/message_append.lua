@@ -1,5 +1,6 @@
 -- Append a message: assign the thread's next seq, store it, index it, log it, atomically.
--- KEYS: thread, messages, window, log, load fence, recent ids
+-- KEYS: thread, messages, window, log, load fence, recent ids,
+--       changes (the changes feed: the new message joins it at its cseq)
 -- ARGV: tid, mid, body (JSON object starting after seq), fingerprint, channel, ts_ms (when
 --       the body was made: its created_at), checked ('*': a new generated id, in no store; a
 --       load fence token: PostgreSQL said the id is not there, read under that token; '':
@@ -33,7 +34,8 @@ end
 
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local s = string.format('%d', seq)
-local doc = '{"seq":' .. s .. ',' .. string.sub(ARGV[3], 2)
+local cs = string.format('%d', redis.call('HINCRBY', KEYS[1], 'cs', 1))  -- the change's cseq
+local doc = '{"seq":' .. s .. ',"cseq":' .. cs .. ',' .. string.sub(ARGV[3], 2)
 redis.call('HSET', KEYS[2], 'd|' .. mid, doc, 'm|' .. mid, '1,' .. ARGV[4] .. ',' .. ARGV[6],
   'p|' .. mid, '1')
 redis.call('ZADD', KEYS[3], seq, mid)
@@ -42,8 +44,10 @@ redis.call('PERSIST', KEYS[1])
 redis.call('PERSIST', KEYS[2])
 redis.call('PERSIST', KEYS[3])
 redis.call('PERSIST', KEYS[6])
+redis.call('PERSIST', KEYS[7])
+redis.call('ZADD', KEYS[7], cs, mid)
 redis.call('XADD', KEYS[4], '*', 'k', 'm', 'id', mid, 'tid', ARGV[1], 'v', '1',
   'e', 'message.created', 'ts', ARGV[6], 'd', doc, 'f', ARGV[4])
 redis.call('PUBLISH', ARGV[5], '{"type":"message.created","thread_id":"' .. ARGV[1]
-  .. '","seq":' .. s .. ',"ts":' .. ARGV[6] .. ',"message":' .. doc .. '}')
+  .. '","seq":' .. s .. ',"ts":' .. ARGV[6] .. ',"cseq":' .. cs .. ',"message":' .. doc .. '}')
 return {'CREATED', doc}

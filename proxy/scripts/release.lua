@@ -2,8 +2,9 @@
 -- change left, give its keys their cache TTL; trim flushed messages out of thread windows.
 -- Only entries this call really acknowledged count (a redelivered or zombie batch acks
 -- nothing twice), so `pend` stays exact; it never goes below 0 (an alarm instead).
--- KEYS: log, then per entity: thread, messages, window, recent ids, overlay, load fence
---       (kind 't') or state, load fence (kind 's')
+-- KEYS: log, then per entity: thread, messages, window, recent ids, overlay, load fence,
+--       changes (kind 't'; trimmed messages leave the changes set, raising its floor `cf`)
+--       or state, load fence (kind 's')
 -- ARGV: group, ttl_ms, window size, recent ids kept, now_ms, then per entry: entry id,
 --       key index, kind, mid or ''
 -- Every released entity's load fence is deleted: a read-through that began before this flush
@@ -35,8 +36,23 @@ end
 
 -- Drop flushed messages below the newest `window` ones, oldest first, stopping at the first
 -- one still unflushed (the window stays a contiguous suffix), at most 1000 per call. Their
--- docs go; their ids stay as recent ids (idempotent retries need no PostgreSQL).
-local function trim(t, m, w, r)
+-- docs go; their ids stay as recent ids (idempotent retries need no PostgreSQL), and they
+-- leave the changes set `c` (the feed reads them from PostgreSQL: `cf` covers them).
+local function unfeed(t, c, mids)
+  local floor, removed = tonumber(redis.call('HGET', t, 'cf') or '0'), false
+  for _, mid in ipairs(mids) do
+    local score = redis.call('ZSCORE', c, mid)
+    if score then
+      floor, removed = math.max(floor, tonumber(score)), true
+      redis.call('ZREM', c, mid)
+    end
+  end
+  if removed and redis.call('EXISTS', t) == 1 then
+    redis.call('HSET', t, 'cf', string.format('%d', floor))
+  end
+end
+
+local function trim(t, m, w, r, c)
   local excess = redis.call('ZCARD', w) - window
   if excess <= 0 then return end
   local low = redis.call('ZRANGE', w, 0, math.min(excess, 1000) - 1, 'WITHSCORES')
@@ -45,12 +61,14 @@ local function trim(t, m, w, r)
   local pending = redis.call('HMGET', m, unpack(fields))
   while n < #pending and not pending[n + 1] do n = n + 1 end
   if n == 0 then return end
-  local docs, recent = {}, {}
+  local docs, recent, mids = {}, {}, {}
   for i = 1, n do
     docs[#docs + 1] = 'd|' .. low[2 * i - 1]
     recent[#recent + 1] = low[2 * i]
     recent[#recent + 1] = low[2 * i - 1]
+    mids[#mids + 1] = low[2 * i - 1]
   end
+  unfeed(t, c, mids)
   redis.call('ZREMRANGEBYRANK', w, 0, n - 1)
   redis.call('HDEL', m, unpack(docs))
   redis.call('ZADD', r, unpack(recent))
@@ -83,10 +101,11 @@ for idx, kind in pairs(touched) do
   local k = KEYS[idx]
   redis.call('DEL', KEYS[idx + (kind == 't' and 5 or 1)])
   local pend = redis.call('HGET', k, 'pend')
-  if kind == 't' then trim(k, KEYS[idx + 1], KEYS[idx + 2], KEYS[idx + 3]) end
+  if kind == 't' then trim(k, KEYS[idx + 1], KEYS[idx + 2], KEYS[idx + 3], KEYS[idx + 6]) end
   if pend and tonumber(pend) == 0 then
     if kind == 't' then
       for j = idx, idx + 4 do redis.call('PEXPIRE', KEYS[j], ttl) end
+      redis.call('PEXPIRE', KEYS[idx + 6], ttl)  -- the changes set
     else
       local x, life = redis.call('HGET', k, 'x'), ttl
       if x and x ~= '' then life = math.max(1, math.min(ttl, tonumber(x) - now)) end

@@ -1,5 +1,6 @@
 -- Create, update or tombstone a thread, and log the change, atomically.
--- KEYS: thread, messages, window, log, load fence, recent ids, overlay
+-- KEYS: thread, messages, window, log, load fence, recent ids, overlay,
+--       changes (the changes feed: the thread, member '', moves to its new cseq)
 -- ARGV: body (JSON object without version/created_at), now (JSON string), if_match ('' = none),
 --       new (the load fence token under which PostgreSQL said the thread does not exist;
 --       '' = not known), op ('put'|'del'), channel, ts_ms, tid
@@ -17,7 +18,9 @@ if v == '0' and ARGV[5] == 'del' then return {'NOTFOUND'} end
 if ARGV[3] ~= '' and ARGV[3] ~= v then return {'PRECONDITION', v} end
 
 local nv = redis.call('HINCRBY', t, 'v', 1)
-local doc = '{"version":' .. string.format('%d', nv) .. ',"created_at":' .. created .. ','
+local cs = string.format('%d', redis.call('HINCRBY', t, 'cs', 1))  -- the change's cseq
+local doc = '{"version":' .. string.format('%d', nv) .. ',"cseq":' .. cs .. ',"created_at":'
+  .. created .. ','
   .. string.sub(ARGV[1], 2)
 local event = 'thread.updated'
 if ARGV[5] == 'del' then event = 'thread.deleted' elseif v == '0' then event = 'thread.created' end
@@ -25,11 +28,13 @@ redis.call('HSET', t, 'doc', doc, 'c', created, 'del', ARGV[5] == 'del' and '1' 
 redis.call('HSETNX', t, 'seq', '0')
 redis.call('HSETNX', t, 'ft', '0')
 redis.call('HINCRBY', t, 'pend', 1)
-for _, k in ipairs({t, KEYS[2], KEYS[3], KEYS[6], KEYS[7]}) do redis.call('PERSIST', k) end
+for _, k in ipairs({t, KEYS[2], KEYS[3], KEYS[6], KEYS[7], KEYS[8]}) do redis.call('PERSIST', k) end
+redis.call('ZADD', KEYS[8], cs, '')
 local seq = redis.call('HGET', t, 'seq')
 redis.call('XADD', KEYS[4], '*', 'k', 't', 'id', ARGV[8], 'v', string.format('%d', nv),
   'e', event, 'ts', ARGV[7], 'd', doc)
 redis.call('PUBLISH', ARGV[6], '{"type":"' .. event .. '","thread_id":"' .. ARGV[8]
-  .. '","last_seq":' .. seq .. ',"ts":' .. ARGV[7] .. ',"thread":' .. doc .. '}')
+  .. '","last_seq":' .. seq .. ',"ts":' .. ARGV[7] .. ',"cseq":' .. cs .. ',"thread":' .. doc
+  .. '}')
 if v == '0' then return {'CREATED', string.format('%d', nv), doc, seq} end
 return {'OK', string.format('%d', nv), doc, seq}

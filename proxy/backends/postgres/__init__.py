@@ -21,6 +21,7 @@ import orjson
 from proxy import metrics
 from proxy.backends import (
     PG,
+    ChangeRow,
     MessageRow,
     StateRow,
     ThreadRow,
@@ -101,6 +102,14 @@ class PostgresBacking:
             return None
         value = orjson.loads(r["value"]) if r["value"] is not None else None
         return state_row(**{**r, "value": value})
+
+    async def load_changes(self, tid: str, after: int, limit: int) -> list[ChangeRow]:
+        thread, rows = await self._query(lambda: self._store.fetch_changes(tid, after, limit))
+        changes = [ChangeRow(m.mid, m.cseq, m.doc) for m in map(_message, rows)]
+        if thread is not None:
+            t = thread_row(**{**thread, "metadata": orjson.loads(thread["metadata"])})
+            changes.append(ChangeRow("", thread["cseq"], t.doc))
+        return sorted(changes, key=lambda c: c.cseq)[:limit]
 
     async def persist(self, kind: str, doc: bytes, fingerprint: str = "") -> None:
         """Write-through of one change, idempotent with its later flush (same version)."""

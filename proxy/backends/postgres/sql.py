@@ -18,14 +18,15 @@ _THREADS = f"""
 SELECT doc->>'thread_id' AS thread_id, doc->>'title' AS title, doc->>'owner_id' AS owner_id,
        doc->'metadata' AS metadata, (doc->>'created_at')::timestamptz AS created_at,
        (doc->>'updated_at')::timestamptz AS updated_at, (doc->>'version')::bigint AS version,
-       (doc->>'deleted')::bool AS deleted
+       (doc->>'deleted')::bool AS deleted, coalesce((doc->>'cseq')::bigint, 0) AS cseq
 FROM {STAGE} WHERE kind = 't'"""
 _MESSAGES = f"""
 SELECT doc->>'message_id' AS message_id, doc->>'thread_id' AS thread_id,
        (doc->>'seq')::bigint AS seq, doc->>'role' AS role, doc->>'content' AS content,
        doc->'metadata' AS metadata, (doc->>'created_at')::timestamptz AS created_at,
        (doc->>'updated_at')::timestamptz AS updated_at, (doc->>'version')::bigint AS version,
-       (doc->>'deleted')::bool AS deleted, fingerprint
+       (doc->>'deleted')::bool AS deleted, fingerprint,
+       coalesce((doc->>'cseq')::bigint, 0) AS cseq
 FROM {STAGE} WHERE kind = 'm'"""
 _STATE = f"""
 SELECT doc->>'key' AS key,
@@ -38,37 +39,41 @@ FROM {STAGE} WHERE kind = 's'"""
 UPSERT_THREADS = f"""
 WITH written AS (
     INSERT INTO threads AS t (thread_id, title, owner_id, metadata, created_at, updated_at,
-                              version, deleted)
-    {_THREADS}
+                              version, deleted, cseq, last_cseq)
+    SELECT x.*, x.cseq FROM ({_THREADS}) x
     ON CONFLICT (thread_id) DO UPDATE SET
         title = excluded.title, owner_id = excluded.owner_id, metadata = excluded.metadata,
         created_at = excluded.created_at, updated_at = excluded.updated_at,
-        version = excluded.version, deleted = excluded.deleted
+        version = excluded.version, deleted = excluded.deleted, cseq = excluded.cseq,
+        last_cseq = greatest(t.last_cseq, excluded.last_cseq)
     WHERE excluded.version > t.version
     RETURNING 1)
 SELECT count(*) FROM written
 """
 
 # Message ids are scoped by thread, as in the API (/v1/threads/{tid}/messages/{mid}). The
-# same statement raises each thread's last_seq; a message's thread row may not be flushed
-# yet: a version-0 placeholder holds last_seq and loses to the thread's first real version.
+# same statement raises each thread's last_seq and last_cseq; a message's thread row may not
+# be flushed yet: a version-0 placeholder holds them and loses to the thread's first real
+# version.
 UPSERT_MESSAGES = f"""
 WITH staged AS MATERIALIZED ({_MESSAGES}),
 written AS (
     INSERT INTO messages AS m (message_id, thread_id, seq, role, content, metadata,
-                               created_at, updated_at, version, deleted, fingerprint)
+                               created_at, updated_at, version, deleted, fingerprint, cseq)
     SELECT * FROM staged
     ON CONFLICT (thread_id, message_id) DO UPDATE SET
         role = excluded.role, content = excluded.content, metadata = excluded.metadata,
         updated_at = excluded.updated_at, version = excluded.version,
-        deleted = excluded.deleted, fingerprint = coalesce(m.fingerprint, excluded.fingerprint)
+        deleted = excluded.deleted, fingerprint = coalesce(m.fingerprint, excluded.fingerprint),
+        cseq = excluded.cseq
     WHERE excluded.version > m.version
     RETURNING 1),
 last_seqs AS (
-    INSERT INTO threads AS t (thread_id, version, last_seq)
-    SELECT thread_id, 0, max(seq) FROM staged GROUP BY thread_id ORDER BY thread_id
-    ON CONFLICT (thread_id) DO UPDATE SET last_seq = excluded.last_seq
-    WHERE excluded.last_seq > t.last_seq)
+    INSERT INTO threads AS t (thread_id, version, last_seq, last_cseq)
+    SELECT thread_id, 0, max(seq), max(cseq) FROM staged GROUP BY thread_id ORDER BY thread_id
+    ON CONFLICT (thread_id) DO UPDATE SET last_seq = greatest(t.last_seq, excluded.last_seq),
+        last_cseq = greatest(t.last_cseq, excluded.last_cseq)
+    WHERE excluded.last_seq > t.last_seq OR excluded.last_cseq > t.last_cseq)
 SELECT count(*) FROM written
 """
 

@@ -107,23 +107,39 @@ class PostgresStore:
     async def fetch_thread(self, tid: str) -> dict[str, Any] | None:
         row = await self._pool.fetchrow(
             "SELECT thread_id, title, owner_id, metadata::text AS metadata, created_at,"
-            " updated_at, version, last_seq, deleted FROM threads"
+            " updated_at, version, last_seq, deleted, cseq, last_cseq FROM threads"
             " WHERE thread_id = $1 AND version > 0", tid)
         return dict(row) if row else None
 
     async def fetch_messages(self, tid: str, lo: int, hi: int) -> list[dict[str, Any]]:
         rows = await self._pool.fetch(
             "SELECT message_id, thread_id, seq, role, content, metadata::text AS metadata,"
-            " created_at, updated_at, version, deleted, fingerprint FROM messages"
+            " created_at, updated_at, version, deleted, fingerprint, cseq FROM messages"
             " WHERE thread_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq", tid, lo, hi)
         return [dict(r) for r in rows]
 
     async def fetch_message(self, tid: str, mid: str) -> dict[str, Any] | None:
         row = await self._pool.fetchrow(
             "SELECT message_id, thread_id, seq, role, content, metadata::text AS metadata,"
-            " created_at, updated_at, version, deleted, fingerprint FROM messages"
+            " created_at, updated_at, version, deleted, fingerprint, cseq FROM messages"
             " WHERE thread_id = $1 AND message_id = $2", tid, mid)
         return dict(row) if row else None
+
+    async def fetch_changes(self, tid: str, after: int, limit: int
+                            ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """The thread if its own cseq is after `after`, and its messages whose cseq is, by
+        cseq, at most `limit` (the index on (thread_id, cseq)), read in one snapshot."""
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                                  readonly=True):
+            thread = await conn.fetchrow(
+                "SELECT thread_id, title, owner_id, metadata::text AS metadata, created_at,"
+                " updated_at, version, last_seq, deleted, cseq, last_cseq FROM threads"
+                " WHERE thread_id = $1 AND version > 0 AND cseq > $2", tid, after)
+            rows = await conn.fetch(
+                "SELECT message_id, thread_id, seq, role, content, metadata::text AS metadata,"
+                " created_at, updated_at, version, deleted, fingerprint, cseq FROM messages"
+                " WHERE thread_id = $1 AND cseq > $2 ORDER BY cseq LIMIT $3", tid, after, limit)
+        return (dict(thread) if thread else None), [dict(r) for r in rows]
 
     async def fetch_state(self, key: str) -> dict[str, Any] | None:
         row = await self._pool.fetchrow(
