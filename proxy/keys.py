@@ -17,6 +17,7 @@ Thread hash `thread(s, tid)`:
 Messages hash `messages(s, tid)`, per message id `mid`:
     d|mid  the message JSON (window, overlay)     m|mid  "<version>,<fingerprint>[,<ts>]"
     p|mid  changes of the message not yet flushed (absent: none); ts: when it was appended
+    c|mid  the cseq of a message trimmed out of the window, while its id is recent
 Window `window(s, tid)`: sorted set mid -> seq, a contiguous suffix of the thread's messages
     (every unflushed append is in it). Recent ids `recent(s, tid)`: mid -> seq of the last
     `cache.recent_ids` messages trimmed out of the window, whose m|mid stays (idempotent

@@ -63,7 +63,8 @@ async def test_put_thread_creates_then_updates(client: Client) -> None:
                                                     "metadata": {"a": [1, 2]}})
     created = await body(resp, 201)
     assert resp.headers["ETag"] == '"1"' and resp.headers["X-Tier"] == "redis"
-    assert created == {"version": 1, "created_at": created["created_at"], "thread_id": "t1",
+    assert created == {"version": 1, "cseq": 1, "created_at": created["created_at"],
+                       "thread_id": "t1",
                        "title": "Hello", "owner_id": "u1", "metadata": {"a": [1, 2]},
                        "updated_at": created["updated_at"], "deleted": False, "last_seq": 0}
     assert STAMP.match(created["created_at"]) and STAMP.match(created["updated_at"])
@@ -159,7 +160,7 @@ async def test_append_message(client: Client, redis: aioredis.Redis,
     first = await body(resp, 201)
     assert resp.headers["ETag"] == '"1"' and resp.headers["X-Tier"] == "redis"
     assert ULID.match(first["message_id"])
-    assert first == {"seq": 1, "version": 1, "message_id": first["message_id"],
+    assert first == {"seq": 1, "cseq": 2, "version": 1, "message_id": first["message_id"],
                      "thread_id": "t1", "role": "user", "content": "hello",
                      "metadata": {"k": 1}, "created_at": first["created_at"],
                      "updated_at": first["created_at"], "deleted": False}

@@ -66,10 +66,10 @@ class Messages:
         """The doc of a repeated append whose message left the window: rebuilt from the
         request (same fingerprint, same body) when never edited — no PostgreSQL needed —
         else read through."""
-        version, ts, seq = (v.decode() for v in known)
-        if version == "1" and ts and seq:
-            return b'{"seq":%d,' % int(float(seq)) + model.message_body(
-                req.tid, req.mid, req.input, int(ts))[1:]
+        version, ts, seq, cseq = (v.decode() for v in known)
+        if version == "1" and ts and seq and cseq:
+            head = b'{"seq":%d,"cseq":%d,' % (int(float(seq)), int(float(cseq)))
+            return head + model.message_body(req.tid, req.mid, req.input, int(ts))[1:]
         return (await self.get(req.tid, req.mid, include_deleted=True)).doc
 
     async def _check(self, req: _Append) -> Result | None:

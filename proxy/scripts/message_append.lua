@@ -6,8 +6,9 @@
 --       load fence token: PostgreSQL said the id is not there, read under that token; '':
 --       not checked), id_ms (the creation time a ULID id carries, 0 for other ids),
 --       skew_ms (how far a client's clock may run ahead of ours)
--- Returns {status, ...}: CREATED doc; DUP doc — or DUP '' version ts seq when the message
--- left the window and only its id is still known; CONFLICT; MISS (thread not in Redis); GONE
+-- Returns {status, ...}: CREATED doc; DUP doc — or DUP '' version ts seq cseq when the
+-- message left the window and only its id is still known (cseq: of its latest change, '' if
+-- not known); CONFLICT; MISS (thread not in Redis); GONE
 -- (thread deleted); CHECK (the id may be in PostgreSQL only, and was not checked, or the
 -- check is stale: the thread was released since, e.g. a peer's copy flushed and trimmed).
 local th = redis.call('HMGET', KEYS[1], 'seq', 'del', 'ft')
@@ -20,7 +21,8 @@ if meta then
   if fp ~= ARGV[4] then return {'CONFLICT'} end
   local doc = redis.call('HGET', KEYS[2], 'd|' .. mid)
   if doc then return {'DUP', doc} end
-  return {'DUP', '', v, ts, redis.call('ZSCORE', KEYS[6], mid) or ''}
+  return {'DUP', '', v, ts, redis.call('ZSCORE', KEYS[6], mid) or '',
+    redis.call('HGET', KEYS[2], 'c|' .. mid) or ''}
 end
 -- Ids of messages appended up to `ft` (ms) may be known to PostgreSQL only. An id needs no
 -- check if it was made here, checked under a fence that still holds, or is a ULID made

@@ -20,14 +20,18 @@ local function forget(t, m, r)
   local excess = redis.call('ZCARD', r) - keep
   if excess <= 0 then return end
   local old = redis.call('ZPOPMIN', r, math.min(excess, 1000))
-  local fields = {}
-  for i = 1, #old, 2 do fields[#fields + 1] = 'm|' .. old[i] end
+  local fields, cseqs = {}, {}
+  for i = 1, #old, 2 do
+    fields[#fields + 1] = 'm|' .. old[i]
+    cseqs[#cseqs + 1] = 'c|' .. old[i]
+  end
   local latest = tonumber(redis.call('HGET', t, 'ft') or '0')
   for _, meta in ipairs(redis.call('HMGET', m, unpack(fields))) do
     local ts = meta and tonumber(string.match(meta, '^%d+,%w+,(%d+)$') or '0') or 0
     if ts > latest then latest = ts end
   end
   redis.call('HDEL', m, unpack(fields))
+  redis.call('HDEL', m, unpack(cseqs))
   -- A forgotten id without an append time came from PostgreSQL after the last fill: `ft`
   -- covers it already, unless nothing was forgotten before.
   if latest == 0 then latest = now end
@@ -37,14 +41,17 @@ end
 -- Drop flushed messages below the newest `window` ones, oldest first, stopping at the first
 -- one still unflushed (the window stays a contiguous suffix), at most 1000 per call. Their
 -- docs go; their ids stay as recent ids (idempotent retries need no PostgreSQL), and they
--- leave the changes set `c` (the feed reads them from PostgreSQL: `cf` covers them).
-local function unfeed(t, c, mids)
+-- leave the changes set `c` (the feed reads them from PostgreSQL: `cf` covers them); their
+-- cseq stays as `c|mid` in the messages hash `m` while their id is recent (a repeated append
+-- is answered with its original doc from Redis alone).
+local function unfeed(t, m, c, mids)
   local floor, removed = tonumber(redis.call('HGET', t, 'cf') or '0'), false
   for _, mid in ipairs(mids) do
     local score = redis.call('ZSCORE', c, mid)
     if score then
       floor, removed = math.max(floor, tonumber(score)), true
       redis.call('ZREM', c, mid)
+      redis.call('HSET', m, 'c|' .. mid, score)
     end
   end
   if removed and redis.call('EXISTS', t) == 1 then
@@ -68,7 +75,7 @@ local function trim(t, m, w, r, c)
     recent[#recent + 1] = low[2 * i - 1]
     mids[#mids + 1] = low[2 * i - 1]
   end
-  unfeed(t, c, mids)
+  unfeed(t, m, c, mids)
   redis.call('ZREMRANGEBYRANK', w, 0, n - 1)
   redis.call('HDEL', m, unpack(docs))
   redis.call('ZADD', r, unpack(recent))
