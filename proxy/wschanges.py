@@ -45,10 +45,10 @@ class ChangeFollower:
         while not sub.conn.closed:
             feed = await self._hot.changes.after(sub.thread_id, sub.cseq, REPLAY_PAGE)
             for item in feed.items:
-                cseq, frame = change_frame(sub.thread_id, item.member, item.doc)
+                frame = change_frame(sub.thread_id, item.member, item.cseq, item.doc)
                 if not await sub.conn.send_paced(Out(frame, True)):
                     return
-                sub.cseq = cseq  # every change up to it is covered by what was sent
+                sub.cseq = item.cseq  # every change up to it is covered by what was sent
             sub.cseq = max(sub.cseq, feed.upto)
             if sub.cseq >= max(feed.last_cseq, sub.hint):
                 return

@@ -62,15 +62,15 @@ def backfill_frame(tid: str, doc: bytes) -> tuple[int, bytes]:
     return seq, head + doc + b"}"
 
 
-def change_frame(tid: str, member: str, doc: bytes) -> tuple[int, bytes]:
-    """An entity's current doc from the changes feed as the event of its latest change
-    (created at version 1, else updated, or deleted), with its cseq."""
+def change_frame(tid: str, member: str, cseq: int, doc: bytes) -> bytes:
+    """An entity's current doc from the changes feed (member '': the thread) as the event of
+    its latest change, `cseq`: created at version 1, else updated, or deleted."""
     d = orjson.loads(doc)
     kind = "message" if member else "thread"
     what = "deleted" if d["deleted"] else "created" if d["version"] == 1 else "updated"
-    head = orjson.dumps({"type": f"{kind}.{what}", "thread_id": tid, "cseq": d["cseq"],
+    head = orjson.dumps({"type": f"{kind}.{what}", "thread_id": tid, "cseq": cseq,
                          **({"seq": d["seq"]} if member else {})})
-    return int(d["cseq"]), head[:-1] + b',"%s":' % kind.encode() + doc + b"}"
+    return head[:-1] + b',"%s":' % kind.encode() + doc + b"}"
 
 
 def reply(kind: str, **fields: Any) -> bytes:

@@ -192,6 +192,7 @@ def check_history(ops: list[Op], events: list[FaultEvent], out: Violations) -> I
     index = Index.of(ops, events)
     check_claims(index, out)
     check_seqs(ops, out)
+    check_cseqs(ops, out)
     for op in ops:
         if op.kind in WRITES:
             check_write_answer(index, op, out)
@@ -226,6 +227,21 @@ def check_seqs(ops: list[Op], out: Violations) -> None:
     for (tid, seq), mids in owners.items():
         if len(mids) > 1:
             out.add("2", f"thread {tid} seq {seq} was given to {sorted(mids)}: seq reused")
+
+
+def check_cseqs(ops: list[Op], out: Violations) -> None:
+    """2: a thread's change number (cseq) belongs to one change: one entity at one version
+    (answers from ClickHouse carry none: 0)."""
+    owners: dict[tuple[str, int], set[tuple[str, int]]] = defaultdict(set)
+    for op in ops:
+        doc = op.doc if op.ok and isinstance(op.doc, dict) else {}
+        if op.thread_id and doc.get("cseq") and "version" in doc:
+            change = (doc.get("message_id", ""), int(doc["version"]))
+            owners[(op.thread_id, int(doc["cseq"]))].add(change)
+    for (tid, cseq), changes in sorted(owners.items()):
+        if len(changes) > 1:
+            out.add("2", f"thread {tid} cseq {cseq} was given to {sorted(changes)[:3]}: "
+                    "cseq reused")
 
 
 def check_write_answer(index: Index, op: Op, out: Violations) -> None:
