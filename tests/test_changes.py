@@ -159,7 +159,7 @@ async def test_pages_follow_the_cursor_and_end_caught_up(client: Client) -> None
 async def test_the_feed_comes_from_postgres_once_redis_let_the_thread_go(
         client_for: AppClient, servers: Servers, redis: aioredis.Redis,
         pg: asyncpg.Connection) -> None:
-    s = make_settings(servers, cache={"ttl_s": 1}, redis={"window": 4})
+    s = make_settings(servers, cache={"ttl_s": 1})
     client = await client_for(s)
     await new_thread(client, "t1")
     mids = [(await append(client, "t1", f"m{i}"))["message_id"] for i in range(12)]

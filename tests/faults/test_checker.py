@@ -101,7 +101,7 @@ def test_one_cseq_for_two_changes_is_flagged() -> None:
                                                   "content": "x", "deleted": False}, tid="t")
     thread = op("put_thread", "t", (0, 1), 201, {"version": 1, "cseq": 1}, tid="t")
     assert labels([thread, change("append", "a", 1, 2, 1), change("edit", "a", 2, 3, 2),
-                   change("get_message", "a", 2, 3, 3)]) == []  # a read of the same change
+                   change("append", "b", 1, 4, 3)]) == []
     assert labels([thread, change("append", "a", 1, 1, 1)]) == ["2"]  # the thread's cseq
     assert labels([change("append", "a", 1, 2, 1), change("append", "b", 1, 2, 2)]) == ["2"]
     assert labels([change("append", "a", 1, 2, 1), change("edit", "a", 2, 2, 2)]) == ["2"]
