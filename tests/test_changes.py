@@ -7,6 +7,7 @@ goes live, each change exactly once; a position that cannot be served gets `resy
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,6 +18,7 @@ import redis.asyncio as aioredis
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
+import proxy
 from proxy import keys
 from proxy.app import FAILPOINTS
 from proxy.settings import Settings
@@ -367,3 +369,30 @@ async def test_bad_after_cseq_is_an_invalid_field_error(client: Client,
     async with client.ws_connect("/v1/ws") as ws:
         frame = await subscribe(ws, "t1", **fields)
         assert frame["type"] == "error" and frame["code"] == "invalid_field", frame
+
+
+# ---- reconciliation after Redis lost data
+
+
+async def _raise(redis: aioredis.Redis, tid: str, pg_cseq: int) -> Any:
+    """raise_counters as reconcile.py calls it: PostgreSQL at version 1, last seq 0, and the
+    thread's own pair ('', last_cseq)."""
+    s = 0
+    ks = [keys.thread(s, tid), keys.messages(s, tid), keys.window(s, tid), keys.recent(s, tid),
+          keys.overlay(s, tid), keys.changes(s, tid)]
+    script = (Path(proxy.__file__).parent / "scripts" / "raise_counters.lua").read_text()
+    return await redis.eval(script, len(ks), *ks, "raise", 1, 0, "", pg_cseq)
+
+
+async def test_reconciling_raises_the_cseq_and_the_floor_to_postgres(
+        redis: aioredis.Redis) -> None:
+    t, c = keys.thread(0, "r1"), keys.changes(0, "r1")
+    await redis.hset(t, mapping={"v": 1, "seq": 0, "pend": 1, "cs": 3, "cf": 0, "doc": "{}"})
+    await redis.zadd(c, {"": 3})
+    assert await _raise(redis, "r1", 3) == 0  # not behind: untouched
+    assert await _raise(redis, "r1", 7) == 2  # unflushed changes kept, counters raised
+    assert await redis.hmget(t, "cs", "cf") == [b"7", b"7"]
+    assert await redis.zscore(c, "") == 3
+    await redis.hset(t, "pend", 0)
+    assert await _raise(redis, "r1", 9) == 1  # clean: dropped, read through again
+    assert not await redis.exists(t, c)

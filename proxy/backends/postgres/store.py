@@ -151,10 +151,11 @@ class PostgresStore:
     async def fetch_counters(self, tids: list[str], keys_: list[str],
                              mids: list[tuple[str, str]]) -> dict[str, Any]:
         """Versions and last seqs, for raising Redis's counters after it lost data: threads
-        {tid: (version, last_seq)}, state {key: version}, messages {tid: [(mid, version)]}."""
+        {tid: (version, last_seq, last_cseq)}, state {key: version}, messages
+        {tid: [(mid, version)]}."""
         async with self._pool.acquire() as conn:
-            threads = await conn.fetch("SELECT thread_id, version, last_seq FROM threads"
-                                       " WHERE thread_id = ANY($1)", tids)
+            threads = await conn.fetch("SELECT thread_id, version, last_seq, last_cseq"
+                                       " FROM threads WHERE thread_id = ANY($1)", tids)
             state = await conn.fetch("SELECT key, version FROM state_entries"
                                      " WHERE key = ANY($1)", keys_)
             messages = await conn.fetch(
@@ -165,7 +166,8 @@ class PostgresStore:
         by_thread: dict[str, list[tuple[str, int]]] = {}
         for r in messages:
             by_thread.setdefault(r["thread_id"], []).append((r["message_id"], r["version"]))
-        return {"threads": {r["thread_id"]: (r["version"], r["last_seq"]) for r in threads},
+        return {"threads": {r["thread_id"]: (r["version"], r["last_seq"], r["last_cseq"])
+                            for r in threads},
                 "state": {r["key"]: r["version"] for r in state}, "messages": by_thread}
 
 
