@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy import internal, middlewares, openapi, routes, tracing
+from proxy import internal, middlewares, openapi, routes, routes_feeds, tracing
 from proxy.failpoints import Failpoints
 from proxy.metrics import RequestStats
 from proxy.services import (
@@ -47,6 +47,7 @@ def create_app(settings: Settings, role: str = "all") -> web.Application:
     app.on_shutdown.append(_drain)
     if role in API_ROLES:
         routes.add_routes(app)
+        routes_feeds.add_routes(app)
         document = orjson.dumps(openapi.document(settings))  # this configuration's
 
         async def openapi_json(request: web.Request) -> web.Response:

@@ -102,3 +102,11 @@ class RateLimited(ProxyError):
     def __init__(self, message: str, retry_after_s: float, detail: Any = None) -> None:
         super().__init__(message, detail)
         self.retry_after_s = retry_after_s
+
+
+class Resync(Conflict):
+    """A changes position this thread cannot continue from (past its last cseq: a Redis that
+    lost data, or erased history): start again from the current state; `detail` holds the
+    thread's current `cseq`."""
+
+    code = "resync"

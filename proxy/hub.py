@@ -15,6 +15,8 @@ pub/sub connection is (re)established (events published meanwhile were never rec
 pass through in arrival order. Ephemeral events (hot/ephemeral.py) are never held: they go
 straight to subscriptions that are live or synchronising, and are dropped, never a reason to
 close, when a socket's queue is three quarters full (Connection.offer).
+pass through in arrival order. A subscription with after_cseq follows the changes instead
+(every event, gapless by cseq: wschanges.py); the same hold/sync/release steps apply.
 
 Bounded memory: each socket has a send queue of `ws.queue_size` frames and one writer task.
 A live event that finds the queue full closes the socket with 4008 (the client resumes with
@@ -37,10 +39,11 @@ from redis import exceptions as rexc
 
 from proxy import keys, metrics, topology
 from proxy.backoff import Backoff
-from proxy.errors import ProxyError, TooManySubscriptions, Unavailable
+from proxy.errors import ProxyError, Resync, TooManySubscriptions, Unavailable
 from proxy.hot import HotTier
 from proxy.redisconn import connect
 from proxy.settings import Settings
+from proxy.wschanges import ChangeFollower
 from proxy.wsconn import (
     CLOSE_GOING_AWAY,
     CLOSE_TIMEOUT_S,
@@ -72,6 +75,7 @@ class WebSocketHub:
     def __init__(self, settings: Settings, hot: HotTier) -> None:
         self._s = settings
         self._hot = hot
+        self._changes = ChangeFollower(hot)
         self.connections: set[Connection] = set()
         self.by_thread: dict[str, set[Subscription]] = {}
         self._channels = {keys.events(s).encode(): s for s in range(settings.redis.shards)}
@@ -161,6 +165,9 @@ class WebSocketHub:
                 sub.conn.offer(Out(ev.frame, True))
         elif sub.held is not None:
             sub.hold(ev)
+        elif sub.cseq is not None:
+            if self._changes.live(sub, ev):
+                self._start_sync(sub)
         elif not ev.created:
             sub.conn.send(Out(ev.frame, True, ev.ts_ms))
         elif ev.seq == sub.last_seq + 1:
@@ -189,6 +196,11 @@ class WebSocketHub:
         try:
             while not sub.conn.closed:
                 sub.again = False
+                if sub.cseq is not None:  # follows the changes
+                    await self._changes.replay(sub)
+                    if await self._changes.release(sub):
+                        return
+                    continue
                 await self._backfill(sub)
                 if await self._release(sub):
                     return
@@ -251,8 +263,9 @@ class WebSocketHub:
     def _fail(self, sub: Subscription, e: ProxyError) -> None:
         """The thread cannot be followed (deleted, a store down): say so and unsubscribe."""
         if self.unsubscribe(sub.conn, sub.thread_id, cancel=False):
+            extra = e.detail if isinstance(e, Resync) else {}  # the current cseq
             sub.conn.send(Out(reply("error", code=e.code, message=e.message,
-                                    thread_id=sub.thread_id)))
+                                    thread_id=sub.thread_id, **extra)))
 
     # ---- the socket side
 
@@ -283,7 +296,7 @@ class WebSocketHub:
         try:
             op = parse_op(msg)
             if op.op == "subscribe":
-                await self.subscribe(conn, op.thread_id, op.after_seq)
+                await self.subscribe(conn, op.thread_id, op.after_seq, op.after_cseq)
             elif op.op == "unsubscribe":
                 self.unsubscribe(conn, op.thread_id)
             elif op.op == "publish":  # no reply when pushed (a reply streamed token by token)
@@ -293,9 +306,11 @@ class WebSocketHub:
         except ProxyError as e:
             conn.send(Out(error_frame(e, op.op if op else "", op.thread_id if op else "")))
 
-    async def subscribe(self, conn: Connection, tid: str, after_seq: int | None) -> None:
+    async def subscribe(self, conn: Connection, tid: str, after_seq: int | None,
+                        after_cseq: int | None = None) -> None:
         """Register first (live events are held from now on), read the thread's last seq,
-        reply, then backfill after `after_seq` (or from the last seq: live only)."""
+        reply, then backfill after `after_seq` (or from the last seq: live only) — or
+        replay the changes after `after_cseq`."""
         if tid in conn.subs:
             self.unsubscribe(conn, tid)
         elif len(conn.subs) >= self._s.ws.max_subscriptions:
@@ -314,6 +329,7 @@ class WebSocketHub:
             return
         conn.send(Out(reply("subscribed", thread_id=tid, last_seq=last_seq)))
         sub.last_seq = last_seq if after_seq is None else after_seq
+        sub.cseq = after_cseq
         self._start_sync(sub)
 
     def unsubscribe(self, conn: Connection, tid: str, cancel: bool = True) -> bool:

@@ -12,15 +12,23 @@ Thread hash `thread(s, tid)`:
           whose id Redis forgot (0: none; an id made before then may be in PostgreSQL only)
     o     the owner_id (inbox)                    la    last activity (ms): the latest of
           the thread's changes and message appends (inbox; never goes backwards)
+    cs    the thread's last change number (cseq: every change of the thread or one of its
+          messages takes the next, in its script; each doc carries the cseq of its change)
+    cf    the changes floor: every entity whose latest change has a cseq above it is in
+          `changes(s, tid)` (set by a fill; raised when trimmed messages leave the set)
 Messages hash `messages(s, tid)`, per message id `mid`:
     d|mid  the message JSON (window, overlay)     m|mid  "<version>,<fingerprint>[,<ts>]"
     p|mid  changes of the message not yet flushed (absent: none); ts: when it was appended
+    c|mid  the cseq of a message trimmed out of the window, while its id is recent
 Window `window(s, tid)`: sorted set mid -> seq, a contiguous suffix of the thread's messages
     (every unflushed append is in it). Recent ids `recent(s, tid)`: mid -> seq of the last
     `cache.recent_ids` messages trimmed out of the window, whose m|mid stays (idempotent
     retries need no PostgreSQL). Overlay `overlay(s, tid)`: mid -> seq of messages below the
     window with an unflushed edit (their d|mid replaces PostgreSQL's in pages). Cold cache
     `cold(s, tid)`: hash mid -> doc of messages read through below the window (has a TTL).
+Changes `changes(s, tid)`: sorted set member -> cseq of the entity's latest change (member ''
+    is the thread, any other the message id): the changes feed. Members trimmed out of the
+    window with their docs leave it (raising `cf`); it gets its TTL with the thread.
 State hash `state(s, key)`:
     doc  the entry JSON    v  its version    del  '1' | '0'
     x    expires_at in Unix ms ('' = never)  pend  changes not yet flushed
@@ -99,6 +107,10 @@ def cold(shard: int, tid: str) -> str:
 def inbox(shard: int, owner: str) -> str:
     """An owner's threads of one shard by last activity (inbox)."""
     return f"{_tag(shard)}:in:{owner}"
+
+
+def changes(shard: int, tid: str) -> str:
+    return f"{_tag(shard)}:cs:{tid}"
 
 
 def state(shard: int, key: str) -> str:

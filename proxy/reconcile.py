@@ -74,11 +74,14 @@ class Reconciler:
               pg: dict[str, Any]) -> tuple[list[str], list[Any]]:
         if kind == "k":
             return [keys.state(shard, entity_id)], [pg["state"].get(entity_id, 0), ""]
-        version, last_seq = pg["threads"].get(entity_id, (0, 0))
+        version, last_seq, last_cseq = pg["threads"].get(entity_id, (0, 0, 0))
         args: list[Any] = [version, last_seq]
         for mid, v in pg["messages"].get(entity_id, []):
             args += [mid, v]
-        # The read markers last: dropped with the thread (raise_counters.lua drops all KEYS).
+        args += ["", last_cseq]  # the thread's own pair: its last change number
+        # The read markers, then the changes set: dropped with the thread (raise_counters.lua
+        # drops all KEYS).
         return [keys.thread(shard, entity_id), keys.messages(shard, entity_id),
                 keys.window(shard, entity_id), keys.recent(shard, entity_id),
-                keys.overlay(shard, entity_id), keys.markers(shard, entity_id)], args
+                keys.overlay(shard, entity_id), keys.markers(shard, entity_id),
+                keys.changes(shard, entity_id)], args

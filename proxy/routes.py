@@ -265,32 +265,6 @@ async def delete_message(request: web.Request) -> web.Response:
     return _write_response(request, result)
 
 
-# ---- inbox
-
-
-def _inbox_query(request: web.Request) -> tuple[str, model.InboxKey | None, int]:
-    q = request.query
-    unknown = set(q) - {"owner_id", "limit", "before"}
-    if unknown:
-        raise Malformed(f"unknown query parameter {sorted(unknown)[0]!r}")
-    if "owner_id" not in q:
-        raise Malformed("owner_id is required", {"param": "owner_id"})
-    owner = model.check_id(q["owner_id"], "owner_id")
-    limit = _int_param(q.get("limit", str(model.DEFAULT_INBOX)), "limit", 1, model.MAX_INBOX)
-    before = model.parse_inbox_cursor(q["before"]) if "before" in q else None
-    return owner, before, limit
-
-
-async def list_inbox(request: web.Request) -> web.Response:
-    """An owner's threads, newest activity first (hot.inbox)."""
-    owner, before, limit = _inbox_query(request)
-    page = await request.app[TIERS].inbox(owner, before, limit)
-    cursor = model.inbox_cursor(page.next_cursor) if page.next_cursor else None
-    head = orjson.dumps({"owner_id": owner, "next_cursor": cursor})
-    return json_response(head[:-1] + b',"items":[' + b",".join(page.items) + b"]}",
-                         tier=page.tier)
-
-
 # ---- state
 
 
@@ -389,4 +363,4 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/threads/{tid}/events", publish_event)  # issue 12.5: ephemeral events
     r.add_put("/v1/threads/{tid}/read-markers/{uid}", put_read_marker)  # issue 12.2
     r.add_get("/v1/threads/{tid}/read-markers/{uid}", get_read_marker, allow_head=False)
-    r.add_get("/v1/threads", list_inbox, allow_head=False)  # inbox (hot.inbox)
+    # The inbox and the changes feed (issue 12.3): proxy/routes_feeds.py.

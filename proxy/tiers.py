@@ -14,7 +14,8 @@ from proxy.backends import PG, Backing, ThreadRow
 from proxy.backends.postgres.writethrough import WriteThrough
 from proxy.errors import NotFound, Unavailable
 from proxy.failover import Failover
-from proxy.hot import HotTier, InboxPage, Marker, Page, Result, page_range
+from proxy.hot import Feed, HotTier, InboxPage, Marker, Page, Result, page_range
+from proxy.hot.changes import resync
 from proxy.hot.core import PERSISTED
 from proxy.hot.inbox import with_activity
 from proxy.hot.threads import with_last_seq
@@ -56,6 +57,14 @@ class PostgresTier:
         lo, hi = page_range(mode, cursor, limit, thread.last_seq)
         rows = await self._backing.load_messages(tid, lo, hi) if lo <= hi else []
         return Page(tid, thread.last_seq, lo, hi, [r.doc for r in rows], PG.tier)
+
+    async def changes(self, tid: str, after: int, limit: int) -> Feed:
+        thread = await self._live_thread(tid)
+        if after > thread.last_cseq:
+            raise resync(tid, after, thread.last_cseq)
+        rows = await self._backing.load_changes(tid, after, limit)
+        upto = rows[-1].cseq if len(rows) == limit else thread.last_cseq
+        return Feed(tid, thread.last_cseq, min(upto, thread.last_cseq), rows, PG.tier)
 
     async def get_message(self, tid: str, mid: str) -> Result:
         await self._live_thread(tid)
@@ -148,6 +157,10 @@ class Tiers:
     async def page(self, tid: str, mode: str, cursor: int, limit: int) -> Page:
         return await self._serve(lambda: self._hot.pages.page(tid, mode, cursor, limit),
                                  lambda: self._pg.page(tid, mode, cursor, limit), write=False)
+
+    async def changes(self, tid: str, after: int, limit: int) -> Feed:
+        return await self._serve(lambda: self._hot.changes.after(tid, after, limit),
+                                 lambda: self._pg.changes(tid, after, limit), write=False)
 
     async def get_message(self, tid: str, mid: str) -> Result:
         return await self._serve(lambda: self._hot.messages.get(tid, mid),

@@ -131,11 +131,14 @@ class Connection:
 
 class Subscription:
     """One thread on one socket. `last_seq`: the last message.created seq delivered (or
-    skipped past). `held` is None when live, else the events held back during a sync."""
+    skipped past); `cseq`, for a subscription that follows the changes (after_cseq), the
+    position delivered instead (None: it follows seqs). `held` is None when live, else the
+    events held back during a sync."""
 
     def __init__(self, conn: Connection, thread_id: str, cap: int) -> None:
         self.conn, self.thread_id = conn, thread_id
         self.last_seq = 0
+        self.cseq: int | None = None
         self.held: deque[Event] | None = deque()  # registered: hold until the first sync ends
         self.hint = 0  # the highest created seq seen but not held (the held deque was full)
         self.again = False  # another backfill round is needed (pub/sub reconnected meanwhile)
@@ -146,7 +149,9 @@ class Subscription:
         assert self.held is not None
         if len(self.held) < self._cap:
             self.held.append(ev)
-        elif ev.created:
+        elif self.cseq is not None and ev.cseq:  # the replay will read it from the feed
+            self.hint = max(self.hint, ev.cseq)
+        elif ev.created and self.cseq is None:
             self.hint = max(self.hint, ev.seq)  # the backfill will read it from the hot tier
         else:  # an edit cannot be read back later: the client must resume
             metrics.WS_SLOW_CLOSES.inc()

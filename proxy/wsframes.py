@@ -21,12 +21,14 @@ CREATED = "message.created"
 EPHEMERAL = "ephemeral"
 # What the write scripts publish starts like this; anything else is parsed as JSON.
 _EVENT_HEAD = re.compile(
-    rb'\{"type":"([a-z.]+)","thread_id":"([A-Za-z0-9._:-]+)","(?:last_)?seq":(\d+),"ts":(\d+)[,}]')
+    rb'\{"type":"([a-z.]+)","thread_id":"([A-Za-z0-9._:-]+)","(?:last_)?seq":(\d+),"ts":(\d+)'
+    rb'(?:,"cseq":(\d+))?[,}]')
 # What ephemeral_publish.lua publishes (the frame hot/ephemeral.py builds) starts like this.
 _EPHEMERAL_HEAD = re.compile(rb'\{"type":"ephemeral","thread_id":"([A-Za-z0-9._:-]+)","ts":(\d+),')
 _LONG_NUMBER = re.compile(r"\d{19}")  # 19+ digits: an integer that may not fit in 64 bits
-_OPS = {"subscribe": {"op", "thread_id", "after_seq"}, "unsubscribe": {"op", "thread_id"},
-        "ping": {"op"}, "publish": {"op", "thread_id", "event"}}
+_OPS = {"subscribe": {"op", "thread_id", "after_seq", "after_cseq"},
+        "unsubscribe": {"op", "thread_id"}, "ping": {"op"},
+        "publish": {"op", "thread_id", "event"}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,7 @@ class Event:
     seq: int  # the message's seq (message events) or the thread's last_seq (thread events)
     ts_ms: int  # when the write was acknowledged
     frame: bytes
+    cseq: int = 0  # the change's number in its thread (0: an event that is no change)
 
     @property
     def created(self) -> bool:
@@ -52,14 +55,15 @@ class Event:
 def parse_event(data: bytes) -> Event | None:
     m = _EVENT_HEAD.match(data)
     if m:
-        return Event(m[1].decode(), m[2].decode(), int(m[3]), int(m[4]), data)
+        return Event(m[1].decode(), m[2].decode(), int(m[3]), int(m[4]), data, int(m[5] or 0))
     m = _EPHEMERAL_HEAD.match(data)
     if m:
         return Event(EPHEMERAL, m[1].decode(), 0, int(m[2]), data)
     try:
         doc = orjson.loads(data)
         seq = doc.get("seq", doc.get("last_seq", 0))
-        return Event(doc["type"], doc["thread_id"], int(seq), int(doc.get("ts", 0)), data)
+        return Event(doc["type"], doc["thread_id"], int(seq), int(doc.get("ts", 0)), data,
+                     int(doc.get("cseq", 0)))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         logger.warning("ws hub: ignoring an event that is not one: %r", data[:200])
         return None
@@ -70,6 +74,17 @@ def backfill_frame(tid: str, doc: bytes) -> tuple[int, bytes]:
     seq = int(orjson.loads(doc)["seq"])
     head = b'{"type":"message.created","thread_id":"%s","seq":%d,"message":' % (tid.encode(), seq)
     return seq, head + doc + b"}"
+
+
+def change_frame(tid: str, member: str, cseq: int, doc: bytes) -> bytes:
+    """An entity's current doc from the changes feed (member '': the thread) as the event of
+    its latest change, `cseq`: created at version 1, else updated, or deleted."""
+    d = orjson.loads(doc)
+    kind = "message" if member else "thread"
+    what = "deleted" if d["deleted"] else "created" if d["version"] == 1 else "updated"
+    head = orjson.dumps({"type": f"{kind}.{what}", "thread_id": tid, "cseq": cseq,
+                         **({"seq": d["seq"]} if member else {})})
+    return head[:-1] + b',"%s":' % kind.encode() + doc + b"}"
 
 
 def reply(kind: str, **fields: Any) -> bytes:
@@ -99,6 +114,7 @@ class Op:
     thread_id: str
     after_seq: int | None
     event: Any = None  # publish: the event, validated by the hot tier (as over HTTP)
+    after_cseq: int | None = None
 
 
 def parse_op(msg: Any) -> Op:
@@ -123,7 +139,10 @@ def parse_op(msg: Any) -> Op:
     tid = "" if op == "ping" else _thread_id(doc.get("thread_id"))
     if op == "publish" and "event" not in doc:
         raise Invalid("publish needs an event {\"type\", \"data\"}", {"field": "event"})
-    return Op(str(op), tid, _after_seq(doc.get("after_seq")), doc.get("event"))
+    if doc.get("after_seq") is not None and doc.get("after_cseq") is not None:
+        raise Invalid("give either after_seq or after_cseq, not both", {"field": "after_cseq"})
+    return Op(str(op), tid, _after_seq(doc.get("after_seq")), doc.get("event"),
+              _after_seq(doc.get("after_cseq"), "after_cseq"))
 
 
 def _thread_id(value: Any) -> str:
@@ -132,11 +151,11 @@ def _thread_id(value: Any) -> str:
     return model.check_id(value, "thread_id")
 
 
-def _after_seq(value: Any) -> int | None:
+def _after_seq(value: Any, name: str = "after_seq") -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= model.MAX_CURSOR:
-        raise Invalid("after_seq must be a whole number >= 0", {"field": "after_seq"})
+        raise Invalid(f"{name} must be a whole number >= 0", {"field": name})
     return value
 
 

@@ -63,14 +63,15 @@ async def test_put_thread_creates_then_updates(client: Client) -> None:
                                                     "metadata": {"a": [1, 2]}})
     created = await body(resp, 201)
     assert resp.headers["ETag"] == '"1"' and resp.headers["X-Tier"] == "redis"
-    assert created == {"version": 1, "created_at": created["created_at"], "thread_id": "t1",
+    assert created == {"version": 1, "cseq": 1, "created_at": created["created_at"],
+                       "thread_id": "t1",
                        "title": "Hello", "owner_id": "u1", "metadata": {"a": [1, 2]},
                        "updated_at": created["updated_at"], "deleted": False, "last_seq": 0}
     assert STAMP.match(created["created_at"]) and STAMP.match(created["updated_at"])
     resp = await client.put("/v1/threads/t1", json={"title": "Renamed"})
     updated = await body(resp, 200)
     assert resp.headers["ETag"] == '"2"'
-    assert updated == {**created, "version": 2, "title": "Renamed", "owner_id": "",
+    assert updated == {**created, "version": 2, "cseq": 2, "title": "Renamed", "owner_id": "",
                        "metadata": {}, "updated_at": updated["updated_at"]}
     assert updated["updated_at"] >= created["updated_at"]
     resp = await client.get("/v1/threads/t1")
@@ -159,7 +160,7 @@ async def test_append_message(client: Client, redis: aioredis.Redis,
     first = await body(resp, 201)
     assert resp.headers["ETag"] == '"1"' and resp.headers["X-Tier"] == "redis"
     assert ULID.match(first["message_id"])
-    assert first == {"seq": 1, "version": 1, "message_id": first["message_id"],
+    assert first == {"seq": 1, "cseq": 2, "version": 1, "message_id": first["message_id"],
                      "thread_id": "t1", "role": "user", "content": "hello",
                      "metadata": {"k": 1}, "created_at": first["created_at"],
                      "updated_at": first["created_at"], "deleted": False}
@@ -273,7 +274,8 @@ async def test_patch_message(client: Client, redis: aioredis.Redis,
     resp = await client.patch("/v1/threads/t1/messages/m1", json={"content": "b"})
     v2 = await body(resp, 200)
     assert resp.headers["ETag"] == '"2"' and resp.headers["X-Tier"] == "redis"
-    assert v2 == {**sent, "version": 2, "content": "b", "updated_at": v2["updated_at"]}
+    assert v2 == {**sent, "version": 2, "cseq": sent["cseq"] + 1, "content": "b",
+                  "updated_at": v2["updated_at"]}
     assert STAMP.match(v2["updated_at"]) and v2["updated_at"] >= sent["created_at"]
     async with unchanged(redis):
         resp = await client.patch("/v1/threads/t1/messages/m1", json={"content": "c"},
@@ -283,8 +285,8 @@ async def test_patch_message(client: Client, redis: aioredis.Redis,
                               json={"role": "assistant", "metadata": {"y": [2]}})
     v3 = await body(resp, 200)
     assert resp.headers["ETag"] == '"3"'
-    assert v3 == {**v2, "version": 3, "role": "assistant", "metadata": {"y": [2]},
-                  "updated_at": v3["updated_at"]}
+    assert v3 == {**v2, "version": 3, "cseq": v2["cseq"] + 1, "role": "assistant",
+                  "metadata": {"y": [2]}, "updated_at": v3["updated_at"]}
     assert await body(await client.get("/v1/threads/t1/messages/m1"), 200) == v3
     entries = [e for e in await log_entries(redis, log_of(settings, "t1")) if e["k"] == "m"]
     assert [(e["v"], e["e"], orjson.loads(e["d"])) for e in entries] == [

@@ -396,7 +396,8 @@ async def test_the_script_checks_the_read_ahead_and_scans_what_came_after_it(
             % mid.encode())
     out = await Scripts(redis).run("message_update", [
         t, keys.messages(shard, "er12"), keys.window(shard, "er12"), log,
-        keys.cold(shard, "er12"), keys.recent(shard, "er12"), keys.overlay(shard, "er12"), dlq],
+        keys.cold(shard, "er12"), keys.recent(shard, "er12"), keys.overlay(shard, "er12"), dlq,
+        keys.changes(shard, "er12")],
         ["er12", mid, 2, tomb, 3, "message.erased", keys.events(shard), 0, 1, "pg",
          entries[1], "0-0", 2, entries[1], "9-9"])  # entries[2] came "after"; 9-9 is gone
     assert out[0] == b"OK"

@@ -108,9 +108,10 @@ def test_every_503_carries_retry_after_and_entity_responses_carry_etag() -> None
             spec = resolve(spec)
             if status == "503" and path.startswith("/v1"):
                 assert "Retry-After" in spec.get("headers", {}), (method, path)
-            # Pages, stats and read markers (no version, no If-Match) carry no ETag.
+            # Pages, stats, read markers and the changes feed (no version, no If-Match) carry
+            # no ETag.
             if status in ("200", "201") and "{" in path and not path.endswith((
-                    "messages", "stats", "read-markers/{uid}")):
+                    "messages", "stats", "read-markers/{uid}", "changes")):
                 assert {"ETag", "X-Tier"} <= set(spec.get("headers", {})), (method, path)
 
 
@@ -416,6 +417,14 @@ async def test_responses_match_the_document(client: Any, settings: config.Settin
     await call("PATCH", msg, "/v1/threads/t1/messages/m1", 422, json={})
     await call("DELETE", msg, "/v1/threads/t1/messages/m1", 200)
     await call("GET", msg, "/v1/threads/t1/messages/m1", 404)
+    changes = "/v1/threads/{tid}/changes"
+    feed = await call("GET", changes, "/v1/threads/t1/changes?limit=2", 200)
+    assert [i["kind"] for i in feed["items"]] == ["thread", "message"]
+    assert feed["next_cursor"] == {"after_cseq": 4} and feed["last_cseq"] == 6
+    await call("GET", changes, "/v1/threads/t1/changes?after_cseq=4", 200)
+    await call("GET", changes, "/v1/threads/t1/changes?after_cseq=7", 409)
+    await call("GET", changes, "/v1/threads/t1/changes?after=1", 400)
+    await call("GET", changes, "/v1/threads/nope/changes", 404)
     await call("PUT", state, "/v1/state/k1", 201, json={"value": {"a": 1}, "ttl": 60})
     await call("PUT", state, "/v1/state/k1", 200, json={"value": [1]})
     await call("GET", state, "/v1/state/k1", 200)

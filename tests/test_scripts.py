@@ -26,6 +26,30 @@ def thread_keys(tid: str) -> list[str]:
             keys.fence(S, "t", tid), keys.recent(S, tid), keys.overlay(S, tid)]
 
 
+def put_keys(tid: str, owner: str = "", believed: str = "") -> list[str]:
+    """thread_put's: the thread's keys, the erase's dead letters and cold cache, the inbox
+    index keys (the new owner's, the believed one's), then its changes set."""
+    return [*thread_keys(tid), keys.dead_letters(S), keys.cold(S, tid), keys.inbox(S, owner),
+            keys.inbox(S, believed), keys.changes(S, tid)]
+
+
+def append_keys(tid: str, owner: str = "") -> list[str]:
+    """message_append's: thread_put's first six, the believed owner's inbox index, then the
+    changes set."""
+    return [*thread_keys(tid)[:6], keys.inbox(S, owner), keys.changes(S, tid)]
+
+
+def update_keys(tid: str) -> list[str]:
+    """message_update's: the cold cache for the fence, the dead letters, the changes set."""
+    return [*thread_keys(tid)[:4], keys.cold(S, tid), *thread_keys(tid)[5:],
+            keys.dead_letters(S), keys.changes(S, tid)]
+
+
+def fill_keys(tid: str) -> list[str]:
+    """fill_thread's: the thread's keys without the log, then the changes set."""
+    return [*thread_keys(tid)[:3], *thread_keys(tid)[4:], keys.changes(S, tid)]
+
+
 def state_keys(key: str) -> list[str]:
     return [keys.state(S, key), keys.log(S), keys.fence(S, "k", key)]
 
@@ -50,12 +74,6 @@ def thread_args(tid: str, op: str = "put", if_match: str = "", new: str = "",
                 owner: str = "", believed: str = "") -> list[Any]:
     return ['{"title":"t"}', '"2026-01-01T00:00:00.000Z"', if_match, new, op, keys.events(S), 1,
             tid, owner, believed]
-
-
-def inbox_keys(owner: str = "", believed: str = "") -> list[str]:
-    """thread_put's inbox index keys (the new owner's, the believed one's), after its others
-    (the erase's dead letters and cold cache)."""
-    return [keys.dead_letters(S), keys.cold(S, "t"), keys.inbox(S, owner), keys.inbox(S, believed)]
 
 
 def state_args(key: str, op: str = "put", if_match: str = "", base: str = "") -> list[Any]:
@@ -84,16 +102,16 @@ async def prepared(redis: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
     for entity in ("t:t", "t:gone", "t:old", "t:nope", "k:k", "k:nope"):
         kind, eid = entity.split(":")
         await run(redis, "load_fence", [keys.fence(S, kind, eid)], [TOKEN, 600_000])
-    assert (await run(redis, "thread_put", thread_keys("t"), thread_args("t", new=TOKEN)))[0] \
+    assert (await run(redis, "thread_put", put_keys("t"), thread_args("t", new=TOKEN)))[0] \
         == b"CREATED"
-    assert (await run(redis, "thread_put", thread_keys("gone"),
+    assert (await run(redis, "thread_put", put_keys("gone"),
                       thread_args("gone", new=TOKEN)))[0] == b"CREATED"
-    assert (await run(redis, "thread_put", thread_keys("gone"), thread_args("gone", "del")))[0] \
+    assert (await run(redis, "thread_put", put_keys("gone"), thread_args("gone", "del")))[0] \
         == b"OK"
-    assert await run(redis, "fill_thread", [*thread_keys("old")[:3], *thread_keys("old")[4:]],
+    assert await run(redis, "fill_thread", fill_keys("old"),
                      ['{"title":"o"}', 1, '"2026-01-01T00:00:00.000Z"', 5, 0, 600_000, TOKEN,
                       1000, "", 0]) == 1
-    assert (await run(redis, "message_append", thread_keys("t")[:6],
+    assert (await run(redis, "message_append", append_keys("t"),
                       append_args("t", "m1", "fp1")))[0] == b"CREATED"
     assert (await run(redis, "state_put", state_keys("k"), state_args("k", base="0,1,")))[0] \
         == b"CREATED"
@@ -107,40 +125,40 @@ async def prepared(redis: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
 REFUSALS: list[tuple[str, str, Any]] = [
     # (case, script call as (name, keys, args), the refusal it answers)
     ("thread_put: not in Redis, not known new", "thread_put",
-     (thread_keys("nope"), thread_args("nope")), [b"MISS"]),
+     (put_keys("nope"), thread_args("nope")), [b"MISS"]),
     ("thread_put: new under a stale token", "thread_put",
-     (thread_keys("nope"), thread_args("nope", new="stale")), [b"MISS"]),
-    ("thread_put: deleted", "thread_put", (thread_keys("gone"), thread_args("gone")),
+     (put_keys("nope"), thread_args("nope", new="stale")), [b"MISS"]),
+    ("thread_put: deleted", "thread_put", (put_keys("gone"), thread_args("gone")),
      [b"GONE", b"2"]),
     ("thread_put: delete of a new thread", "thread_put",
-     (thread_keys("nope"), thread_args("nope", "del", new=TOKEN)), [b"NOTFOUND"]),
+     (put_keys("nope"), thread_args("nope", "del", new=TOKEN)), [b"NOTFOUND"]),
     ("thread_put: another owner than believed", "thread_put",
-     (thread_keys("t") + inbox_keys("u1", "u1"), thread_args("t", owner="u1", believed="u1")),
+     (put_keys("t", "u1", "u1"), thread_args("t", owner="u1", believed="u1")),
      [b"OWNER", b""]),
-    ("thread_put: If-Match", "thread_put", (thread_keys("t"), thread_args("t", if_match="9")),
+    ("thread_put: If-Match", "thread_put", (put_keys("t"), thread_args("t", if_match="9")),
      [b"PRECONDITION", b"1"]),
     ("message_append: another owner than believed", "message_append",
-     (thread_keys("t")[:6] + [keys.inbox(S, "u1")], append_args("t", "m2", "fp2", owner="u1")),
+     (append_keys("t", "u1"), append_args("t", "m2", "fp2", owner="u1")),
      [b"OWNER", b""]),
     ("message_append: no thread", "message_append",
-     (thread_keys("nope")[:6], append_args("nope", "m2", "fp2")), [b"MISS"]),
+     (append_keys("nope"), append_args("nope", "m2", "fp2")), [b"MISS"]),
     ("message_append: deleted thread", "message_append",
-     (thread_keys("gone")[:6], append_args("gone", "m2", "fp2")), [b"GONE"]),
+     (append_keys("gone"), append_args("gone", "m2", "fp2")), [b"GONE"]),
     ("message_append: same id, other body", "message_append",
-     (thread_keys("t")[:6], append_args("t", "m1", "fpX")), [b"CONFLICT"]),
+     (append_keys("t"), append_args("t", "m1", "fpX")), [b"CONFLICT"]),
     ("message_append: a repeat", "message_append",
-     (thread_keys("t")[:6], append_args("t", "m1", "fp1")), None),
+     (append_keys("t"), append_args("t", "m1", "fp1")), None),
     ("message_append: an id PostgreSQL may hold", "message_append",
-     (thread_keys("old")[:6], append_args("old", "m2", "fp2", checked="")), [b"CHECK"]),
+     (append_keys("old"), append_args("old", "m2", "fp2", checked="")), [b"CHECK"]),
     ("message_update: unknown message", "message_update",
-     ([*thread_keys("t")[:4], keys.cold(S, "t"), *thread_keys("t")[5:]],
+     (update_keys("t"),
       ["t", "m9", "1", "{}", "2", "message.updated", keys.events(S), 2, 1]), [b"MISS"]),
     ("message_update: stale version", "message_update",
-     ([*thread_keys("t")[:4], keys.cold(S, "t"), *thread_keys("t")[5:]],
+     (update_keys("t"),
       ["t", "m1", "7", "{}", "8", "message.updated", keys.events(S), 2, 1]),
      [b"PRECONDITION", b"1"]),
     ("message_update: deleted thread", "message_update",
-     ([*thread_keys("gone")[:4], keys.cold(S, "gone"), *thread_keys("gone")[5:]],
+     (update_keys("gone"),
       ["gone", "m1", "1", "{}", "2", "message.updated", keys.events(S), 2, 1]), [b"GONE"]),
     ("state_put: not in Redis, no base", "state_put", (state_keys("nope"),
                                                        state_args("nope")), [b"MISS"]),
@@ -151,10 +169,10 @@ REFUSALS: list[tuple[str, str, Any]] = [
     ("state_put: delete of what does not exist", "state_put",
      (state_keys("nope"), state_args("nope", "del", base="0,1,")), [b"NOTFOUND"]),
     ("fill_thread: present", "fill_thread",
-     ([*thread_keys("t")[:3], *thread_keys("t")[4:]],
+     (fill_keys("t"),
       ["{}", 1, '"x"', 0, 0, 1000, TOKEN, 1, "", 0]), 0),
     ("fill_thread: stale load", "fill_thread",
-     ([*thread_keys("nope")[:3], *thread_keys("nope")[4:]],
+     (fill_keys("nope"),
       ["{}", 1, '"x"', 0, 0, 1000, "stale", 1, "", 0]), -1),
     ("fill_state: present", "fill_state", ([keys.state(S, "k"), keys.fence(S, "k", "k")],
                                            ["{}", 1, "", 1000, 5, TOKEN]), 0),
@@ -190,7 +208,7 @@ REFUSALS: list[tuple[str, str, Any]] = [
     ("remove_consumers: nobody idle", "remove_consumers", ([keys.log(S)],
                                                             [GROUPS[0], "me", 60_000]), 0),
     ("raise_counters: Redis is not behind", "raise_counters",
-     ([*thread_keys("t")[:3], *thread_keys("t")[5:]], ["raise", 1, 1, "m1", 1]), 0),
+     ([*thread_keys("t")[:3], *thread_keys("t")[5:7]], ["raise", 1, 1, "m1", 1]), 0),
     ("raise_counters: an unflushed entity is left for its flush", "raise_counters",
      ([*thread_keys("t")[:3], *thread_keys("t")[5:]], ["drop", 9, 9, "m1", 1]), 2),
     # issue 12.5: ephemeral events (the answer over the rate: the wait, in ms, is > 0)
@@ -225,4 +243,5 @@ def test_every_script_with_a_refusal_has_a_case() -> None:
     assert {name for _, name, _, _ in REFUSALS} == refusing
     # The others never refuse: they read, or always write (groups, fences, the release).
     assert set(SCRIPTS) - refusing == {"read_page", "get_message", "count_from", "create_groups",
-                                       "load_fence", "release", "inbox_scan", "inbox_check"}
+                                       "load_fence", "release", "inbox_scan", "inbox_check",
+                                       "read_changes"}

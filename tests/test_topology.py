@@ -190,14 +190,23 @@ async def evalsha(client: Any, name: str, keys_: list[str], args: list[Any]) -> 
 
 
 def thread_keys(shard: int, tid: str) -> list[str]:
-    """thread, messages, window, log, load fence, recent ids, overlay: thread_put's keys."""
+    """thread, messages, window, log, load fence, recent ids, overlay: thread_put's first
+    keys."""
     return [keys.thread(shard, tid), keys.messages(shard, tid), keys.window(shard, tid),
             keys.log(shard), keys.fence(shard, "t", tid), keys.recent(shard, tid),
             keys.overlay(shard, tid)]
 
 
-def append_keys(shard: int, tid: str) -> list[str]:
-    return thread_keys(shard, tid)[:6]
+def put_keys(shard: int, tid: str, owner: str = "", believed: str = "") -> list[str]:
+    """thread_put's: the thread's keys, dead letters and cold cache (erase), the inbox index
+    keys (new owner, believed owner), the changes set."""
+    return [*thread_keys(shard, tid), keys.dead_letters(shard), keys.cold(shard, tid),
+            keys.inbox(shard, owner), keys.inbox(shard, believed), keys.changes(shard, tid)]
+
+
+def append_keys(shard: int, tid: str, owner: str = "") -> list[str]:
+    """message_append's: the first six, the believed owner's inbox index, the changes set."""
+    return [*thread_keys(shard, tid)[:6], keys.inbox(shard, owner), keys.changes(shard, tid)]
 
 
 async def fenced(client: Any, fence: str, token: str = "tok") -> str:
@@ -212,7 +221,7 @@ def message_body(tid: str, mid: str) -> str:
 
 async def create_thread(client: Any, shard: int, tid: str) -> None:
     token = await fenced(client, keys.fence(shard, "t", tid))  # PostgreSQL said: new
-    reply = await evalsha(client, "thread_put", thread_keys(shard, tid), [
+    reply = await evalsha(client, "thread_put", put_keys(shard, tid), [
         '{"title":"t"}', '"2024-01-01T00:00:00Z"', "", token, "put", keys.events(shard), 1,
         tid, "", ""])  # no owner: the inbox index keys are not touched
     assert reply[0] == b"CREATED"
@@ -233,11 +242,13 @@ async def exercise_scripts(client: Any, shard: int) -> None:
     assert (await evalsha(client, "read_page", [*th[:3], th[6]], ["latest", 0, 10]))[:6] == [
         b"OK", b"1", 1, 1, 1, 1]
     edited = '{"seq":1,"message_id":"m1","content":"edited","version":2}'
-    assert await evalsha(client, "message_update", [*th[:4], keys.cold(s, tid), *th[5:]], [
+    stored = b'{"seq":1,"cseq":3,"message_id":"m1","content":"edited","version":2}'
+    assert await evalsha(client, "message_update", [
+        *th[:4], keys.cold(s, tid), *th[5:], keys.dead_letters(s), keys.changes(s, tid)], [
         tid, mid, "1", edited, "2", "message.updated", keys.events(s), 3, "1"]) == [
-        b"OK", b"2", b"fp"]
+        b"OK", b"2", b"fp", stored]
     assert await evalsha(client, "get_message", [th[1], keys.cold(s, tid), th[0]],
-                         [mid]) == edited.encode()
+                         [mid]) == stored
     await exercise_markers(client, s, tid)
     token = await fenced(client, keys.fence(s, "k", "k"))
     assert (await evalsha(client, "state_put", [state, keys.log(s), keys.fence(s, "k", "k")], [
@@ -268,12 +279,14 @@ async def exercise_release(client: Any, shard: int, tid: str, mid: str) -> None:
     args: list[Any] = [GROUP, TTL_MS, 200, 1000, 5]
     for entry_id, fields in entries:
         if fields[b"k"] == b"s":
-            args += [entry_id, 9, "s", ""]
+            args += [entry_id, 10, "s", ""]
         else:
             args += [entry_id, 2, "t", mid if fields[b"k"] == b"m" else ""]
     th = thread_keys(shard, tid)
-    cached = [*th[:3], keys.state(shard, "k"), keys.markers(shard, tid)]
-    release_keys = [keys.log(shard), *th[:3], th[5], th[6], th[4], cached[4], cached[3],
+    cached = [*th[:3], keys.state(shard, "k"), keys.markers(shard, tid),
+              keys.changes(shard, tid)]
+    release_keys = [keys.log(shard), *th[:3], th[5], th[6], th[4], cached[4], cached[5],
+                    cached[3],
                     keys.fence(shard, "k", "k")]
     assert await evalsha(client, "release", release_keys, args) == 0
     assert (await client.xpending(keys.log(shard), GROUP))["pending"] == 0
@@ -287,11 +300,10 @@ async def exercise_inbox(client: Any, shard: int) -> None:
     tid, owner = f"i{shard}", "u1"
     index = keys.inbox(shard, owner)
     token = await fenced(client, keys.fence(shard, "t", tid))
-    assert (await evalsha(client, "thread_put", thread_keys(shard, tid) + [
-        keys.dead_letters(shard), keys.cold(shard, tid), index, index], [
+    assert (await evalsha(client, "thread_put", put_keys(shard, tid, owner, owner), [
         '{"title":"i","owner_id":"u1"}', '"2024-01-01T00:00:00Z"', "", token, "put",
         keys.events(shard), 5, tid, owner, owner]))[0] == b"CREATED"
-    assert (await evalsha(client, "message_append", append_keys(shard, tid) + [index],
+    assert (await evalsha(client, "message_append", append_keys(shard, tid, owner),
                           [*append_args(shard, tid, "m1")[:-1], owner]))[0] == b"CREATED"
     assert await evalsha(client, "inbox_scan", [index], ["+inf", "", 10]) == [tid.encode(),
                                                                                b"5"]
@@ -306,7 +318,8 @@ async def exercise_fills(client: Any, shard: int) -> None:
     all_keys = thread_keys(shard, tid)
     th, fence = all_keys[:3], all_keys[4]
     token = await fenced(client, fence)
-    assert await evalsha(client, "fill_thread", [*th, fence, *all_keys[5:]], [
+    assert await evalsha(client, "fill_thread", [*th, fence, *all_keys[5:],
+                                                 keys.changes(shard, tid)], [
         '{"title":"f"}', "3", '"2024-01-01T00:00:00Z"', "0", "0", TTL_MS, token, 9, "", 0]) == 1
     assert await evalsha(client, "fill_meta", [*th[:2], fence],
                          ["m8", "1", "fp", "{}", token]) == 1

@@ -63,6 +63,17 @@ class ThreadRow:
     thread_id: str = ""
     owner_id: str = ""
     last_activity_ms: int = 0  # the later of its last change and last message (inbox)
+    last_cseq: int = 0  # the thread's last change number (of it or one of its messages)
+
+
+@dataclass(frozen=True)
+class ChangeRow:
+    """An entity of a thread at its latest change: `member` '' is the thread, else the id of
+    one of its messages (as in the changes set, keys.changes)."""
+
+    member: str
+    cseq: int
+    doc: bytes
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class MessageRow:
     version: int
     fingerprint: str
     doc: bytes
+    cseq: int = 0  # of its latest change
 
 
 @dataclass(frozen=True)
@@ -95,13 +107,17 @@ class Backing(Protocol):
     # of lo..hi there are, leaving out `exclude` (deleted in Redis, not flushed yet).
     async def load_marker(self, tid: str, uid: str) -> int | None: ...
     async def count_live(self, tid: str, lo: int, hi: int, exclude: list[str]) -> int: ...
-    async def persist(self, kind: str, doc: bytes, fingerprint: str = "",
-                      erased: bool = False) -> None: ...
     async def load_inbox(self, owner: str, before: tuple[int, str] | None,
                          limit: int) -> list[ThreadRow]:
         """An owner's live threads strictly below `before` (activity ms, tid; None: from
         the top), newest activity first, at most `limit`."""
         ...
+    async def load_changes(self, tid: str, after: int, limit: int) -> list[ChangeRow]:
+        """The thread and its messages whose latest change has a cseq after `after`, by
+        cseq, at most `limit`."""
+        ...
+    async def persist(self, kind: str, doc: bytes, fingerprint: str = "",
+                      erased: bool = False) -> None: ...
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -114,27 +130,29 @@ def _ms(dt: datetime | None) -> int | None:
 
 def thread_row(*, thread_id: str, title: str, owner_id: str, metadata: Any,
                created_at: datetime, updated_at: datetime, version: int, last_seq: int,
-               deleted: bool, last_activity_at: datetime | None = None) -> ThreadRow:
+               deleted: bool, last_activity_at: datetime | None = None, cseq: int = 0,
+               last_cseq: int = 0) -> ThreadRow:
     """A thread as the thread script stores it (fields in its order; metadata a JSON object)."""
     created = _iso(created_at)
-    doc = orjson.dumps({"version": version, "created_at": created, "thread_id": thread_id,
-                        "title": title, "owner_id": owner_id, "metadata": metadata,
-                        "updated_at": _iso(updated_at), "deleted": deleted})
+    doc = orjson.dumps({"version": version, "cseq": cseq, "created_at": created,
+                        "thread_id": thread_id, "title": title, "owner_id": owner_id,
+                        "metadata": metadata, "updated_at": _iso(updated_at),
+                        "deleted": deleted})
     return ThreadRow(doc, version, orjson.dumps(created).decode(), last_seq, deleted,
-                     thread_id, owner_id, _ms(last_activity_at) or 0)
+                     thread_id, owner_id, _ms(last_activity_at) or 0, max(cseq, last_cseq))
 
 
 def message_row(*, message_id: str, thread_id: str, seq: int, role: str, content: str,
                 metadata: Any, created_at: datetime, updated_at: datetime, version: int,
-                deleted: bool, fingerprint: str | None = None) -> MessageRow:
+                deleted: bool, fingerprint: str | None = None, cseq: int = 0) -> MessageRow:
     """A message as the append script stores it, with the fingerprint of the body it was
     appended with (rows without one: of their current body)."""
-    doc = orjson.dumps({"seq": seq, "version": version, "message_id": message_id,
+    doc = orjson.dumps({"seq": seq, "cseq": cseq, "version": version, "message_id": message_id,
                         "thread_id": thread_id, "role": role, "content": content,
                         "metadata": metadata, "created_at": _iso(created_at),
                         "updated_at": _iso(updated_at), "deleted": deleted})
     fingerprint = fingerprint or model.MessageInput(None, role, content, metadata).fingerprint()
-    return MessageRow(message_id, seq, version, fingerprint, doc)
+    return MessageRow(message_id, seq, version, fingerprint, doc, cseq)
 
 
 def state_row(*, key: str, value: Any, version: int, expires_at: datetime | None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from proxy.backends import CH, MessageRow, StateRow, ThreadRow
+from proxy.backends import CH, ChangeRow, MessageRow, StateRow, ThreadRow
 from proxy.errors import Unavailable
 
 
@@ -57,6 +57,9 @@ class ClickHouseBacking:
     async def load_inbox(self, owner: str, before: tuple[int, str] | None,
                          limit: int) -> list[ThreadRow]:
         raise Unavailable("postgres is unavailable; the inbox is not served from clickhouse")
+
+    async def load_changes(self, tid: str, after: int, limit: int) -> list[ChangeRow]:
+        raise Unavailable("postgres is unavailable; clickhouse keeps no change numbers")
 
     async def persist(self, kind: str, doc: bytes, fingerprint: str = "",
                       erased: bool = False) -> None:

@@ -4,6 +4,7 @@ thread's window) is read through the backing (PostgreSQL) and cached again.
 
     hot.threads   get, put, delete            hot.pages     page
     hot.messages  append, get, edit, delete   hot.state     get, put, delete
+    hot.changes   after (the changes feed, by cseq)
     hot.release   the flush acknowledgement (cache policy: unflushed counts, TTLs, windows)
     hot.ephemeral publish (pushed to subscribers, never stored)
     hot.markers   get, put, unread (read markers, issue 12.2)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from proxy.backends import Backing
 from proxy.failpoints import Failpoints
+from proxy.hot.changes import Changes, Feed
 from proxy.hot.core import Core, Result
 from proxy.hot.ephemeral import Ephemerals
 from proxy.hot.inbox import Inbox, InboxPage
@@ -27,7 +29,7 @@ from proxy.redisconn import RedisClient
 from proxy.settings import Settings
 from proxy.writelog import Backlog
 
-__all__ = ["HotTier", "InboxPage", "Marker", "Page", "Result", "page_range"]
+__all__ = ["Feed", "HotTier", "InboxPage", "Marker", "Page", "Result", "page_range"]
 
 
 class HotTier:
@@ -39,6 +41,7 @@ class HotTier:
         self.messages = Messages(core, self.threads)
         self.pages = Pages(core, self.threads, self.messages)
         self.state = States(core)
+        self.changes = Changes(core, self.threads)
         self.release = Release(core)
         self.ephemeral = Ephemerals(core, self.threads)
         self.markers = Markers(core, self.threads)

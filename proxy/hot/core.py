@@ -116,6 +116,9 @@ class Core:
         """The inbox index of `owner` on the shard of thread `tid`."""
         return keys.inbox(self.shard(tid), owner)
 
+    def changes_key(self, tid: str) -> str:
+        return keys.changes(self.shard(tid), tid)
+
     def recent_key(self, tid: str) -> str:
         return keys.recent(self.shard(tid), tid)
 

@@ -44,7 +44,8 @@ class Messages:
         c, tid = self._c, req.tid
         owner = c.owners.get(tid)  # inbox: its index key goes last
         out = await c.run("message_append", c.thread_keys(tid) + [
-            c.fence_key("t", tid), c.recent_key(tid), c.inbox_key(tid, owner)], [
+            c.fence_key("t", tid), c.recent_key(tid), c.inbox_key(tid, owner),
+            c.changes_key(tid)], [
             tid, req.mid, req.body, req.fingerprint, keys.events(c.shard(tid)), req.ms, checked,
             model.ulid_ms(req.mid), int(c.settings.cache.id_clock_skew_s * 1000), owner])
         status = out[0].decode()
@@ -71,10 +72,10 @@ class Messages:
         """The doc of a repeated append whose message left the window: rebuilt from the
         request (same fingerprint, same body) when never edited — no PostgreSQL needed —
         else read through."""
-        version, ts, seq = (v.decode() for v in known)
-        if version == "1" and ts and seq:
-            return b'{"seq":%d,' % int(float(seq)) + model.message_body(
-                req.tid, req.mid, req.input, int(ts))[1:]
+        version, ts, seq, cseq = (v.decode() for v in known)
+        if version == "1" and ts and seq and cseq:
+            head = b'{"seq":%d,"cseq":%d,' % (int(float(seq)), int(float(cseq)))
+            return head + model.message_body(req.tid, req.mid, req.input, int(ts))[1:]
         return (await self.get(req.tid, req.mid, include_deleted=True)).doc
 
     async def _check(self, req: _Append) -> Result | None:
@@ -172,18 +173,20 @@ class Messages:
                                      {"version": version})
         ms = model.now_ms()
         new = change(current, ms)
-        doc = orjson.dumps(new)
+        new.pop("cseq", None)  # the script puts the change's own cseq after the seq
         event = "message.deleted" if new["deleted"] else "message.updated"
         s = self._c.shard(tid)
         ks = self._c.thread_keys(tid) + [keys.cold(s, tid), self._c.recent_key(tid),
-                                         self._c.overlay_key(tid), keys.dead_letters(s)]
+                                         self._c.overlay_key(tid), keys.dead_letters(s),
+                                         self._c.changes_key(tid)]
         ahead = await erasure.read_ahead(self._c, s, erasure.of_message(tid, mid)) if erase else []
         out = await self._c.run("message_update", ks, [
-            tid, mid, version, doc, new["version"], "message.erased" if erase else event,
-            keys.events(s), ms, new["seq"], PG.name if erase else "", *ahead])
+            tid, mid, version, orjson.dumps(new), new["version"],
+            "message.erased" if erase else event, keys.events(s), ms, new["seq"],
+            PG.name if erase else "", *ahead])
         status = out[0].decode()
         if status == "OK":
-            return await self._c.stored("message", tid, doc, durability,
+            return await self._c.stored("message", tid, out[3], durability,
                                         fingerprint=out[2].decode(), erased=erase)
         if status == "MISS":
             await self._fill_meta(tid, mid)

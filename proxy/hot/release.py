@@ -44,11 +44,12 @@ class Release:
 
 def _entity_keys(shard: int, entity: tuple[str, str]) -> list[str]:
     """The keys release.lua takes per entity: its cache keys, then its load fence (and a
-    thread's read markers: their changes, kind 'r', release the thread)."""
+    thread's read markers: their changes, kind 'r', release the thread; then its changes
+    set)."""
     kind, entity_id = entity
     if kind == "s":
         return [keys.state(shard, entity_id), keys.fence(shard, "k", entity_id)]
     return [keys.thread(shard, entity_id), keys.messages(shard, entity_id),
             keys.window(shard, entity_id), keys.recent(shard, entity_id),
             keys.overlay(shard, entity_id), keys.fence(shard, "t", entity_id),
-            keys.markers(shard, entity_id)]
+            keys.markers(shard, entity_id), keys.changes(shard, entity_id)]

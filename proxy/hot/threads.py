@@ -39,7 +39,7 @@ class Threads:
                 await self._c.run("fill_thread", self._fill_keys(tid), [
                     row.doc, row.version, row.created_at, row.last_seq, int(row.deleted),
                     self._c.ttl_ms, token, model.now_ms(), row.owner_id,
-                    row.last_activity_ms])
+                    row.last_activity_ms, row.last_cseq])
                 self._c.owners.learn(tid, row.owner_id)
             return row
 
@@ -47,7 +47,8 @@ class Threads:
 
     def _fill_keys(self, tid: str) -> list[str]:
         return self._c.thread_keys(tid)[:3] + [
-            self._c.fence_key("t", tid), self._c.recent_key(tid), self._c.overlay_key(tid)]
+            self._c.fence_key("t", tid), self._c.recent_key(tid), self._c.overlay_key(tid),
+            self._c.changes_key(tid)]
 
     async def put(self, tid: str, t: model.ThreadInput, if_match: str,
                   durability: str = ACKNOWLEDGED) -> Result:
@@ -76,7 +77,8 @@ class Threads:
             believed = self._c.owners.get(tid, "" if op == "del" else t.owner_id)
             owner = believed if op == "del" else t.owner_id
             out = await self._c.run("thread_put", ks + [
-                self._c.inbox_key(tid, owner), self._c.inbox_key(tid, believed)], [
+                self._c.inbox_key(tid, owner), self._c.inbox_key(tid, believed),
+                self._c.changes_key(tid)], [
                 model.thread_body(tid, t, op == "del", ms), orjson.dumps(model.iso(ms)),
                 if_match, new, op, keys.events(s), ms, tid, owner, believed,
                 PG.name if erase else "", *ahead])

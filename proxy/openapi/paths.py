@@ -19,21 +19,27 @@ without the WebSocket handshake (`Upgrade: websocket` and its headers) is answer
 
 Client to server (`WsClientMessage`):
 - `{"op": "subscribe", "thread_id": ..., "after_seq": N}`: the thread's events from now on;
-  with `after_seq`, first every message with seq > N (resume with no gap).
+  with `after_seq`, first every message with seq > N (resume with no gap). With
+  `after_cseq: C` instead, the thread's changes: first the current doc of every entity changed
+  after cseq C (as the event of its latest change), then every event live, each change once
+  and in cseq order; a position past the thread's last cseq ends the subscription with a
+  `resync` error frame carrying the current `cseq`.
 - `{"op": "unsubscribe", "thread_id": ...}`, `{"op": "ping"}`
 - `{"op": "publish", "thread_id": ..., "event": {"type", "data"}}`: an ephemeral event, as
   POST /v1/threads/{tid}/events (no reply; an error frame with `"op": "publish"` if refused).
 
 Server to client (`WsServerMessage`):
-- `{"type": "message.created"|"message.updated"|"message.deleted", "thread_id", "seq", "message"}`
-- `{"type": "thread.created"|"thread.updated"|"thread.deleted", "thread_id", "last_seq", "thread"}`
+- `{"type": "message.created"|"message.updated"|"message.deleted", "thread_id", "seq", "cseq",
+  "message"}`
+- `{"type": "thread.created"|"thread.updated"|"thread.deleted", "thread_id", "last_seq", "cseq",
+  "thread"}` (replayed by after_cseq: without last_seq)
 - `{"type": "read.updated", "thread_id", "seq", "user_id"}`: a user's read marker moved to seq
 - `{"type": "subscribed", "thread_id", "last_seq"}`, `{"type": "pong"}`
 - `{"type": "ephemeral", "thread_id", "ts", "event": {"type", "data"}}`: live only, never
   replayed on resume, not in the seq stream
 - `{"type": "error", "code", "message"}` (the socket stays open). Codes: malformed,
-  unknown_op, invalid_field, not_found, too_many_subscriptions, unavailable, and for a
-  publish too_large, rate_limited (with `retry_after_ms`).
+  unknown_op, invalid_field, not_found, too_many_subscriptions, unavailable, resync (with
+  `cseq`), and for a publish too_large, rate_limited (with `retry_after_ms`).
 
 Close codes: 1001 when the sidecar shuts down; 4008 when the client reads too slowly.
 """
@@ -69,6 +75,16 @@ some thread came from PostgreSQL.
 """
 
 
+CHANGES = """\
+Every change of the thread or one of its messages takes the thread's next change number (cseq,
+gapless); each doc carries the cseq of its latest change. The feed answers each entity (the
+thread, kind `thread`, or a message) whose latest change is after `after_cseq`, once, with its
+current doc, by cseq; `next_cursor` continues it, `last_cseq` is the thread's last change.
+409 `resync` (with `detail.cseq`): `after_cseq` is past the last change (a Redis that lost
+data): start again from the current state.
+"""
+
+
 # ---- links: where a response's ids lead (the stateful tests follow them)
 
 TID = {"tid": "$request.path.tid"}
@@ -88,7 +104,8 @@ def thread_links() -> Schema:
             "DeleteThread": link("deleteThread", "Tombstone it at the version answered.",
                                  {**TID, **CURRENT}),
             "AppendMessage": link("appendMessage", "Append to it.", TID),
-            "ListMessages": link("listMessages", "Read its messages.", TID)}
+            "ListMessages": link("listMessages", "Read its messages.", TID),
+            "ListChanges": link("listChanges", "Read its changes.", TID)}
 
 
 def message_links() -> Schema:
@@ -173,6 +190,10 @@ def v1_paths() -> Schema:
                                 written("The tombstone.", message, read_back("getMessage", MID)),
                                 "400 404 412 422 500 503", params=[*write, "erase"]),
         },
+        "/v1/threads/{tid}/changes": {"parameters": at("tid"), "get": operation(
+            "listChanges", "The current doc of everything changed after a cseq",
+            {"200": response("A page of the feed.", ref("ChangePage"), ["X-Tier"])},
+            "400 404 409 422 500 503", params=["changes"], description=CHANGES)},
         "/v1/threads/{tid}/stats": {"parameters": at("tid"), "get": operation(
             "getThreadStats", "Message counts and sizes of a thread",
             {"200": response("The statistics.", ref("ThreadStats"),

@@ -104,7 +104,9 @@ ERRORS = {
     "400": ("Malformed", "`malformed`: bad JSON, query parameter or X-Durability."),
     "401": ("Unauthorized", "`unauthorized`: api.token is set; bearer token missing/wrong."),
     "404": ("NotFound", "`not_found`: unknown or deleted."),
-    "409": ("Conflict", "`conflict`: thread deleted, or message id exists with another body."),
+    "409": ("Conflict", "`conflict`: thread deleted, or message id exists with another body; "
+                        "`resync` (changes feed): after_cseq is past the thread's last "
+                        "change, `detail.cseq` (start again from the current state)."),
     "412": ("PreconditionFailed", "`precondition_failed`: stale If-Match; see `detail.version`."),
     "413": ("TooLarge", "`too_large`: the body is over api.max_body_bytes ({max_body_bytes})."),
     "415": ("UnsupportedMediaType", "`unsupported_media_type`: send application/json."),
@@ -149,6 +151,7 @@ def parameters() -> Schema:
         "inboxBefore": param("before", "query", {"type": "string", "pattern": INBOX_CURSOR},
                              "The next_cursor of the previous page (opaque); 400 if it is "
                              "not one."),
+        "changes": changes_parameter(),
         "If-Match": param("If-Match", "header", STR,
                           "The version the write expects the entity to be at (`\"3\"`, `3` "
                           "or `W/\"3\"`); `*` or absent: any. Another version, or a value "
@@ -183,6 +186,16 @@ def page_parameter() -> Schema:
                  "", closed=True, **{"not": {"required": ["before", "after"]}})
     return {**param("page", "query", schema, "Without before or after: the latest page. "
                     "Both, or any other query parameter: 400."),
+            "style": "form", "explode": True}
+
+
+def changes_parameter() -> Schema:
+    """The changes feed's query (form style, exploded: `?after_cseq=7&limit=10`)."""
+    schema = obj({"after_cseq": {**integer(0, MAX_CURSOR), "default": 0,
+                                 "description": "The position: changes after this cseq."},
+                  "limit": {**integer(1, MAX_PAGE), "default": DEFAULT_PAGE,
+                            "description": "Page size."}}, "", closed=True)
+    return {**param("changes", "query", schema, "Any other query parameter: 400."),
             "style": "form", "explode": True}
 
 
@@ -252,7 +265,8 @@ def entity_thread(meta: Schema, common: Schema) -> Schema:
 def entity_schemas() -> Schema:
     meta = ref("Metadata")
     common = {"version": integer(1), "created_at": stamp(), "updated_at": stamp(),
-              "deleted": BOOL}
+              "deleted": BOOL, "cseq": {**integer(0), "description": "The thread's change "
+                                        "number of this version (the changes feed)."}}
     cursor = {"oneOf": [obj({"before": integer(1)}, closed=True),
                         obj({"after": integer(0)}, closed=True), {"type": "null"}],
               "description": "The query of the next page in the same direction; null: none."}
@@ -272,6 +286,18 @@ def entity_schemas() -> Schema:
                               **entity_thread(meta, common), "last_activity_at": stamp()}),
                               "description": "The owner's live threads, newest activity "
                                              "(last message or change) first."}}),
+        "ChangePage": obj({
+            "thread_id": STR, "last_cseq": integer(0),
+            "next_cursor": {"oneOf": [obj({"after_cseq": integer(0)}, closed=True),
+                                      {"type": "null"}],
+                            "description": "The query of the next page; null: caught up."},
+            "items": {"type": "array", "description": "Ordered by cseq; each entity once, at "
+                      "its latest change; tombstones included.", "items": {"oneOf": [
+                          obj({"kind": const("thread"), "doc": {
+                              "type": "object", "description": "The thread (without "
+                                                               "last_seq)."}}, closed=True),
+                          obj({"kind": const("message"), "doc": ref("Message")},
+                              closed=True)]}}}),
         "StateEntry": obj({"key": STR, "value": {"description": "null once deleted"},
                            "version": integer(1), "expires_at": stamp(nullable=True),
                            "updated_at": stamp(), "deleted": BOOL}),
@@ -319,27 +345,31 @@ def ws_schemas() -> Schema:
                                                  "thread.deleted"]}
     ts = {**integer(0), "description": "Live events: when the write was acknowledged (Unix "
                                        "ms). Absent on backfilled messages."}
+    cseq = {**integer(1), "description": "The change's number in its thread (gapless)."}
     return {
         "WsClientMessage": {"oneOf": [
-            obj({"op": const("subscribe"), "thread_id": tid, "after_seq": integer(0)},
-                "op thread_id", closed=True),
+            obj({"op": const("subscribe"), "thread_id": tid, "after_seq": integer(0),
+                 "after_cseq": integer(0)}, "op thread_id", closed=True,
+                **{"not": {"required": ["after_seq", "after_cseq"]}}),
             obj({"op": const("unsubscribe"), "thread_id": tid}, closed=True),
             obj({"op": const("ping")}, closed=True),
             obj({"op": const("publish"), "thread_id": tid, "event": ref("EphemeralEvent")},
                 closed=True)]},
         "WsServerMessage": {"oneOf": [
-            obj({"type": events, "thread_id": STR, "seq": integer(1), "ts": ts,
+            obj({"type": events, "thread_id": STR, "seq": integer(1), "ts": ts, "cseq": cseq,
                  "message": ref("Message")}, "type thread_id seq message"),
             obj({"type": thread_events, "thread_id": STR, "last_seq": integer(0), "ts": ts,
+                 "cseq": cseq,
                  "thread": {"type": "object", "description": "The thread (without last_seq)."}},
-                "type thread_id last_seq thread"),
+                "type thread_id thread"),
             obj({"type": const("read.updated"), "thread_id": STR, "seq": integer(0), "ts": ts,
                  "user_id": STR}),
             obj({"type": const("subscribed"), "thread_id": STR, "last_seq": integer(0)}),
             obj({"type": const("ephemeral"), "thread_id": STR, "ts": integer(0),
                  "event": obj({"type": STR, "data": {}})}),
             obj({"type": const("error"), "code": STR, "message": STR, "thread_id": STR,
-                 "op": const("publish"), "retry_after_ms": integer(1)},
+                 "op": const("publish"), "retry_after_ms": integer(1),
+                 "cseq": {**integer(0), "description": "resync: the thread's current cseq."}},
                 "type code message"),
             obj({"type": const("pong")})]},
     }

@@ -6,23 +6,28 @@
 -- After write-through (mode 'drop'), PostgreSQL's copy is the newer one: an entity behind it
 -- is dropped once clean, and one with unflushed changes is left alone for now (2: pending).
 -- KEYS: an entity's keys: a thread's hash, messages, window, recent ids, overlay, read
---       markers; or a state entry's hash
+--       markers, changes; or a state entry's hash
 -- ARGV: mode ('raise' | 'drop'), PostgreSQL's version, last seq ('' for state), then
---       (mid, version) per message
+--       (mid, version) per message, and last ('', last_cseq): the pair of the thread itself
+--       (member '', as in the changes set) with PostgreSQL's last change number. Raising the
+--       cseq also raises the changes floor: the changes Redis lost are read from PostgreSQL.
 -- Returns 0 up to date, 1 dropped, 2 raised (or, for 'drop', pending).
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local cur = redis.call('HMGET', KEYS[1], 'v', 'seq', 'pend')
+local cur = redis.call('HMGET', KEYS[1], 'v', 'seq', 'pend', 'cs', 'cf')
 local behind = tonumber(cur[1]) < tonumber(ARGV[2])
   or (ARGV[3] ~= '' and tonumber(cur[2]) < tonumber(ARGV[3]))
-local messages = {}
+local messages, cseq = {}, 0
 for i = 4, #ARGV, 2 do
-  local meta = redis.call('HGET', KEYS[2], 'm|' .. ARGV[i])
+  if ARGV[i] == '' then cseq = tonumber(ARGV[i + 1]) end
+  local meta = ARGV[i] ~= '' and redis.call('HGET', KEYS[2], 'm|' .. ARGV[i])
   local v, rest = string.match(meta or '', '^(%d+),(.*)$')
   if v and tonumber(v) < tonumber(ARGV[i + 1]) then
     behind = true
     messages[#messages + 1] = {ARGV[i], ARGV[i + 1] .. ',' .. rest}
   end
 end
+local cs_behind = tonumber(cur[4] or '0') < cseq
+behind = behind or cs_behind
 if not behind then return 0 end
 if tonumber(cur[3] or '0') == 0 then
   redis.call('DEL', unpack(KEYS))
@@ -34,4 +39,9 @@ if ARGV[3] ~= '' and tonumber(cur[2]) < tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'seq', ARGV[3])
 end
 for _, m in ipairs(messages) do redis.call('HSET', KEYS[2], 'm|' .. m[1], m[2]) end
+if cs_behind then
+  local c = string.format('%d', cseq)
+  redis.call('HSET', KEYS[1], 'cs', c)
+  if tonumber(cur[5] or '0') < cseq then redis.call('HSET', KEYS[1], 'cf', c) end
+end
 return 2

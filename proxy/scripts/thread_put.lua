@@ -1,7 +1,8 @@
 -- Create, update or tombstone a thread, and log the change, atomically.
 -- KEYS: thread, messages, window, log, load fence, recent ids, overlay,
 --       dead letters, cold cache (erase only),
---       inbox index of the new owner, inbox index of the owner the caller believes it has
+--       inbox index of the new owner, inbox index of the owner the caller believes it has,
+--       changes (the changes feed: the thread, member '', moves to its new cseq)
 -- ARGV: body (JSON object without version/created_at), now (JSON string), if_match ('' = none),
 --       new (the load fence token under which PostgreSQL said the thread does not exist;
 --       '' = not known), op ('put'|'del'), channel, ts_ms, tid,
@@ -117,7 +118,9 @@ if erasing then
 end
 
 local nv = redis.call('HINCRBY', t, 'v', 1)
-local doc = '{"version":' .. string.format('%d', nv) .. ',"created_at":' .. created .. ','
+local cs = string.format('%d', redis.call('HINCRBY', t, 'cs', 1))  -- the change's cseq
+local doc = '{"version":' .. string.format('%d', nv) .. ',"cseq":' .. cs .. ',"created_at":'
+  .. created .. ','
   .. string.sub(ARGV[1], 2)
 local event = 'thread.updated'
 if erasing then
@@ -131,7 +134,16 @@ redis.call('HSET', t, 'doc', doc, 'c', created, 'del', ARGV[5] == 'del' and '1' 
 redis.call('HSETNX', t, 'seq', '0')
 redis.call('HSETNX', t, 'ft', '0')
 redis.call('HINCRBY', t, 'pend', 1)
-for _, k in ipairs({t, KEYS[2], KEYS[3], KEYS[6], KEYS[7]}) do redis.call('PERSIST', k) end
+for _, k in ipairs({t, KEYS[2], KEYS[3], KEYS[6], KEYS[7], KEYS[12]}) do
+  redis.call('PERSIST', k)
+end
+-- An erase empties the changes set and raises its floor past the erased history: a position
+-- in it is answered with resync (the thread's tombstone is all that is left).
+if erasing then
+  redis.call('DEL', KEYS[12])
+  redis.call('HSET', t, 'cf', cs)
+end
+redis.call('ZADD', KEYS[12], cs, '')
 local seq = redis.call('HGET', t, 'seq')
 -- Inbox: last activity (never backwards) in the hash and the owner's index of this shard.
 local la = string.format('%d', math.max(tonumber(redis.call('HGET', t, 'la') or '0'),
@@ -146,6 +158,7 @@ redis.call('XADD', KEYS[4], '*', 'k', 't', 'id', ARGV[8], 'v', string.format('%d
 -- An erase is published as the delete it is to subscribers (the tombstone, no content).
 local published = erasing and 'thread.deleted' or event
 redis.call('PUBLISH', ARGV[6], '{"type":"' .. published .. '","thread_id":"' .. ARGV[8]
-  .. '","last_seq":' .. seq .. ',"ts":' .. ARGV[7] .. ',"thread":' .. doc .. '}')
+  .. '","last_seq":' .. seq .. ',"ts":' .. ARGV[7] .. ',"cseq":' .. cs .. ',"thread":' .. doc
+  .. '}')
 if v == '0' then return {'CREATED', string.format('%d', nv), doc, seq} end
 return {'OK', string.format('%d', nv), doc, seq}

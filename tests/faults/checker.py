@@ -195,6 +195,7 @@ def check_history(ops: list[Op], events: list[FaultEvent], out: Violations) -> I
     check_claims(index, out)
     check_seqs(ops, out)
     check_markers(ops, out)
+    check_cseqs(ops, out)
     for op in ops:
         if op.kind in WRITES:
             check_write_answer(index, op, out)
@@ -248,6 +249,21 @@ def check_markers(ops: list[Op], out: Violations) -> None:
         if op.kind == "put_marker" and seq < int((op.body or {})["seq"]):
             out.add("api", f"a read-marker move answered a lower seq than it asked for: "
                     f"{op.brief()}")
+
+
+def check_cseqs(ops: list[Op], out: Violations) -> None:
+    """2: a thread's change number (cseq) belongs to one change: one entity at one version
+    (answers from ClickHouse carry none: 0)."""
+    owners: dict[tuple[str, int], set[tuple[str, int]]] = defaultdict(set)
+    for op in ops:
+        doc = op.doc if op.ok and isinstance(op.doc, dict) else {}
+        if op.thread_id and doc.get("cseq") and "version" in doc:
+            change = (doc.get("message_id", ""), int(doc["version"]))
+            owners[(op.thread_id, int(doc["cseq"]))].add(change)
+    for (tid, cseq), changes in sorted(owners.items()):
+        if len(changes) > 1:
+            out.add("2", f"thread {tid} cseq {cseq} was given to {sorted(changes)[:3]}: "
+                    "cseq reused")
 
 
 def check_write_answer(index: Index, op: Op, out: Violations) -> None:

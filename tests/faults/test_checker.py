@@ -94,6 +94,19 @@ def test_one_seq_for_two_messages_and_two_creations_of_one_are_flagged() -> None
     assert sorted(labels([append("a", 3, 0), append("a", 4, 2)])) == ["2", "2"]
 
 
+def test_one_cseq_for_two_changes_is_flagged() -> None:
+    def change(kind: str, mid: str, version: int, cseq: int, at: float) -> Op:
+        return op(kind, mid, (at, at + 1), 200, {"message_id": mid, "seq": 1 if mid == "a"
+                                                  else 2, "version": version, "cseq": cseq,
+                                                  "content": "x", "deleted": False}, tid="t")
+    thread = op("put_thread", "t", (0, 1), 201, {"version": 1, "cseq": 1}, tid="t")
+    assert labels([thread, change("append", "a", 1, 2, 1), change("edit", "a", 2, 3, 2),
+                   change("append", "b", 1, 4, 3)]) == []
+    assert labels([thread, change("append", "a", 1, 1, 1)]) == ["2"]  # the thread's cseq
+    assert labels([change("append", "a", 1, 2, 1), change("append", "b", 1, 2, 2)]) == ["2"]
+    assert labels([change("append", "a", 1, 2, 1), change("edit", "a", 2, 2, 2)]) == ["2"]
+
+
 def test_a_deleted_threads_message_served_and_a_lost_if_match_are_flagged() -> None:
     gone = op("delete_thread", "t", (0, 1), 200, {"version": 2, "deleted": True}, tid="t")
     read = op("get_message", "a", (2, 3), 200, {"message_id": "a", "seq": 1, "version": 1,

@@ -22,6 +22,7 @@ import orjson
 from proxy import metrics
 from proxy.backends import (
     PG,
+    ChangeRow,
     MessageRow,
     StateRow,
     ThreadRow,
@@ -124,6 +125,14 @@ class PostgresBacking:
         d = orjson.loads(doc) if erased else {}
         scope = [(d["thread_id"], d.get("message_id", ""))] if erased else []
         await self._query(lambda: self._store.upsert([(_KINDS[kind], doc, fingerprint)], scope))
+
+    async def load_changes(self, tid: str, after: int, limit: int) -> list[ChangeRow]:
+        thread, rows = await self._query(lambda: self._store.fetch_changes(tid, after, limit))
+        changes = [ChangeRow(m.mid, m.cseq, m.doc) for m in map(_message, rows)]
+        if thread is not None:
+            t = thread_row(**{**thread, "metadata": orjson.loads(thread["metadata"])})
+            changes.append(ChangeRow("", thread["cseq"], t.doc))
+        return sorted(changes, key=lambda c: c.cseq)[:limit]
 
 
 def _at(ms: int) -> datetime:

@@ -85,6 +85,15 @@ MIGRATIONS: list[str] = [
     CREATE INDEX IF NOT EXISTS threads_inbox
         ON threads (owner_id, last_activity_at DESC, thread_id DESC) WHERE NOT deleted;
     """,
+    # Change numbers (the changes feed): a row's cseq is that of its latest change, a thread's
+    # last_cseq the highest of it and its messages (raised by the flush). The feed below Redis
+    # reads a thread's messages by cseq.
+    """
+    ALTER TABLE threads ADD COLUMN IF NOT EXISTS cseq bigint NOT NULL DEFAULT 0;
+    ALTER TABLE threads ADD COLUMN IF NOT EXISTS last_cseq bigint NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN IF NOT EXISTS cseq bigint NOT NULL DEFAULT 0;
+    CREATE INDEX IF NOT EXISTS messages_thread_cseq ON messages (thread_id, cseq);
+    """,
 ]
 
 async def apply_migrations(conn: asyncpg.Connection) -> None:

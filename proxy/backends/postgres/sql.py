@@ -19,14 +19,16 @@ SELECT doc->>'thread_id' AS thread_id, doc->>'title' AS title, doc->>'owner_id' 
        doc->'metadata' AS metadata, (doc->>'created_at')::timestamptz AS created_at,
        (doc->>'updated_at')::timestamptz AS updated_at, (doc->>'version')::bigint AS version,
        (doc->>'deleted')::bool AS deleted,
-       (doc->>'updated_at')::timestamptz AS last_activity_at  -- inbox: a change is activity
+       (doc->>'updated_at')::timestamptz AS last_activity_at,  -- inbox: a change is activity
+       coalesce((doc->>'cseq')::bigint, 0) AS cseq
 FROM {STAGE} WHERE kind = 't'"""
 _MESSAGES = f"""
 SELECT doc->>'message_id' AS message_id, doc->>'thread_id' AS thread_id,
        (doc->>'seq')::bigint AS seq, doc->>'role' AS role, doc->>'content' AS content,
        doc->'metadata' AS metadata, (doc->>'created_at')::timestamptz AS created_at,
        (doc->>'updated_at')::timestamptz AS updated_at, (doc->>'version')::bigint AS version,
-       (doc->>'deleted')::bool AS deleted, fingerprint
+       (doc->>'deleted')::bool AS deleted, fingerprint,
+       coalesce((doc->>'cseq')::bigint, 0) AS cseq
 FROM {STAGE} WHERE kind = 'm'"""
 _STATE = f"""
 SELECT doc->>'key' AS key,
@@ -39,42 +41,46 @@ FROM {STAGE} WHERE kind = 's'"""
 UPSERT_THREADS = f"""
 WITH written AS (
     INSERT INTO threads AS t (thread_id, title, owner_id, metadata, created_at, updated_at,
-                              version, deleted, last_activity_at)
-    {_THREADS}
+                              version, deleted, last_activity_at, cseq, last_cseq)
+    SELECT x.*, x.cseq FROM ({_THREADS}) x
     ON CONFLICT (thread_id) DO UPDATE SET
         title = excluded.title, owner_id = excluded.owner_id, metadata = excluded.metadata,
         created_at = excluded.created_at, updated_at = excluded.updated_at,
         version = excluded.version, deleted = excluded.deleted,
-        last_activity_at = greatest(t.last_activity_at, excluded.last_activity_at)
+        last_activity_at = greatest(t.last_activity_at, excluded.last_activity_at),
+        cseq = excluded.cseq, last_cseq = greatest(t.last_cseq, excluded.last_cseq)
     WHERE excluded.version > t.version
     RETURNING 1)
 SELECT count(*) FROM written
 """
 
 # Message ids are scoped by thread, as in the API (/v1/threads/{tid}/messages/{mid}). The
-# same statement raises each thread's last_seq (and last activity); a message's thread row
-# may not be flushed yet: a version-0 placeholder holds them and loses to the thread's first
-# real version.
+# same statement raises each thread's last_seq, last_cseq (and last activity); a message's
+# thread row may not be flushed yet: a version-0 placeholder holds them and loses to the
+# thread's first real version.
 UPSERT_MESSAGES = f"""
 WITH staged AS MATERIALIZED ({_MESSAGES}),
 written AS (
     INSERT INTO messages AS m (message_id, thread_id, seq, role, content, metadata,
-                               created_at, updated_at, version, deleted, fingerprint)
+                               created_at, updated_at, version, deleted, fingerprint, cseq)
     SELECT * FROM staged
     ON CONFLICT (thread_id, message_id) DO UPDATE SET
         role = excluded.role, content = excluded.content, metadata = excluded.metadata,
         updated_at = excluded.updated_at, version = excluded.version,
-        deleted = excluded.deleted, fingerprint = coalesce(m.fingerprint, excluded.fingerprint)
+        deleted = excluded.deleted, fingerprint = coalesce(m.fingerprint, excluded.fingerprint),
+        cseq = excluded.cseq
     WHERE excluded.version > m.version
     RETURNING 1),
 last_seqs AS (
     -- inbox: the thread's last activity moves to its newest message (never backwards)
-    INSERT INTO threads AS t (thread_id, version, last_seq, last_activity_at)
-    SELECT thread_id, 0, max(seq), max(created_at) FROM staged GROUP BY thread_id
+    INSERT INTO threads AS t (thread_id, version, last_seq, last_activity_at, last_cseq)
+    SELECT thread_id, 0, max(seq), max(created_at), max(cseq) FROM staged GROUP BY thread_id
     ORDER BY thread_id
     ON CONFLICT (thread_id) DO UPDATE SET last_seq = greatest(t.last_seq, excluded.last_seq),
-        last_activity_at = greatest(t.last_activity_at, excluded.last_activity_at)
-    WHERE excluded.last_seq > t.last_seq OR excluded.last_activity_at > t.last_activity_at)
+        last_activity_at = greatest(t.last_activity_at, excluded.last_activity_at),
+        last_cseq = greatest(t.last_cseq, excluded.last_cseq)
+    WHERE excluded.last_seq > t.last_seq OR excluded.last_activity_at > t.last_activity_at
+        OR excluded.last_cseq > t.last_cseq)
 SELECT count(*) FROM written
 """
 

@@ -116,7 +116,8 @@ class PostgresStore:
     async def fetch_thread(self, tid: str) -> dict[str, Any] | None:
         row = await self._pool.fetchrow(
             "SELECT thread_id, title, owner_id, metadata::text AS metadata, created_at,"
-            " updated_at, version, last_seq, deleted, last_activity_at FROM threads"
+            " updated_at, version, last_seq, deleted, last_activity_at, cseq, last_cseq"
+            " FROM threads"
             " WHERE thread_id = $1 AND version > 0", tid)
         return dict(row) if row else None
 
@@ -136,16 +137,32 @@ class PostgresStore:
     async def fetch_messages(self, tid: str, lo: int, hi: int) -> list[dict[str, Any]]:
         rows = await self._pool.fetch(
             "SELECT message_id, thread_id, seq, role, content, metadata::text AS metadata,"
-            " created_at, updated_at, version, deleted, fingerprint FROM messages"
+            " created_at, updated_at, version, deleted, fingerprint, cseq FROM messages"
             " WHERE thread_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq", tid, lo, hi)
         return [dict(r) for r in rows]
 
     async def fetch_message(self, tid: str, mid: str) -> dict[str, Any] | None:
         row = await self._pool.fetchrow(
             "SELECT message_id, thread_id, seq, role, content, metadata::text AS metadata,"
-            " created_at, updated_at, version, deleted, fingerprint FROM messages"
+            " created_at, updated_at, version, deleted, fingerprint, cseq FROM messages"
             " WHERE thread_id = $1 AND message_id = $2", tid, mid)
         return dict(row) if row else None
+
+    async def fetch_changes(self, tid: str, after: int, limit: int
+                            ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """The thread if its own cseq is after `after`, and its messages whose cseq is, by
+        cseq, at most `limit` (the index on (thread_id, cseq)), read in one snapshot."""
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                                  readonly=True):
+            thread = await conn.fetchrow(
+                "SELECT thread_id, title, owner_id, metadata::text AS metadata, created_at,"
+                " updated_at, version, last_seq, deleted, cseq, last_cseq FROM threads"
+                " WHERE thread_id = $1 AND version > 0 AND cseq > $2", tid, after)
+            rows = await conn.fetch(
+                "SELECT message_id, thread_id, seq, role, content, metadata::text AS metadata,"
+                " created_at, updated_at, version, deleted, fingerprint, cseq FROM messages"
+                " WHERE thread_id = $1 AND cseq > $2 ORDER BY cseq LIMIT $3", tid, after, limit)
+        return (dict(thread) if thread else None), [dict(r) for r in rows]
 
     async def fetch_state(self, key: str) -> dict[str, Any] | None:
         row = await self._pool.fetchrow(
@@ -169,10 +186,11 @@ class PostgresStore:
     async def fetch_counters(self, tids: list[str], keys_: list[str],
                              mids: list[tuple[str, str]]) -> dict[str, Any]:
         """Versions and last seqs, for raising Redis's counters after it lost data: threads
-        {tid: (version, last_seq)}, state {key: version}, messages {tid: [(mid, version)]}."""
+        {tid: (version, last_seq, last_cseq)}, state {key: version}, messages
+        {tid: [(mid, version)]}."""
         async with self._pool.acquire() as conn:
-            threads = await conn.fetch("SELECT thread_id, version, last_seq FROM threads"
-                                       " WHERE thread_id = ANY($1)", tids)
+            threads = await conn.fetch("SELECT thread_id, version, last_seq, last_cseq"
+                                       " FROM threads WHERE thread_id = ANY($1)", tids)
             state = await conn.fetch("SELECT key, version FROM state_entries"
                                      " WHERE key = ANY($1)", keys_)
             messages = await conn.fetch(
@@ -183,7 +201,8 @@ class PostgresStore:
         by_thread: dict[str, list[tuple[str, int]]] = {}
         for r in messages:
             by_thread.setdefault(r["thread_id"], []).append((r["message_id"], r["version"]))
-        return {"threads": {r["thread_id"]: (r["version"], r["last_seq"]) for r in threads},
+        return {"threads": {r["thread_id"]: (r["version"], r["last_seq"], r["last_cseq"])
+                            for r in threads},
                 "state": {r["key"]: r["version"] for r in state}, "messages": by_thread}
 
 

@@ -23,29 +23,30 @@ from proxy.errors import Conflict, Invalid, NotFound, PreconditionFailed, Unavai
 Change = Callable[[dict[str, Any], int], dict[str, Any]]
 
 _THREAD = ("thread_id, title, owner_id, metadata::text AS metadata, created_at, updated_at,"
-           " version, last_seq, deleted, last_activity_at")
+           " version, last_seq, deleted, last_activity_at, cseq, last_cseq")
 _MESSAGE = ("message_id, thread_id, seq, role, content, metadata::text AS metadata,"
-            " created_at, updated_at, version, deleted, fingerprint")
+            " created_at, updated_at, version, deleted, fingerprint, cseq")
 _STATE = "key, value::text AS value, version, expires_at, updated_at, deleted"
 
 PUT_THREAD = f"""
 INSERT INTO threads AS t (thread_id, title, owner_id, metadata, created_at, updated_at,
-                          version, deleted, last_activity_at)
-VALUES ($1, $2, $3, $4::jsonb, $5, $5, $6, $7, $5)
+                          version, deleted, last_activity_at, cseq, last_cseq)
+VALUES ($1, $2, $3, $4::jsonb, $5, $5, $6, $7, $5, $8, $8)
 ON CONFLICT (thread_id) DO UPDATE SET title = excluded.title, owner_id = excluded.owner_id,
     metadata = excluded.metadata, updated_at = excluded.updated_at, version = excluded.version,
     deleted = excluded.deleted,
     last_activity_at = greatest(t.last_activity_at, excluded.last_activity_at),
+    cseq = excluded.cseq, last_cseq = excluded.last_cseq,
     created_at = CASE WHEN t.version = 0 THEN excluded.created_at ELSE t.created_at END
 RETURNING {_THREAD}"""
 APPEND = f"""
 INSERT INTO messages (message_id, thread_id, seq, role, content, metadata, created_at,
-                      updated_at, version, deleted, fingerprint)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $7, 1, false, $8)
+                      updated_at, version, deleted, fingerprint, cseq)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $7, 1, false, $8, $9)
 RETURNING {_MESSAGE}"""
 UPDATE_MESSAGE = f"""
 UPDATE messages SET role = $3, content = $4, metadata = $5::jsonb, updated_at = $6,
-    version = $7, deleted = $8
+    version = $7, deleted = $8, cseq = $9
 WHERE thread_id = $1 AND message_id = $2
 RETURNING {_MESSAGE}"""
 PUT_STATE = f"""
@@ -88,7 +89,7 @@ class WriteThrough:
                 raise PreconditionFailed(f"thread {tid} is at version {v}", {"version": str(v)})
             row = _thread(await conn.fetchrow(PUT_THREAD, tid, t.title, t.owner_id,
                                               orjson.dumps(t.metadata).decode(), _now(),
-                                              v + 1, op == "del"))
+                                              v + 1, op == "del", await _next_cseq(conn, tid)))
             event = "thread.deleted" if op == "del" else (
                 "thread.created" if v == 0 else "thread.updated")
             await _logged(conn, tid, "t", tid, row.version, event, row.doc)
@@ -113,12 +114,13 @@ class WriteThrough:
                 "SELECT greatest((SELECT last_seq FROM threads WHERE thread_id = $1),"
                 " (SELECT coalesce(max(seq), 0) FROM messages WHERE thread_id = $1))", tid)
             now = _now()
+            cseq = await _next_cseq(conn, tid)
             row = _message(await conn.fetchrow(APPEND, mid, tid, seq, m.role, m.content,
                                                orjson.dumps(m.metadata).decode(), now,
-                                               fingerprint))
+                                               fingerprint, cseq))
             await conn.execute("UPDATE threads SET last_seq = $2, last_activity_at ="
-                               " greatest(last_activity_at, $3) WHERE thread_id = $1",
-                               tid, seq, now)
+                               " greatest(last_activity_at, $3), last_cseq = $4"
+                               " WHERE thread_id = $1", tid, seq, now, cseq)
             await _logged(conn, tid, "m", mid, 1, "message.created", row.doc, fingerprint)
         return row, True
 
@@ -138,9 +140,13 @@ class WriteThrough:
                 raise PreconditionFailed(f"message {mid} is at version {version}",
                                          {"version": version})
             new = change(orjson.loads(_message(old).doc), model.now_ms())
+            cseq = await _next_cseq(conn, tid)
             row = _message(await conn.fetchrow(
                 UPDATE_MESSAGE, tid, mid, new["role"], new["content"],
-                orjson.dumps(new["metadata"]).decode(), _now(), new["version"], new["deleted"]))
+                orjson.dumps(new["metadata"]).decode(), _now(), new["version"], new["deleted"],
+                cseq))
+            await conn.execute("UPDATE threads SET last_cseq = $2 WHERE thread_id = $1",
+                               tid, cseq)
             event = "message.deleted" if new["deleted"] else "message.updated"
             await _logged(conn, tid, "m", mid, row.version, event, row.doc, row.fingerprint)
         return row
@@ -195,6 +201,13 @@ async def _logged(conn: asyncpg.Connection, routing_id: str, kind: str, entity_i
               "ts": str(model.now_ms()), "d": doc.decode(), "f": fingerprint}
     await conn.execute("INSERT INTO write_through_events (routing_id, fields)"
                        " VALUES ($1, $2::jsonb)", routing_id, orjson.dumps(fields).decode())
+
+
+async def _next_cseq(conn: asyncpg.Connection, tid: str) -> int:
+    """The thread's next change number (under its row lock, so changes take turns)."""
+    return 1 + int(await conn.fetchval(
+        "SELECT greatest((SELECT last_cseq FROM threads WHERE thread_id = $1),"
+        " (SELECT coalesce(max(cseq), 0) FROM messages WHERE thread_id = $1), 0)", tid))
 
 
 async def _live_thread(conn: asyncpg.Connection, tid: str) -> None:

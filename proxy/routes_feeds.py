@@ -1,0 +1,72 @@
+"""The listing routes beside proxy/routes.py: an owner's inbox (hot.inbox) and a thread's
+changes feed (hot.changes, issue 12.3)."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from proxy import model
+from proxy.errors import Malformed
+from proxy.hot import Feed
+from proxy.routes import TIERS, _int_param, _tid, json_response
+
+# ---- inbox
+
+
+def _inbox_query(request: web.Request) -> tuple[str, model.InboxKey | None, int]:
+    q = request.query
+    unknown = set(q) - {"owner_id", "limit", "before"}
+    if unknown:
+        raise Malformed(f"unknown query parameter {sorted(unknown)[0]!r}")
+    if "owner_id" not in q:
+        raise Malformed("owner_id is required", {"param": "owner_id"})
+    owner = model.check_id(q["owner_id"], "owner_id")
+    limit = _int_param(q.get("limit", str(model.DEFAULT_INBOX)), "limit", 1, model.MAX_INBOX)
+    before = model.parse_inbox_cursor(q["before"]) if "before" in q else None
+    return owner, before, limit
+
+
+async def list_inbox(request: web.Request) -> web.Response:
+    """An owner's threads, newest activity first (hot.inbox)."""
+    owner, before, limit = _inbox_query(request)
+    page = await request.app[TIERS].inbox(owner, before, limit)
+    cursor = model.inbox_cursor(page.next_cursor) if page.next_cursor else None
+    head = orjson.dumps({"owner_id": owner, "next_cursor": cursor})
+    return json_response(head[:-1] + b',"items":[' + b",".join(page.items) + b"]}",
+                         tier=page.tier)
+
+
+# ---- the changes feed
+
+
+def _changes_query(request: web.Request) -> tuple[int, int]:
+    q = request.query
+    unknown = set(q) - {"after_cseq", "limit"}
+    if unknown:
+        raise Malformed(f"unknown query parameter {sorted(unknown)[0]!r}")
+    after = _int_param(q.get("after_cseq", "0"), "after_cseq", 0, model.MAX_CURSOR)
+    return after, _int_param(q.get("limit", str(model.DEFAULT_PAGE)), "limit", 1, model.MAX_PAGE)
+
+
+def changes_body(feed: Feed) -> bytes:
+    """The current docs by cseq (kind thread or message), and the position to go on from."""
+    cursor = {"after_cseq": feed.upto} if feed.upto < feed.last_cseq else None
+    head = orjson.dumps({"thread_id": feed.thread_id, "last_cseq": feed.last_cseq,
+                         "next_cursor": cursor})
+    items = (b'{"kind":"%s","doc":%s}' % (b"message" if c.member else b"thread", c.doc)
+             for c in feed.items)
+    return head[:-1] + b',"items":[' + b",".join(items) + b"]}"
+
+
+async def list_changes(request: web.Request) -> web.Response:
+    tid = _tid(request)
+    after, limit = _changes_query(request)
+    feed = await request.app[TIERS].changes(tid, after, limit)
+    return json_response(changes_body(feed), tier=feed.tier)
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v1/threads", list_inbox, allow_head=False)  # inbox (hot.inbox)
+    r.add_get("/v1/threads/{tid}/changes", list_changes, allow_head=False)  # issue 12.3
