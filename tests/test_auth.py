@@ -24,7 +24,7 @@ GOOD = {"Authorization": f"Bearer {TOKEN}"}
 WRONG = ["", "Bearer", "Bearer ", "Bearer wrong", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}",
          f"Bearer  {TOKEN}", f"Bearer {TOKEN},x", TOKEN, f"Basic {TOKEN}", f"Token {TOKEN}",
          f"Bearer {TOKEN.upper()}", "Bearer é"]
-IDS = {"tid": "t1", "mid": "m1", "key": "k1"}
+IDS = {"tid": "t1", "mid": "m1", "key": "k1", "uid": "u1"}
 # Every call of the core flow, in an order where each succeeds: (method, path, body, status).
 FLOW = [
     ("PUT", "/v1/threads/t1", {"title": "x"}, 201),
