@@ -204,3 +204,26 @@ async def test_redis_failing_during_a_read_through_is_a_503_not_a_degraded_404(
         c.app[FAILPOINTS].set("")
         assert (await body(await c.get(f"/v1/threads/t5/messages/{mid}"), 200))["content"] \
             == "live"
+
+
+@pytest.mark.parametrize("method,fields", [("DELETE", None), ("PATCH", {"content": "x"})])
+async def test_a_write_never_builds_on_a_degraded_read(
+        client_for: AppClient, servers: Servers, redis: aioredis.Redis,
+        ch: ClickHouseStore, method: str, fields: Any) -> None:
+    """PostgreSQL down and the message not in Redis: an edit or delete cannot be checked, so
+    503 — not a 404 (or a 412) from ClickHouse, which lags (here: has nothing)."""
+    if servers.postgres is None:
+        pytest.skip("needs the embedded PostgreSQL (an external one cannot be stopped)")
+    s = make_settings(servers, cache={"ttl_s": 1}, flush={"sinks": "pg"})
+    c = await client_for(s)
+    await body(await c.put("/v1/threads/t6", json={}), 201)
+    mid = (await append(c, "t6", "live"))["message_id"]
+    await wait_for(lambda: gone(redis, thread_key(s, "t6")))
+    servers.postgres.stop()
+    try:
+        resp = await c.request(method, f"/v1/threads/t6/messages/{mid}", json=fields)
+        await error(resp, 503, "unavailable")
+    finally:
+        servers.postgres.start()
+    assert (await body(await c.get(f"/v1/threads/t6/messages/{mid}"), 200))["content"] \
+        == "live"
