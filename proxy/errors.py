@@ -87,6 +87,12 @@ class RedisDown(Unavailable):
         self.sent = sent
 
 
+class BackingDown(Unavailable):
+    """The store below Redis (PostgreSQL) cannot be reached: only this lets a read fall to
+    the degraded tier (ClickHouse, which lags). Redis failing during a read-through is not it:
+    PostgreSQL still holds the truth, so that is a 503 to retry, never a lagging answer."""
+
+
 class Backpressure(Unavailable):
     """The write-behind backlog is above its bound; the client should retry later."""
 

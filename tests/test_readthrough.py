@@ -1,7 +1,8 @@
 """No refill installs a version or seq older than one already acknowledged, however long the
 refill stalls (ARCHITECTURE invariant 8). Each test widens the race with the failpoint between
 a read-through's PostgreSQL load and its fill script on sidecar A, while sidecar B writes,
-flushes and lets the key expire (cache.ttl_s = 1) inside that window."""
+flushes and lets the key expire (cache.ttl_s = 1) inside that window. And Redis failing in
+that window is a 503, never a degraded read from ClickHouse while PostgreSQL is up."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from aiohttp.test_utils import TestClient
 
 from proxy import keys
 from proxy.app import FAILPOINTS
+from proxy.backends.clickhouse import ClickHouseStore
 from proxy.settings import Settings
 from tests.conftest import AppClient, Servers, make_settings
-from tests.helpers import append, body, wait_for
+from tests.faults.tcpproxy import FaultProxy
+from tests.helpers import append, body, error, wait_for
 
 Client = TestClient[Any, Any]
 STALL = "after-load-before-fill:sleep:2.5"
@@ -167,3 +170,60 @@ async def test_a_page_below_the_window_shows_unflushed_edits(
 
 async def _window_is(redis: aioredis.Redis, key: str, size: int) -> bool:
     return bool(await redis.zcard(key) == size)
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/v1/threads/t5/messages/{mid}"), ("DELETE", "/v1/threads/t5/messages/{mid}"),
+    ("GET", "/v1/threads/t5"), ("GET", "/v1/threads/t5/messages"),
+])
+async def test_redis_failing_during_a_read_through_is_a_503_not_a_degraded_404(
+        client_for: AppClient, servers: Servers, redis: aioredis.Redis,
+        ch: ClickHouseStore, method: str, path: str) -> None:
+    """Redis goes away between a read-through's PostgreSQL load and its fill: PostgreSQL is
+    up, so the answer is 503, not ClickHouse's (degraded reads are for PostgreSQL being
+    down). ClickHouse lags (here: gets nothing), so its answer was a 404 for a live message
+    (the nemesis, seeds 1 and 2: sidecar 0 during a Redis restart)."""
+    port = int(servers.redis_url.rsplit(":", 1)[1].split("/")[0])
+    with FaultProxy("127.0.0.1", port) as proxy:
+        s = make_settings(servers, redis={"url": f"redis://127.0.0.1:{proxy.port}/0"},
+                          cache={"ttl_s": 1}, flush={"sinks": "pg"}, **PAUSABLE)
+        c = await client_for(s)
+        await body(await c.put("/v1/threads/t5", json={}), 201)
+        mid = (await append(c, "t5", "live"))["message_id"]
+        await wait_for(lambda: gone(redis, thread_key(s, "t5")))
+        c.app[FAILPOINTS].set("after-load-before-fill:sleep:1.5")
+        stalled = asyncio.create_task(c.request(method, path.format(mid=mid)))
+        fence = keys.fence(keys.shard_of("t5", s.redis.shards), "t", "t5")
+        await wait_for(lambda: redis.exists(fence))  # the load began
+        await asyncio.sleep(0.3)  # loaded; the failpoint holds the fill
+        proxy.set_mode("down")
+        try:
+            await error(await stalled, 503, "unavailable")
+        finally:
+            proxy.set_mode("pass")
+        c.app[FAILPOINTS].set("")
+        assert (await body(await c.get(f"/v1/threads/t5/messages/{mid}"), 200))["content"] \
+            == "live"
+
+
+@pytest.mark.parametrize("method,fields", [("DELETE", None), ("PATCH", {"content": "x"})])
+async def test_a_write_never_builds_on_a_degraded_read(
+        client_for: AppClient, servers: Servers, redis: aioredis.Redis,
+        ch: ClickHouseStore, method: str, fields: Any) -> None:
+    """PostgreSQL down and the message not in Redis: an edit or delete cannot be checked, so
+    503 — not a 404 (or a 412) from ClickHouse, which lags (here: has nothing)."""
+    if servers.postgres is None:
+        pytest.skip("needs the embedded PostgreSQL (an external one cannot be stopped)")
+    s = make_settings(servers, cache={"ttl_s": 1}, flush={"sinks": "pg"})
+    c = await client_for(s)
+    await body(await c.put("/v1/threads/t6", json={}), 201)
+    mid = (await append(c, "t6", "live"))["message_id"]
+    await wait_for(lambda: gone(redis, thread_key(s, "t6")))
+    servers.postgres.stop()
+    try:
+        resp = await c.request(method, f"/v1/threads/t6/messages/{mid}", json=fields)
+        await error(resp, 503, "unavailable")
+    finally:
+        servers.postgres.start()
+    assert (await body(await c.get(f"/v1/threads/t6/messages/{mid}"), 200))["content"] \
+        == "live"

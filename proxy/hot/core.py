@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from proxy import autopipe, keys, metrics, tracing
 from proxy.backends import Backing
-from proxy.errors import Backpressure, Unavailable
+from proxy.errors import BackingDown, Backpressure, Unavailable
 from proxy.failpoints import Failpoints
 from proxy.flights import SingleFlight
 from proxy.hot.owners import OwnerHints
@@ -180,14 +180,17 @@ class Core:
         return ACKNOWLEDGED
 
     async def below(self, load: Callable[[], Awaitable[T]],
-                    degraded: Callable[[Backing], Awaitable[T]]) -> tuple[T, str]:
+                    degraded: Callable[[Backing], Awaitable[T]] | None) -> tuple[T, str]:
         """A read below Redis: from the backing (which caches it again), else, while the
         backing is unavailable, from the degraded tier, read-only (never cached: it may be
-        stale, and writes must not build on it)."""
+        stale, and writes must not build on it). Only the backing being down counts: Redis
+        failing during the read-through (its fence or fill) is a 503 — ClickHouse lags, so
+        its answer could be a 404 for a live message. `degraded` None: a write's read, which
+        must not build on it."""
         try:
             return await load(), self.backing.tier
-        except Unavailable:
-            if self.degraded is None:
+        except BackingDown:
+            if self.degraded is None or degraded is None:
                 raise
             return await degraded(self.degraded), self.degraded.tier
 

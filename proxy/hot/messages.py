@@ -71,12 +71,12 @@ class Messages:
     async def _original(self, req: _Append, known: list[bytes]) -> bytes:
         """The doc of a repeated append whose message left the window: rebuilt from the
         request (same fingerprint, same body) when never edited — no PostgreSQL needed —
-        else read through."""
+        else read through (never from the degraded tier: this answers a write)."""
         version, ts, seq, cseq = (v.decode() for v in known)
         if version == "1" and ts and seq and cseq:
             head = b'{"seq":%d,"cseq":%d,' % (int(float(seq)), int(float(cseq)))
             return head + model.message_body(req.tid, req.mid, req.input, int(ts))[1:]
-        return (await self.get(req.tid, req.mid, include_deleted=True)).doc
+        return (await self.get(req.tid, req.mid, include_deleted=True, degraded=False)).doc
 
     async def _check(self, req: _Append) -> Result | None:
         """Is the id in PostgreSQL only? Then this is a repeat; else append under the fence
@@ -92,7 +92,9 @@ class Messages:
 
     # ---- one message
 
-    async def get(self, tid: str, mid: str, include_deleted: bool = False) -> Result:
+    async def get(self, tid: str, mid: str, include_deleted: bool = False,
+                  degraded: bool = True) -> Result:
+        """`degraded` False: not from the degraded tier (a write builds on what it reads)."""
         s = self._c.shard(tid)
         doc = await self._c.run("get_message", [keys.messages(s, tid), keys.cold(s, tid),
                                                 keys.thread(s, tid)], [mid])
@@ -100,8 +102,9 @@ class Messages:
             raise NotFound(f"thread {tid} was deleted")
         tier = "redis"
         if doc is None:
-            row, tier = await self._c.below(lambda: self._load_live(tid, mid),
-                                            lambda b: _degraded_message(b, tid, mid))
+            row, tier = await self._c.below(
+                lambda: self._load_live(tid, mid),
+                (lambda b: _degraded_message(b, tid, mid)) if degraded else None)
             if row is None:
                 raise NotFound(f"message {mid} not found in thread {tid}")
             doc = row.doc
@@ -166,7 +169,8 @@ class Messages:
     async def _compare_and_set(self, tid: str, mid: str, if_match: str, durability: str,
                                change: Edit, erase: bool = False) -> Result | None:
         # A deleted message may still be erased: its earlier versions hold its content.
-        current = orjson.loads((await self.get(tid, mid, include_deleted=erase)).doc)
+        got = await self.get(tid, mid, include_deleted=erase, degraded=False)
+        current = orjson.loads(got.doc)
         version = str(current["version"])
         if if_match and if_match != version:
             raise PreconditionFailed(f"message {mid} is at version {version}",

@@ -33,7 +33,7 @@ from proxy.backends import (
 from proxy.backends.postgres.schema import apply_migrations, migrate
 from proxy.backends.postgres.store import SCHEMA_ERRORS, PostgresStore
 from proxy.circuit import Circuit
-from proxy.errors import Unavailable
+from proxy.errors import BackingDown
 from proxy.model import ERASED, Change
 
 __all__ = ["SCHEMA_ERRORS", "PostgresBacking", "PostgresSink", "PostgresStore",
@@ -74,14 +74,14 @@ class PostgresBacking:
     async def _query(self, fn: Callable[[], Awaitable[T]]) -> T:
         """One query, unless the circuit is open (then 503 at once, no waiting on timeouts)."""
         if not self._circuit.allows():
-            raise Unavailable("postgres is unavailable (circuit open)",
+            raise BackingDown("postgres is unavailable (circuit open)",
                               retry_after_s=max(1.0, self._circuit.wait_s()))
         metrics.READ_THROUGH.labels(self.tier).inc()
         try:
             result = await fn()
         except DOWN as e:
             self._circuit.failure()
-            raise Unavailable(f"postgres: {e or type(e).__name__}") from e
+            raise BackingDown(f"postgres: {e or type(e).__name__}") from e
         self._circuit.success()
         return result
 
