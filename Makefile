@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/tierproxy serve
 
-test: install
+test: install wrk
 	$(BIN)/pytest
 
 # The nemesis (tests/faults/test_nemesis.py) for DURATION seconds: random ops and faults on
