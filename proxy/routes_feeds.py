@@ -3,20 +3,22 @@ changes feed (hot.changes, issue 12.3)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 from aiohttp import web
 
 from proxy import model
-from proxy.errors import Malformed
+from proxy.errors import Malformed, NotFound
 from proxy.hot import Feed
 from proxy.routes import TIERS, _int_param, _tid, json_response
 
 # ---- inbox
 
 
-def _inbox_query(request: web.Request) -> tuple[str, model.InboxKey | None, int]:
+def _inbox_query(request: web.Request) -> tuple[str, model.InboxKey | None, int, str]:
     q = request.query
-    unknown = set(q) - {"owner_id", "limit", "before"}
+    unknown = set(q) - {"owner_id", "limit", "before", "user_id"}
     if unknown:
         raise Malformed(f"unknown query parameter {sorted(unknown)[0]!r}")
     if "owner_id" not in q:
@@ -24,17 +26,37 @@ def _inbox_query(request: web.Request) -> tuple[str, model.InboxKey | None, int]
     owner = model.check_id(q["owner_id"], "owner_id")
     limit = _int_param(q.get("limit", str(model.DEFAULT_INBOX)), "limit", 1, model.MAX_INBOX)
     before = model.parse_inbox_cursor(q["before"]) if "before" in q else None
-    return owner, before, limit
+    user = model.check_id(q["user_id"], "user_id") if "user_id" in q else ""
+    return owner, before, limit, user
 
 
 async def list_inbox(request: web.Request) -> web.Response:
-    """An owner's threads, newest activity first (hot.inbox)."""
-    owner, before, limit = _inbox_query(request)
+    """An owner's threads, newest activity first (hot.inbox); with `user_id`, each with the
+    user's unread count (read markers)."""
+    owner, before, limit, user = _inbox_query(request)
     page = await request.app[TIERS].inbox(owner, before, limit)
+    items = await _with_unread(request, page.items, user) if user else page.items
     cursor = model.inbox_cursor(page.next_cursor) if page.next_cursor else None
     head = orjson.dumps({"owner_id": owner, "next_cursor": cursor})
-    return json_response(head[:-1] + b',"items":[' + b",".join(page.items) + b"]}",
+    return json_response(head[:-1] + b',"items":[' + b",".join(items) + b"]}",
                          tier=page.tier)
+
+
+async def _with_unread(request: web.Request, docs: list[bytes], user: str) -> list[bytes]:
+    """Each thread doc with `unread`, asked for all threads at once (one pipelined tick); a
+    thread deleted since the page was read is left out, as deleted threads are."""
+    tiers = request.app[TIERS]
+    tids = [orjson.loads(doc)["thread_id"] for doc in docs]
+    counts = await asyncio.gather(*(tiers.unread(tid, user) for tid in tids),
+                                  return_exceptions=True)
+    out = []
+    for doc, count in zip(docs, counts, strict=True):
+        if isinstance(count, NotFound):
+            continue
+        if isinstance(count, BaseException):
+            raise count
+        out.append(doc[:-1] + b',"unread":%d}' % count)
+    return out
 
 
 # ---- the changes feed

@@ -206,6 +206,27 @@ async def test_bad_queries_are_refused_and_change_nothing(client: Client,
     assert await tids(client, "u1") == ["t1"]
 
 
+async def test_with_a_user_each_thread_says_how_many_are_unread(
+        pair: tuple[Client, Client]) -> None:
+    a, b = pair
+    await put(a, "r1", "own")
+    await put(a, "r2", "own")
+    for _ in range(3):
+        await touch(a, "r1")
+    await touch(b, "r2")
+    marker = await a.put("/v1/threads/r1/read-markers/u9", json={"seq": 1})
+    assert marker.status == 200, await marker.text()
+    gone = await append(b, "r1")  # the newest of r1: deleted, so not unread
+    resp = await b.delete(f"/v1/threads/r1/messages/{gone['message_id']}")
+    assert resp.status == 200, await resp.text()
+    for side in (a, b):
+        items = (await inbox(side, "own", user_id="u9"))["items"]
+        assert {t["thread_id"]: t["unread"] for t in items} == {"r1": 2, "r2": 1}
+        assert all("unread" not in t for t in (await inbox(side, "own"))["items"])
+    await error(await a.get("/v1/threads", params={"owner_id": "own", "user_id": "bad id"}),
+                422, "invalid_field")
+
+
 async def test_a_cursor_from_another_page_size_or_sidecar_goes_on_from_there(
         pair: tuple[Client, Client]) -> None:
     a, b = pair

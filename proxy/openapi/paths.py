@@ -226,7 +226,8 @@ def v1_paths() -> Schema:
         "/v1/threads": {"get": operation(
             "listInbox", "An owner's threads, newest activity first",
             {"200": response("The page.", ref("InboxPage"), ["X-Tier"])}, "400 422 500 503",
-            params=["owner_id", "inboxLimit", "inboxBefore"], description=INBOX)},
+            params=["owner_id", "inboxUser", "inboxLimit", "inboxBefore"],
+            description=INBOX)},
         "/v1/status": {"get": operation(
             "getStatus", "Tiers, circuit states, backlog and lag per sink, dead letters",
             {"200": response("The status.", ref("Status"))}, "500 503")},

@@ -146,6 +146,8 @@ def parameters() -> Schema:
         # inbox (GET /v1/threads)
         "owner_id": {**param("owner_id", "query", ident, f"The owner {invalid}"),
                      "required": True},
+        "inboxUser": param("user_id", "query", ident, "With it, each thread carries the user's "
+                           f"`unread` count (see read markers). {invalid}"),
         "inboxLimit": param("limit", "query", {**integer(1, MAX_INBOX), "default": DEFAULT_INBOX},
                             "Page size."),
         "inboxBefore": param("before", "query", {"type": "string", "pattern": INBOX_CURSOR},
@@ -283,7 +285,11 @@ def entity_schemas() -> Schema:
                                           "description": "`before` of the next page; null: "
                                                          "none."},
                           "items": {"type": "array", "items": obj({
-                              **entity_thread(meta, common), "last_activity_at": stamp()}),
+                              **entity_thread(meta, common), "last_activity_at": stamp(),
+                              "unread": {**integer(0), "description": "With user_id: the "
+                                         "user's live messages after their read marker."}},
+                              required=" ".join([*entity_thread(meta, common),
+                                                 "last_activity_at"])),
                               "description": "The owner's live threads, newest activity "
                                              "(last message or change) first."}}),
         "ChangePage": obj({
