@@ -163,3 +163,10 @@ async def client_for(redis: aioredis.Redis, pg: asyncpg.Connection,
 @pytest.fixture
 async def client(client_for: AppClient, settings: Settings) -> TestClient[Any, Any]:
     return await client_for(settings)
+
+
+@pytest.fixture
+async def pair(client_for: AppClient, settings: Settings) -> tuple[TestClient[Any, Any],
+                                                                   TestClient[Any, Any]]:
+    """Two sidecars on the same servers, with the module's settings."""
+    return await client_for(settings), await client_for(settings)

@@ -36,11 +36,6 @@ def settings(servers: Servers) -> Settings:
     return make_settings(servers, shutdown={"deadline_s": 0.5})
 
 
-@pytest.fixture
-async def pair(client_for: AppClient, settings: Settings) -> tuple[Client, Client]:
-    return await client_for(settings), await client_for(settings)
-
-
 async def feed(client: Client, tid: str, after: int = 0, limit: int = 1000
                ) -> tuple[Any, str]:
     resp = await client.get(f"/v1/threads/{tid}/changes",

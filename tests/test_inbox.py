@@ -30,11 +30,6 @@ def settings(servers: Servers) -> Settings:
     return make_settings(servers, cache={"ttl_s": 1})
 
 
-@pytest.fixture
-async def pair(client_for: AppClient, settings: Settings) -> tuple[Client, Client]:
-    return await client_for(settings), await client_for(settings)
-
-
 async def put(client: Client, tid: str, owner: str, title: str = "") -> Any:
     resp = await client.put(f"/v1/threads/{tid}", json={"title": title, "owner_id": owner})
     assert resp.status in (200, 201), await resp.text()

@@ -40,11 +40,6 @@ def settings(servers: Servers) -> Settings:
     return make_settings(servers, redis={"window": 2}, shutdown={"deadline_s": 0.1})
 
 
-@pytest.fixture
-async def pair(client_for: AppClient, settings: Settings) -> tuple[Client, Client]:
-    return await client_for(settings), await client_for(settings)
-
-
 def marker_path(tid: str, uid: str) -> str:
     return f"/v1/threads/{tid}/read-markers/{uid}"
 

@@ -32,11 +32,6 @@ def settings(servers: Servers) -> Settings:
     return make_settings(servers, cache={"ttl_s": 1})
 
 
-@pytest.fixture
-async def pair(client_for: AppClient, settings: Settings) -> tuple[Client, Client]:
-    return await client_for(settings), await client_for(settings)
-
-
 async def gone(redis: aioredis.Redis, key: str) -> bool:
     """Flushed and expired (released keys get the 1 s cache TTL)."""
     return not await redis.exists(key)
