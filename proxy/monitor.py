@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,13 +33,16 @@ class Snapshot:
     redis: str = "unknown"
     sinks: dict[str, SinkStatus] = field(default_factory=dict)
     measured: bool = False  # a refresh has completed: backlog and lag are real figures
+    pg_unreachable: str = ""  # why the last probe of PostgreSQL failed ("" = it answered)
 
 
 class Monitor:
     def __init__(self, log: WriteLog, circuits: Mapping[str, Circuit], backlog: Backlog,
                  interval_s: float, consumer: str, dead_consumer_idle_ms: int,
-                 max_lag_s: float, reconciler: Reconciler | None = None) -> None:
+                 max_lag_s: float, reconciler: Reconciler | None = None,
+                 pg_probe: Callable[[], Awaitable[None]] | None = None) -> None:
         self._log = log
+        self._pg_probe = pg_probe
         self._reconciler = reconciler
         self._loss_seen = _total(metrics.REDIS_DATA_LOSS)
         self._max_lag_s = max_lag_s
@@ -54,16 +57,36 @@ class Monitor:
     async def run(self) -> None:
         """Refresh every interval until stopped."""
         while not self._stopping.is_set():
-            try:
-                await self.refresh()
-                self.snapshot.redis = "up"
-            except Unavailable as e:
-                if self.snapshot.redis != "down":
-                    logger.warning("monitor: redis unavailable: %s", e)
-                self.snapshot.redis = "down"
+            await asyncio.gather(self._refresh_redis(), self._probe_pg())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval_s):
                     await self._stopping.wait()
+
+    async def _refresh_redis(self) -> None:
+        try:
+            await self.refresh()
+            self.snapshot.redis = "up"
+        except Unavailable as e:
+            if self.snapshot.redis != "down":
+                logger.warning("monitor: redis unavailable: %s", e)
+            self.snapshot.redis = "down"
+
+    async def _probe_pg(self) -> None:
+        """PostgreSQL answers or not, whether or not there is anything to flush: a circuit
+        opens only on failed writes, and an idle (or Redis-starved) flusher makes none — the
+        nemesis saw 4-5 s outages that no /v1/status called down. Run alongside the refresh:
+        Redis's state says nothing about PostgreSQL's."""
+        if self._pg_probe is None:
+            return
+        try:
+            await self._pg_probe()
+            if self.snapshot.pg_unreachable:
+                logger.info("monitor: postgres answers again")
+            self.snapshot.pg_unreachable = ""
+        except Exception as e:  # any failure to answer SELECT 1 is the news
+            if not self.snapshot.pg_unreachable:
+                logger.warning("monitor: postgres unreachable: %r", e)
+            self.snapshot.pg_unreachable = repr(e) or type(e).__name__
 
     def stop(self) -> None:
         """End the loop after the refresh in hand (shutdown need not wait for a cancel)."""
@@ -127,7 +150,8 @@ class Monitor:
         tiers = {"redis": {"state": self.snapshot.redis}}
         for sink in SINKS:
             if sink.name in self._circuits:
-                up = self._circuits[sink.name].state == "closed"
+                up = self._circuits[sink.name].state == "closed" and not (
+                    sink.name == PG.name and self.snapshot.pg_unreachable)
                 tiers[sink.tier] = {"state": "up" if up else "down"}
         sinks = {name: {"circuit": self._circuits[name].state, "backlog": st.backlog,
                         "lag_s": round(st.lag_s, 3), "dead_letters": st.dead_letters}
@@ -144,6 +168,8 @@ class Monitor:
     def degraded(self) -> list[str]:
         """Everything that is not as it should be, in words (empty: all well)."""
         out = [] if self.snapshot.redis != "down" else ["redis: down"]
+        if self.snapshot.pg_unreachable:
+            out.append(f"{PG.name}: unreachable ({self.snapshot.pg_unreachable})")
         for name, st in self.snapshot.sinks.items():
             if self._circuits[name].state != "closed":
                 out.append(f"{name}: circuit {self._circuits[name].state}")

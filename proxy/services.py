@@ -180,7 +180,8 @@ async def _background(app: web.Application, workers: Workers, client: Any, consu
             "clickhouse schema", ch.run), ch.stop)
     monitor = Monitor(log, circuits, hot.backlog, s.flush.trim_interval_s, consumer,
                       2 * s.flush.claim_idle_ms, s.flush.max_lag_s,
-                      Reconciler(client, pg_store, s.redis.shards))
+                      Reconciler(client, pg_store, s.redis.shards),
+                      lambda: pg_store.ping(s.postgres.command_timeout_s))
     app[routes.STATUS] = app[internal.MONITOR] = monitor
     with contextlib.suppress(Unavailable):  # measured before ready; else the loop does
         await monitor.measure()

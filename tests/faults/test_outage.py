@@ -121,6 +121,31 @@ async def test_postgres_stopped_writes_acked_backlog_grows_then_all_lands(
     print(f"postgres stopped: {verdict}")
 
 
+@pytest.mark.timeout(90)
+async def test_postgres_stopped_while_idle_status_says_down_then_up(
+        sidecars: StartSidecar, servers: Servers, http: aiohttp.ClientSession) -> None:
+    """With nothing to flush, no write fails and the circuit stays closed: the monitor's
+    probe must still tell /v1/status (the nemesis saw 4-5 s outages no status called down)."""
+    if servers.postgres is None:
+        pytest.skip("external PostgreSQL: the test cannot stop it")
+    s = await sidecars("a")
+    await wait_for(lambda: _pg_tier(http, s, "up"))
+    try:
+        await asyncio.to_thread(servers.postgres.stop)
+        said = await wait_for(lambda: _pg_tier(http, s, "down"), timeout_s=15)
+        assert any(d.startswith("pg: unreachable") for d in said["degraded"]), said
+        assert said["sinks"]["pg"]["backlog"] == 0, "the test means an idle flusher"
+    finally:
+        await asyncio.to_thread(servers.postgres.start)
+    await wait_for(lambda: _pg_tier(http, s, "up"), timeout_s=15)
+
+
+async def _pg_tier(http: aiohttp.ClientSession, sidecar: Sidecar, state: str) -> Any:
+    """/v1/status if it says the postgres tier is `state`, else None."""
+    st = await status(http, sidecar)
+    return st if st["tiers"]["postgres"]["state"] == state else None
+
+
 async def _pg_sink(http: aiohttp.ClientSession, sidecar: Sidecar, circuit: str | None = None,
                    min_backlog: int = 0, max_backlog: int | None = None) -> Any:
     """The pg sink of /v1/status if it matches, else None."""

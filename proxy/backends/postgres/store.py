@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
@@ -61,6 +62,10 @@ class PostgresStore:
         """A connection in a transaction (write-through: its row locks last until the end)."""
         async with self._pool.acquire() as conn, conn.transaction():
             yield conn
+
+    async def ping(self, timeout_s: float) -> None:
+        """One round trip (the monitor's probe: an idle flusher's circuit says nothing)."""
+        await asyncio.wait_for(self._pool.fetchval("SELECT 1"), timeout_s)
 
     async def migrate(self) -> None:
         async with self._pool.acquire() as conn:
