@@ -27,7 +27,6 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import hiredis
@@ -37,10 +36,10 @@ from redis.exceptions import ResponseError
 
 from proxy import topology
 from proxy.errors import RedisDown, Unavailable
+from proxy.luascripts import scripts
 from proxy.settings import Settings
 from proxy.topology import Tls, Topology
 
-SCRIPTS = Path(__file__).parent / "scripts"
 MAX_WRITE = 512  # calls one write carries at most; the rest go in the next tick's
 _REDIRECTS = 3  # MOVED/ASK hops one call follows before it gives up
 WAIT_LANE = "/wait"  # the second connection per server: a mark written, then WAIT
@@ -233,8 +232,8 @@ class AutoPipeline:
         self._texts: dict[str, str] = {}
         self._shas: dict[str, str] = {}
         self.stats = Stats()
-        for path in SCRIPTS.glob("*.lua"):
-            self.add_script(path.stem, path.read_text())
+        for name, text in scripts().items():
+            self.add_script(name, text)
 
     def add_script(self, name: str, text: str) -> None:
         """Make a script callable by name (the sidecar's come from proxy/scripts)."""

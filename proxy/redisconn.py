@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -14,11 +13,11 @@ from redis.commands.core import AsyncScript
 from proxy import topology
 from proxy.autopipe import unavailable_reply
 from proxy.errors import Unavailable
+from proxy.luascripts import scripts
 from proxy.settings import Settings
 
 T = TypeVar("T")
 RedisClient = aioredis.Redis  # the client type other modules name, without importing redis
-SCRIPTS = Path(__file__).parent / "scripts"
 
 
 
@@ -50,7 +49,7 @@ class Scripts:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._scripts: dict[str, AsyncScript] = {
-            p.stem: client.register_script(p.read_text()) for p in SCRIPTS.glob("*.lua")}
+            name: client.register_script(text) for name, text in scripts().items()}
 
     async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         script = self._scripts[name]

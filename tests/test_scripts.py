@@ -5,18 +5,17 @@ prepared state and compares a full dump of Redis before and after."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-import proxy
 from proxy import keys
 from proxy.backends import GROUPS
+from proxy.luascripts import scripts
 from tests.helpers import unchanged
 
-SCRIPTS = {p.stem: p.read_text() for p in (Path(proxy.__file__).parent / "scripts").glob("*.lua")}
+SCRIPTS = scripts()
 S = 0  # every key here is on shard 0
 TOKEN = "tok"  # a load fence token registered for every entity below
 
@@ -245,3 +244,11 @@ def test_every_script_with_a_refusal_has_a_case() -> None:
     assert set(SCRIPTS) - refusing == {"read_page", "get_message", "count_from", "create_groups",
                                        "load_fence", "release", "inbox_scan", "inbox_check",
                                        "read_changes"}
+
+
+def test_includes_are_expanded_and_lib_parts_are_not_scripts() -> None:
+    """Redis gets self-contained texts: no include line is left, the shared erase is in both
+    scripts that use it, and lib/ parts are not registered as scripts of their own."""
+    assert not any("--#include" in text for text in SCRIPTS.values())
+    assert all("local function erase(" in SCRIPTS[n] for n in ("message_update", "thread_put"))
+    assert "erase" not in SCRIPTS

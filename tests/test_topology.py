@@ -17,9 +17,9 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 
-import proxy
 from proxy import keys
 from proxy.embedded import RedisServer
+from proxy.luascripts import scripts
 from proxy.topology import (
     Client,
     Tls,
@@ -33,7 +33,7 @@ from proxy.topology import (
 from tests.helpers import wait_for
 from tests.redis_topology import MASTER, Cluster, SentinelSet, admin, info
 
-SCRIPTS = {p.stem: p.read_text() for p in (Path(proxy.__file__).parent / "scripts").glob("*.lua")}
+SCRIPTS = scripts()
 SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in SCRIPTS.items()}
 GROUP = "pg"
 TTL_MS = 60_000
