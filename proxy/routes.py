@@ -119,7 +119,7 @@ def _durability(request: web.Request) -> str:
     return value.lower()
 
 
-def _tid(request: web.Request) -> str:
+def thread_id_of(request: web.Request) -> str:
     return model.check_id(request.match_info["tid"], "thread_id")
 
 
@@ -150,7 +150,7 @@ def _write_response(request: web.Request, result: Result) -> web.Response:
 
 
 async def put_thread(request: web.Request) -> web.Response:
-    tid = _tid(request)
+    tid = thread_id_of(request)
     body = model.parse_thread(await read_json(request), _limits(request))
     result = await request.app[TIERS].put_thread(tid, body, _if_match(request),
                                               _durability(request))
@@ -158,7 +158,7 @@ async def put_thread(request: web.Request) -> web.Response:
 
 
 async def get_thread(request: web.Request) -> web.Response:
-    result = await request.app[TIERS].get_thread(_tid(request))
+    result = await request.app[TIERS].get_thread(thread_id_of(request))
     return _staleness(request, json_response(result.doc, tier=result.tier,
                                              etag=_version(result)))
 
@@ -171,7 +171,7 @@ def _staleness(request: web.Request, resp: web.Response) -> web.Response:
 
 
 async def delete_thread(request: web.Request) -> web.Response:
-    tid = _tid(request)
+    tid = thread_id_of(request)
     result = await request.app[TIERS].delete_thread(tid, _if_match(request), _durability(request),
                                                     _erase(request))
     return _write_response(request, result)
@@ -189,7 +189,7 @@ def _erase(request: web.Request) -> bool:
 
 
 async def append_message(request: web.Request) -> web.Response:
-    tid = _tid(request)
+    tid = thread_id_of(request)
     body = model.parse_message(await read_json(request), _limits(request))
     result = await request.app[TIERS].append(tid, body, _durability(request))
     return _write_response(request, result)
@@ -202,15 +202,15 @@ def _page_query(request: web.Request) -> tuple[str, int, int]:
         raise Malformed(f"unknown query parameter {sorted(unknown)[0]!r}")
     if "before" in q and "after" in q:
         raise Malformed("give either before or after, not both")
-    limit = _int_param(q.get("limit", str(model.DEFAULT_PAGE)), "limit", 1, model.MAX_PAGE)
+    limit = int_param(q.get("limit", str(model.DEFAULT_PAGE)), "limit", 1, model.MAX_PAGE)
     if "after" in q:
-        return "after", _int_param(q["after"], "after", 0, model.MAX_CURSOR), limit
+        return "after", int_param(q["after"], "after", 0, model.MAX_CURSOR), limit
     if "before" in q:
-        return "before", _int_param(q["before"], "before", 1, model.MAX_CURSOR), limit
+        return "before", int_param(q["before"], "before", 1, model.MAX_CURSOR), limit
     return "latest", 0, limit
 
 
-def _int_param(raw: str, name: str, low: int, high: int) -> int:
+def int_param(raw: str, name: str, low: int, high: int) -> int:
     # The length bound comes first: int() refuses strings of more than 4300 digits.
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 20) or not low <= int(raw) <= high:
         raise Malformed(f"{name} must be a whole number from {low} to {high}", {"param": name})
@@ -229,21 +229,21 @@ def page_body(page: Page, mode: str) -> bytes:
 
 
 async def list_messages(request: web.Request) -> web.Response:
-    tid = _tid(request)
+    tid = thread_id_of(request)
     mode, cursor, limit = _page_query(request)
     page = await request.app[TIERS].page(tid, mode, cursor, limit)
     return _staleness(request, json_response(page_body(page, mode), tier=page.tier))
 
 
 async def get_message(request: web.Request) -> web.Response:
-    result = await request.app[TIERS].get_message(_tid(request), _mid(request))
+    result = await request.app[TIERS].get_message(thread_id_of(request), _mid(request))
     return _staleness(request, json_response(result.doc, tier=result.tier,
                                              etag=_version(result)))
 
 
 async def thread_stats(request: web.Request) -> web.Response:
     """Counts and sizes of a thread's live messages, from ClickHouse."""
-    tid = _tid(request)
+    tid = thread_id_of(request)
     stats = await request.app[ANALYTICS].thread_stats(tid)
     if stats is None:
         raise NotFound(f"thread {tid} has no events")
@@ -251,7 +251,7 @@ async def thread_stats(request: web.Request) -> web.Response:
 
 
 async def patch_message(request: web.Request) -> web.Response:
-    tid, mid = _tid(request), _mid(request)
+    tid, mid = thread_id_of(request), _mid(request)
     patch = model.parse_patch(await read_json(request), _limits(request))
     result = await request.app[TIERS].edit(tid, mid, patch, _if_match(request),
                                           _durability(request))
@@ -259,7 +259,7 @@ async def patch_message(request: web.Request) -> web.Response:
 
 
 async def delete_message(request: web.Request) -> web.Response:
-    tid, mid = _tid(request), _mid(request)
+    tid, mid = thread_id_of(request), _mid(request)
     result = await request.app[TIERS].delete_message(tid, mid, _if_match(request),
                                                     _durability(request), _erase(request))
     return _write_response(request, result)
@@ -295,7 +295,7 @@ def _uid(request: web.Request) -> str:
 
 async def put_read_marker(request: web.Request) -> web.Response:
     """Move the marker forward (a lower seq changes nothing): 200 with the marker now."""
-    tid, uid = _tid(request), _uid(request)
+    tid, uid = thread_id_of(request), _uid(request)
     seq = model.parse_marker(await read_json(request))
     result = await request.app[TIERS].put_marker(tid, uid, seq, _durability(request))
     status = 202 if LEVELS.index(result.durability) < LEVELS.index(_durability(request)) else 200
@@ -305,7 +305,7 @@ async def put_read_marker(request: web.Request) -> web.Response:
 
 
 async def get_read_marker(request: web.Request) -> web.Response:
-    marker = await request.app[TIERS].get_marker(_tid(request), _uid(request))
+    marker = await request.app[TIERS].get_marker(thread_id_of(request), _uid(request))
     return json_response(marker.body(), tier=marker.tier)
 
 
@@ -338,7 +338,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 async def publish_event(request: web.Request) -> web.Response:
     """An ephemeral event: pushed to the thread's subscribers on every sidecar, never stored
     (so no X-Durability, and nothing for PostgreSQL to serve while Redis is down: 503)."""
-    tid = _tid(request)
+    tid = thread_id_of(request)
     published = await request.app[HOT].ephemeral.publish(tid, await read_json(request))
     return json_response(published.body(), 202)
 

@@ -11,7 +11,7 @@ from aiohttp import web
 from proxy import model
 from proxy.errors import Malformed, NotFound
 from proxy.hot import Feed
-from proxy.routes import TIERS, _int_param, _tid, json_response
+from proxy.routes import TIERS, int_param, json_response, thread_id_of
 
 # ---- inbox
 
@@ -24,7 +24,7 @@ def _inbox_query(request: web.Request) -> tuple[str, model.InboxKey | None, int,
     if "owner_id" not in q:
         raise Malformed("owner_id is required", {"param": "owner_id"})
     owner = model.check_id(q["owner_id"], "owner_id")
-    limit = _int_param(q.get("limit", str(model.DEFAULT_INBOX)), "limit", 1, model.MAX_INBOX)
+    limit = int_param(q.get("limit", str(model.DEFAULT_INBOX)), "limit", 1, model.MAX_INBOX)
     before = model.parse_inbox_cursor(q["before"]) if "before" in q else None
     user = model.check_id(q["user_id"], "user_id") if "user_id" in q else ""
     return owner, before, limit, user
@@ -67,8 +67,8 @@ def _changes_query(request: web.Request) -> tuple[int, int]:
     unknown = set(q) - {"after_cseq", "limit"}
     if unknown:
         raise Malformed(f"unknown query parameter {sorted(unknown)[0]!r}")
-    after = _int_param(q.get("after_cseq", "0"), "after_cseq", 0, model.MAX_CURSOR)
-    return after, _int_param(q.get("limit", str(model.DEFAULT_PAGE)), "limit", 1, model.MAX_PAGE)
+    after = int_param(q.get("after_cseq", "0"), "after_cseq", 0, model.MAX_CURSOR)
+    return after, int_param(q.get("limit", str(model.DEFAULT_PAGE)), "limit", 1, model.MAX_PAGE)
 
 
 def changes_body(feed: Feed) -> bytes:
@@ -82,7 +82,7 @@ def changes_body(feed: Feed) -> bytes:
 
 
 async def list_changes(request: web.Request) -> web.Response:
-    tid = _tid(request)
+    tid = thread_id_of(request)
     after, limit = _changes_query(request)
     feed = await request.app[TIERS].changes(tid, after, limit)
     return json_response(changes_body(feed), tier=feed.tier)

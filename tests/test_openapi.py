@@ -273,9 +273,9 @@ def test_page_query_agrees_with_routes() -> None:
     assert (limit["minimum"], limit["maximum"], limit["default"]) == (
         1, model.MAX_PAGE, model.DEFAULT_PAGE)
     for name, low in (("after", 0), ("before", 1)):
-        routes._int_param(str(low), name, low, model.MAX_CURSOR)
+        routes.int_param(str(low), name, low, model.MAX_CURSOR)
         with pytest.raises(Malformed):
-            routes._int_param(str(low - 1), name, low, model.MAX_CURSOR)
+            routes.int_param(str(low - 1), name, low, model.MAX_CURSOR)
         assert (props[name]["minimum"], props[name]["maximum"]) == (low, model.MAX_CURSOR)
 
 
