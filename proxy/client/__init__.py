@@ -50,8 +50,9 @@ from proxy.client.ws import Event, Subscription
 
 __all__ = [
     "APIError", "Answer", "Backpressure", "ChangePage", "Client", "ClientError", "Conflict",
-    "Durability", "Event", "InboxPage", "Invalid", "Malformed", "Marker", "NO_RETRY",
-    "NotFound", "Page", "PreconditionFailed", "ProtocolError", "Read", "Resync", "RetryPolicy",
-    "ServerError", "Subscription", "SyncClient", "SyncSubscription", "TooLarge", "TooManySubscriptions", "TransportError", "Unauthorized",
-    "Unavailable", "UnsupportedMediaType", "Written", "etag", "new_message_id",
+    "Durability", "Event", "InboxPage", "Invalid", "Malformed", "Marker", "NO_RETRY", "NotFound",
+    "Page", "PreconditionFailed", "ProtocolError", "Read", "Resync", "RetryPolicy", "ServerError",
+    "Subscription", "SyncClient", "SyncSubscription", "TooLarge", "TooManySubscriptions",
+    "TransportError", "Unauthorized", "Unavailable", "UnsupportedMediaType", "Written", "etag",
+    "new_message_id",
 ]

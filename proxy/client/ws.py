@@ -8,12 +8,13 @@ again with `after_seq` = that seq. The server then sends every later message onc
 order; seqs at or below it that still arrive (frames already queued) are dropped. So the
 caller sees each message once, in seq order, with no gap.
 
-Not replayed on a resume by seq: `message.updated`/`deleted` and thread events that
-happened while disconnected; the backfill carries each message's current version instead. To miss no change, follow the changes (`after_cseq`): positions are then the
-last change number (cseq) handed out, every event with a cseq counts, and a resume replays the
-current doc of everything changed since (each change once, in cseq order). A position the
-server cannot continue (past the thread's last cseq) raises Resync. `resume=False`: a socket
-that ends ends the iteration instead (`last_close_code` says why).
+Not replayed on a resume by seq: `message.updated`/`deleted` and thread events that happened
+while disconnected; the backfill carries each message's current version instead. To miss no
+change, follow the changes (`after_cseq`): positions are then the last change number (cseq)
+handed out, every event with a cseq counts, and a resume replays the current doc of
+everything changed since (each change once, in cseq order). A position the server cannot
+continue (past the thread's last cseq) raises Resync. `resume=False`: a socket that ends
+ends the iteration instead (`last_close_code` says why).
 
 There is no background task: the socket is read inside `__anext__`, so a consumer that
 stops iterating stops reading (and may get 4008 and a resume later).
