@@ -134,10 +134,8 @@ class Client:
                               durability: Durability | None = None) -> Marker:
         """Move the user's marker forward to `seq` (a lower one changes nothing: the answer
         is the marker now, so a repeat is harmless). Unavailable while Redis is down."""
-        headers = {}
         asked = durability or self._durability
-        if asked:
-            headers["X-Durability"] = asked
+        headers = {"X-Durability": asked} if asked else {}
         answer = await self._t.call("PUT", self._t.url("v1", "threads", thread_id,
                                                        "read-markers", user_id),
                                     body={"seq": seq}, headers=headers, idempotent=True)
