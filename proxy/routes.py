@@ -137,11 +137,13 @@ def _version(result: Result) -> int:
 
 def _write_response(request: web.Request, result: Result) -> web.Response:
     """201 created / 200, or 202 when the write is stored but did not reach the durability
-    the client asked for; X-Durability says the level it did reach."""
+    the client asked for; X-Durability says the level it did reach, and on a 202 X-Created
+    what the 201 would have said."""
     status = 201 if result.created else 200
-    if LEVELS.index(result.durability) < LEVELS.index(_durability(request)):
-        status = 202
     resp = json_response(result.doc, status, result.tier, _version(result))
+    if LEVELS.index(result.durability) < LEVELS.index(_durability(request)):
+        resp.set_status(202)
+        resp.headers["X-Created"] = "true" if result.created else "false"
     resp.headers["X-Durability"] = result.durability
     return resp
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from proxy import client as tp
@@ -21,6 +22,7 @@ from proxy.client.results import durability_of
 from tests.conftest import AppClient, Servers, make_settings
 from tests.faults.tcpproxy import FaultProxy
 from tests.helpers import PAUSED, wait_for
+from tests.test_erasure import redis_holding
 
 Client = TestClient[Any, Any]
 FAST = tp.RetryPolicy(attempts=3, total_s=10.0, base_s=0.01, cap_s=0.05)
@@ -212,6 +214,86 @@ async def test_persisted_writes_are_in_postgresql_on_return(
     rows = await pg.fetch("SELECT content FROM messages WHERE message_id = $1",
                           m.doc["message_id"])
     assert [r["content"] for r in rows] == ["kept"]
+
+
+# ---- inbox, read markers, the changes feed, erasure (issue 12)
+
+
+async def test_inbox_pages_newest_activity_first_with_unread(api: tp.Client) -> None:
+    for tid in ("i1", "i2", "i3"):
+        await api.put_thread(tid, owner_id="own")
+    await api.append("i1", "newest activity")
+    page = await api.inbox("own", limit=2)
+    assert ([t["thread_id"] for t in page.items], page.owner_id, page.tier) == (
+        ["i1", "i3"], "own", "redis")
+    assert isinstance(page.next_cursor, str) and "unread" not in page.items[0]
+    rest = await api.inbox("own", limit=2, before=page.next_cursor)
+    assert ([t["thread_id"] for t in rest.items], rest.next_cursor) == (["i2"], None)
+    walked = [[t["thread_id"] for t in p.items]
+              async for p in api.inbox_pages("own", user_id="u1", limit=1)]
+    assert walked == [["i1"], ["i3"], ["i2"]]
+    assert [t["unread"] async for p in api.inbox_pages("own", user_id="u1")
+            for t in p.items] == [1, 0, 0]
+    assert (await raised(tp.Invalid, api.inbox("bad id"))).detail == {"field": "owner_id"}
+
+
+async def test_read_markers_move_forward_only(api: tp.Client) -> None:
+    await api.put_thread("r1")
+    for i in range(3):
+        await api.append("r1", f"m{i}")
+    assert await api.get_read_marker("r1", "u1") == tp.Marker("r1", "u1", 0, 3, "redis")
+    moved = await api.put_read_marker("r1", "u1", 2)
+    assert (moved.seq, moved.unread, moved.durability) == (2, None, "acknowledged")
+    assert (await api.put_read_marker("r1", "u1", 1)).seq == 2  # never back
+    assert (await api.get_read_marker("r1", "u1")).unread == 1
+    persisted = await api.put_read_marker("r1", "u1", 3, durability="persisted")
+    assert (persisted.seq, persisted.durability) == (3, "persisted")
+    assert (await raised(tp.Invalid, api.put_read_marker("r1", "u1", 9))).status == 422
+    await raised(tp.NotFound, api.get_read_marker("nope", "u1"))
+
+
+async def test_changes_pages_each_entity_once_at_its_latest_change(api: tp.Client) -> None:
+    await api.put_thread("c1")  # cseq 1
+    mids = [(await api.append("c1", f"m{i}")).doc["message_id"] for i in range(3)]  # 2..4
+    await api.edit_message("c1", mids[0], content="edited")  # 5
+    await api.delete_message("c1", mids[1])  # 6
+    page = await api.changes("c1", after_cseq=1, limit=2)
+    assert (page.thread_id, page.last_cseq, page.next_cursor, page.tier) == (
+        "c1", 6, {"after_cseq": 5}, "redis")
+    items = [i async for p in api.change_pages("c1", limit=2) for i in p.items]
+    assert [(i["kind"], i["doc"]["cseq"]) for i in items] == [
+        ("thread", 1), ("message", 4), ("message", 5), ("message", 6)]
+    assert (await api.changes("c1", after_cseq=6)).items == []
+    e = await raised(tp.Resync, api.changes("c1", after_cseq=7))
+    assert (e.status, e.cseq) == (409, 6)
+
+
+async def test_erase_removes_the_content_from_redis(api: tp.Client,
+                                                    redis: aioredis.Redis) -> None:
+    await api.put_thread("e1", title="secret-title-e1")
+    mid = (await api.append("e1", "secret-message-e1")).doc["message_id"]
+    await api.append("e1", "kept")
+    assert (await api.delete_message("e1", mid, erase=True)).doc["deleted"]
+    assert not await redis_holding(redis, "secret-message-e1")
+    assert await redis_holding(redis, "secret-title-e1")
+    assert (await api.delete_thread("e1", erase=True)).doc["deleted"]
+    assert not await redis_holding(redis, "secret-title-e1")
+    assert not await redis_holding(redis, "kept")
+
+
+async def test_a_202_says_whether_it_created(api: tp.Client) -> None:
+    """The suite's Redis has no replica: `replicated` is answered 202 (acknowledged), and
+    `created` must still tell a creation from a replacement."""
+    new = await api.put_thread("d1", durability="replicated")
+    assert (new.status, new.created, new.durability) == (202, True, "acknowledged")
+    again = await api.put_thread("d1", title="x", durability="replicated")
+    assert (again.status, again.created) == (202, False)
+    first = await api.append("d1", "m", message_id="m1", durability="replicated")
+    repeat = await api.append("d1", "m", message_id="m1", durability="replicated")
+    assert (first.status, first.created, repeat.status, repeat.created) == (
+        202, True, 202, False)
+    state = await api.put_state("k1", 1, durability="replicated")
+    assert (state.status, state.created) == (202, True)
 
 
 # ---- errors
@@ -417,7 +499,7 @@ def test_backoff_has_full_jitter_and_honours_retry_after() -> None:
 def _script(url: str) -> dict[str, Any]:
     """What a script would do, with no event loop of its own."""
     with tp.SyncClient(url) as c:
-        c.put_thread("t1", title="sync")
+        c.put_thread("t1", title="sync", owner_id="o1")
         for i in range(5):
             c.append("t1", f"m{i}")
         every = [m["seq"] for m in c.messages("t1", after=0, limit=2)]
@@ -433,14 +515,18 @@ def _script(url: str) -> dict[str, Any]:
             events = [next(sub).seq, next(sub).seq]
             c.append("t1", "live")
             events.append(next(sub).seq)
+        c.put_read_marker("t1", "u1", 4)
+        feed = [len(p.items) for p in c.change_pages("t1", after_cseq=1, limit=4)]
         return {"every": every, "newest": newest, "missing": missing, "events": events,
-                "title": c.get_thread("t1").doc["title"]}
+                "title": c.get_thread("t1").doc["title"], "feed": feed,
+                "unread": c.get_read_marker("t1", "u1").unread,
+                "inbox": [len(p.items) for p in c.inbox_pages("o1", limit=1)]}
 
 
 async def test_sync_client(client: Client) -> None:
     got = await asyncio.to_thread(_script, url_of(client))
     assert got == {"every": [1, 2, 3, 4, 5], "newest": 5, "missing": 404, "events": [4, 5, 6],
-                   "title": "sync"}
+                   "title": "sync", "feed": [4, 2], "unread": 2, "inbox": [1]}
 
 
 async def test_a_closed_client_refuses_calls(client: Client) -> None:

@@ -303,3 +303,74 @@ async def test_resume_after_a_silent_connection(pair: tuple[Client, Client],
             await asyncio.to_thread(fault.cut)  # the reconnect attempt sent into the hole
             assert (await following).seq == 2
         assert sub.last_close_code == 1006 and sub.connects >= 2
+
+
+# ---- following the changes (after_cseq); resume turned off
+
+
+async def changes_until(sub: tp.Subscription, cseq: int) -> list[tuple[str, int]]:
+    """(type, cseq) of the events handed out until the one of `cseq`."""
+    got: list[tuple[str, int]] = []
+    async with asyncio.timeout(DEADLINE_S):
+        async for ev in sub:
+            assert ev.cseq is not None, ev
+            got.append((ev.type, ev.cseq))
+            if ev.cseq >= cseq:
+                return got
+    raise AssertionError(f"the subscription ended at {got[-1:]} before cseq {cseq}")
+
+
+async def test_after_cseq_resumes_with_every_change_once(pair: tuple[Client, Client],
+                                                         fault: FaultProxy) -> None:
+    """Edits and deletes made while the socket is cut are replayed on resume (a seq
+    subscription would not see them), each change once, in cseq order."""
+    _, app_b = pair
+    async with tp.Client(f"http://127.0.0.1:{fault.port}") as a, \
+            tp.Client(url_of(app_b)) as b:
+        await b.put_thread("t1")  # cseq 1
+        mids = [(await b.append("t1", f"m{i}")).doc["message_id"] for i in range(3)]  # 2-4
+        async with a.subscribe("t1", after_cseq=1) as sub:
+            assert await changes_until(sub, 4) == [("message.created", c) for c in (2, 3, 4)]
+            await asyncio.to_thread(fault.set_mode, "down")
+            await asyncio.to_thread(fault.cut)
+            await b.edit_message("t1", mids[0], content="edited")  # 5
+            await b.delete_message("t1", mids[1])  # 6
+            await b.put_thread("t1", title="renamed")  # 7
+            await asyncio.to_thread(fault.set_mode, "pass")
+            assert await changes_until(sub, 7) == [
+                ("message.updated", 5), ("message.deleted", 6), ("thread.updated", 7)]
+            await b.append("t1", "live")  # 8
+            assert await changes_until(sub, 8) == [("message.created", 8)]
+        assert sub.positions == {"t1": 8} and sub.connects == 2
+
+
+async def test_a_position_past_the_thread_raises_resync(
+        apis: tuple[tp.Client, tp.Client]) -> None:
+    a, b = apis
+    await b.put_thread("t1")
+    await b.append("t1", "one")
+    async with a.subscribe("t1", after_cseq=9) as sub:
+        with pytest.raises(tp.Resync) as e:
+            await anext(sub)
+    assert (e.value.thread_id, e.value.cseq, e.value.code) == ("t1", 2, "resync")
+    assert sub.positions == {}
+    with pytest.raises(ValueError, match="not both"):
+        a.subscribe("t1", after_seq=0, after_cseq=0)
+
+
+async def test_resume_false_ends_the_iteration_when_the_socket_ends(
+        pair: tuple[Client, Client], fault: FaultProxy) -> None:
+    _, app_b = pair
+    async with tp.Client(f"http://127.0.0.1:{fault.port}") as a, \
+            tp.Client(url_of(app_b)) as b:
+        await b.put_thread("t1")
+        async with a.subscribe("t1", after_seq=0, resume=False) as sub:
+            await b.append("t1", "1")
+            assert (await anext(sub)).seq == 1
+            await asyncio.to_thread(fault.cut)
+            async with asyncio.timeout(DEADLINE_S):
+                assert [ev async for ev in sub] == []
+            await b.append("t1", "2")
+            with pytest.raises(StopAsyncIteration):
+                await anext(sub)
+        assert (sub.connects, sub.positions) == (1, {"t1": 1})

@@ -20,7 +20,8 @@ import pytest
 
 LOADTESTS = Path(__file__).resolve().parent.parent / "loadtests"
 TOKEN = "locust-smoke-token"
-MODULES = ("harness", "bench", "loadgen", "observe", "procs", "table", "loadtest")
+MODULES = ("harness", "bench", "loadgen", "observe", "procs", "table", "loadtest",
+           "changes_resume")
 # Each kind of measurement, briefly: wrk against every baseline, the paused-flusher drain,
 # ack -> PostgreSQL/ClickHouse, WebSocket delivery on two sidecars, CPU per append (loadgen
 # open loop) and memory. The other scenarios run the same code on other requests and rates.
@@ -137,3 +138,12 @@ def test_loadtest_runs_locust_on_the_embedded_default(loadtests: dict[str, Modul
     for ws in ("WS connect", "WS subscribe", "WS message.created"):
         assert int(rows[ws]["Request Count"]) > 0, rows.keys()
     assert int(rows[" Aggregated"]["Failure Count"]) == 0, rows[" Aggregated"]
+
+
+def test_changes_resume_replays_every_change_once(loadtests: dict[str, ModuleType],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert loadtests["changes_resume"].main(["--creates", "20"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["edits"], got["deletes"], got["expected"], got["replayed"]) == (10, 5, 20, 20)
+    assert got["duplicates"] == got["missing"] == got["out_of_order"] == 0
+    assert got["catch_up_ms"] > 0

@@ -6,6 +6,7 @@
         async for m in c.messages("t1", after=0): ...  # every message, page by page
         async with c.subscribe("t1", after_seq=0) as sub:
             async for event in sub: ...                # resumes by itself, no gap, no dup
+        async with c.subscribe("t1", after_cseq=0) as sub: ...  # every change, once
 
 It imports aiohttp and orjson only (nothing else of `proxy`), so an application can use it
 without the sidecar's dependencies.
@@ -21,6 +22,7 @@ from proxy.client.errors import (
     NotFound,
     PreconditionFailed,
     ProtocolError,
+    Resync,
     ServerError,
     TooLarge,
     TooManySubscriptions,
@@ -30,16 +32,27 @@ from proxy.client.errors import (
     UnsupportedMediaType,
 )
 from proxy.client.http import Client
-from proxy.client.results import Durability, Page, Read, Written, etag, new_message_id
+from proxy.client.results import (
+    ChangePage,
+    Durability,
+    InboxPage,
+    Marker,
+    Page,
+    Read,
+    Written,
+    etag,
+    new_message_id,
+)
 from proxy.client.retry import NO_RETRY, RetryPolicy
 from proxy.client.sync import SyncClient, SyncSubscription
 from proxy.client.transport import Answer
 from proxy.client.ws import Event, Subscription
 
 __all__ = [
-    "APIError", "Answer", "Backpressure", "Client", "ClientError", "Conflict", "Durability",
-    "Event", "Invalid", "Malformed", "NO_RETRY", "NotFound", "Page", "PreconditionFailed",
-    "ProtocolError", "Read", "RetryPolicy", "ServerError", "Subscription", "SyncClient",
-    "SyncSubscription", "TooLarge", "TooManySubscriptions", "TransportError", "Unauthorized",
-    "Unavailable", "UnsupportedMediaType", "Written", "etag", "new_message_id",
+    "APIError", "Answer", "Backpressure", "ChangePage", "Client", "ClientError", "Conflict",
+    "Durability", "Event", "InboxPage", "Invalid", "Malformed", "Marker", "NO_RETRY", "NotFound",
+    "Page", "PreconditionFailed", "ProtocolError", "Read", "Resync", "RetryPolicy", "ServerError",
+    "Subscription", "SyncClient", "SyncSubscription", "TooLarge", "TooManySubscriptions",
+    "TransportError", "Unauthorized", "Unavailable", "UnsupportedMediaType", "Written", "etag",
+    "new_message_id",
 ]

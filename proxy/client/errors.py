@@ -79,6 +79,18 @@ class Conflict(APIError):
     """409: the thread was deleted, or the message id exists with another body."""
 
 
+class Resync(Conflict):
+    """409 `resync` (changes feed, or a WebSocket error frame): the position is past the
+    thread's last change (a Redis that lost data); start again from the current state, at
+    `cseq`."""
+
+    @property
+    def cseq(self) -> int | None:
+        detail = self.detail if isinstance(self.detail, dict) else {}
+        cseq = detail.get("cseq")
+        return cseq if isinstance(cseq, int) else None
+
+
 class PreconditionFailed(APIError):
     """412: If-Match named a version that is not the current one (`detail["version"]`)."""
 
@@ -119,7 +131,7 @@ _BY_CODE: dict[str, type[APIError]] = {
     "too_large": TooLarge, "unsupported_media_type": UnsupportedMediaType,
     "invalid_field": Invalid, "too_many_subscriptions": TooManySubscriptions,
     "unavailable": Unavailable, "backpressure": Backpressure, "internal": ServerError,
-    "rate_limited": Backpressure,
+    "rate_limited": Backpressure, "resync": Resync,
 }
 _BY_STATUS: dict[int, type[APIError]] = {
     400: Malformed, 401: Unauthorized, 404: NotFound, 409: Conflict, 412: PreconditionFailed,
@@ -164,4 +176,6 @@ def error_from_frame(frame: Mapping[str, Any]) -> APIError:
     """The typed error of a WebSocket `{"type": "error", "code", "message"[, "thread_id"]}`."""
     code = str(frame.get("code") or "error")
     cls = _BY_CODE.get(code, APIError)
-    return cls(str(frame.get("message") or code), code=code, thread_id=frame.get("thread_id"))
+    detail = {"cseq": frame["cseq"]} if "cseq" in frame else None  # resync: the current cseq
+    return cls(str(frame.get("message") or code), code=code, detail=detail,
+               thread_id=frame.get("thread_id"))

@@ -14,10 +14,14 @@ from typing import Any
 
 from proxy.client.errors import NotFound, PreconditionFailed
 from proxy.client.results import (
+    ChangePage,
     Durability,
+    InboxPage,
+    Marker,
     Page,
     Read,
     Written,
+    created_of,
     durability_of,
     etag,
     new_message_id,
@@ -64,9 +68,88 @@ class Client:
         return _read(await self._get("threads", thread_id))
 
     async def delete_thread(self, thread_id: str, *, if_match: int | None = None,
-                            durability: Durability | None = None) -> Written:
-        """Tombstone the thread; later puts of it get Conflict."""
-        return await self._write("DELETE", ("threads", thread_id), None, if_match, durability)
+                            durability: Durability | None = None,
+                            erase: bool = False) -> Written:
+        """Tombstone the thread; later puts of it get Conflict. With `erase`, its content
+        and its messages' are removed from every tier, every stored version included."""
+        return await self._write("DELETE", ("threads", thread_id), None, if_match, durability,
+                                 params=_erase(erase))
+
+    async def inbox(self, owner_id: str, *, user_id: str | None = None,
+                    limit: int | None = None, before: str | None = None) -> InboxPage:
+        """One page of the owner's threads, newest activity first (server default 50, at
+        most 200); with `user_id`, each carries that user's `unread` count. `before`: a
+        page's `next_cursor`."""
+        params = {k: v for k, v in (("owner_id", owner_id), ("user_id", user_id),
+                                    ("limit", None if limit is None else str(limit)),
+                                    ("before", before)) if v is not None}
+        answer = await self._get("threads", params=params)
+        doc = answer.json()
+        return InboxPage(doc["owner_id"], doc["items"], doc["next_cursor"],
+                         answer.headers.get("X-Tier"))
+
+    async def inbox_pages(self, owner_id: str, *, user_id: str | None = None,
+                          limit: int = 100) -> AsyncIterator[InboxPage]:
+        """Every page of the owner's inbox, newest activity first, until the oldest thread.
+        A full page has a `next_cursor` even when nothing follows: that empty page is not
+        yielded (the first one always is)."""
+        before = None
+        while True:
+            page = await self.inbox(owner_id, user_id=user_id, limit=limit, before=before)
+            if page.items or before is None:
+                yield page
+            if page.next_cursor is None:
+                return
+            before = page.next_cursor
+
+    # ---- the changes feed
+
+    async def changes(self, thread_id: str, *, after_cseq: int = 0,
+                      limit: int | None = None) -> ChangePage:
+        """The current doc of every entity (the thread, its messages) changed after
+        `after_cseq`, by cseq, one page. Resync (409, `detail["cseq"]`) when the position is
+        past the thread's last change: start again from the current state."""
+        params = {"after_cseq": str(after_cseq)}
+        if limit is not None:
+            params["limit"] = str(limit)
+        answer = await self._get("threads", thread_id, "changes", params=params)
+        doc = answer.json()
+        return ChangePage(doc["thread_id"], doc["last_cseq"], doc["items"], doc["next_cursor"],
+                          answer.headers.get("X-Tier"))
+
+    async def change_pages(self, thread_id: str, *, after_cseq: int = 0,
+                           limit: int = 100) -> AsyncIterator[ChangePage]:
+        """Every page of the changes feed after `after_cseq`, until caught up with the
+        thread's last cseq at the time of reading."""
+        while True:
+            page = await self.changes(thread_id, after_cseq=after_cseq, limit=limit)
+            yield page
+            if page.next_cursor is None:
+                return
+            after_cseq = page.next_cursor["after_cseq"]
+
+    # ---- read markers
+
+    async def put_read_marker(self, thread_id: str, user_id: str, seq: int, *,
+                              durability: Durability | None = None) -> Marker:
+        """Move the user's marker forward to `seq` (a lower one changes nothing: the answer
+        is the marker now, so a repeat is harmless). Unavailable while Redis is down."""
+        asked = durability or self._durability
+        headers = {"X-Durability": asked} if asked else {}
+        answer = await self._t.call("PUT", self._t.url("v1", "threads", thread_id,
+                                                       "read-markers", user_id),
+                                    body={"seq": seq}, headers=headers, idempotent=True)
+        doc = answer.json()
+        return Marker(doc["thread_id"], doc["user_id"], doc["seq"], None,
+                      answer.headers.get("X-Tier"),
+                      durability_of(answer.status, answer.headers, asked))
+
+    async def get_read_marker(self, thread_id: str, user_id: str) -> Marker:
+        """The user's marker (seq 0 if none) and the live messages after it (`unread`)."""
+        answer = await self._get("threads", thread_id, "read-markers", user_id)
+        doc = answer.json()
+        return Marker(doc["thread_id"], doc["user_id"], doc["seq"], doc["unread"],
+                      answer.headers.get("X-Tier"))
 
     async def thread_stats(self, thread_id: str) -> dict[str, Any]:
         """Counts and sizes of the thread's live messages (from ClickHouse, so they follow
@@ -145,10 +228,12 @@ class Client:
 
     async def delete_message(self, thread_id: str, message_id: str, *,
                              if_match: int | None = None,
-                             durability: Durability | None = None) -> Written:
-        """Tombstone the message (it keeps its seq, loses its text)."""
+                             durability: Durability | None = None,
+                             erase: bool = False) -> Written:
+        """Tombstone the message (it keeps its seq, loses its text). With `erase`, its
+        content is removed from every tier, every stored version included."""
         return await self._write("DELETE", ("threads", thread_id, "messages", message_id),
-                                 None, if_match, durability)
+                                 None, if_match, durability, params=_erase(erase))
 
     # ---- state
 
@@ -239,14 +324,21 @@ class Client:
     # ---- push
 
     def subscribe(self, *thread_ids: str, after_seq: int | None = None,
-                  heartbeat_s: float = 20.0,
-                  reconnect: RetryPolicy | None = None) -> Subscription:
+                  after_cseq: int | None = None, heartbeat_s: float = 20.0,
+                  reconnect: RetryPolicy | None = None, resume: bool = True) -> Subscription:
         """Events of the threads, resumed with no gap and no duplicate after any disconnect
         (see `Subscription`). `after_seq`: first every message after that seq, then live.
-        `heartbeat_s`: a socket that answers no ping within half of it is dropped and
-        resumed; `reconnect`: how long to keep trying to reconnect (ws.RECONNECT)."""
-        return Subscription(self._t, {tid: after_seq for tid in thread_ids},
-                            heartbeat_s=heartbeat_s, retry=reconnect or RECONNECT)
+        `after_cseq` instead: the threads' changes, first the current doc of everything
+        changed after that cseq, then every change live, each once. `heartbeat_s`: a socket
+        that answers no ping within half of it is dropped and resumed; `reconnect`: how long
+        to keep trying to reconnect (ws.RECONNECT); `resume=False`: a socket that ends ends
+        the iteration instead."""
+        if after_seq is not None and after_cseq is not None:
+            raise ValueError("subscribe: give after_seq or after_cseq, not both")
+        after = after_seq if after_cseq is None else after_cseq
+        return Subscription(self._t, {tid: after for tid in thread_ids},
+                            heartbeat_s=heartbeat_s, retry=reconnect or RECONNECT,
+                            changes=after_cseq is not None, resume=resume)
 
     # ---- plumbing
 
@@ -256,7 +348,8 @@ class Client:
 
     async def _write(self, method: str, segments: tuple[str, ...], body: Any,
                      if_match: int | None, durability: Durability | None, *,
-                     idempotent: bool = True) -> Written:
+                     idempotent: bool = True,
+                     params: Mapping[str, str] | None = None) -> Written:
         headers = {}
         if if_match is not None:
             headers["If-Match"] = etag(if_match)
@@ -264,10 +357,15 @@ class Client:
         if asked:
             headers["X-Durability"] = asked
         answer = await self._t.call(method, self._t.url("v1", *segments), body=body,
-                                    headers=headers, idempotent=idempotent)
-        return Written(answer.json(), answer.status == 201, version_from(answer.headers),
+                                    headers=headers, params=params, idempotent=idempotent)
+        return Written(answer.json(), created_of(answer.status, answer.headers),
+                       version_from(answer.headers),
                        durability_of(answer.status, answer.headers, asked), answer.status,
                        answer.attempts)
+
+
+def _erase(erase: bool) -> dict[str, str] | None:
+    return {"erase": "true"} if erase else None
 
 
 def _read(answer: Answer) -> Read:

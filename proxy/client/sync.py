@@ -97,8 +97,9 @@ class SyncSubscription:
         except StopAsyncIteration:
             raise StopIteration from None
 
-    def add(self, thread_id: str, after_seq: int | None = None) -> None:
-        self._loop.run(self._sub.add(thread_id, after_seq))
+    def add(self, thread_id: str, after_seq: int | None = None, *,
+            after_cseq: int = 0) -> None:
+        self._loop.run(self._sub.add(thread_id, after_seq, after_cseq=after_cseq))
 
     def remove(self, thread_id: str) -> None:
         self._loop.run(self._sub.remove(thread_id))
@@ -132,10 +133,12 @@ class SyncClient:
             self._loop.close()
 
     def subscribe(self, *thread_ids: str, after_seq: int | None = None,
-                  heartbeat_s: float = 20.0,
-                  reconnect: RetryPolicy | None = None) -> SyncSubscription:
+                  after_cseq: int | None = None, heartbeat_s: float = 20.0,
+                  reconnect: RetryPolicy | None = None,
+                  resume: bool = True) -> SyncSubscription:
         return SyncSubscription(self._loop, self._client.subscribe(
-            *thread_ids, after_seq=after_seq, heartbeat_s=heartbeat_s, reconnect=reconnect))
+            *thread_ids, after_seq=after_seq, after_cseq=after_cseq, heartbeat_s=heartbeat_s,
+            reconnect=reconnect, resume=resume))
 
     put_thread = _blocking(Client.put_thread)
     get_thread = _blocking(Client.get_thread)
@@ -148,6 +151,12 @@ class SyncClient:
     get_message = _blocking(Client.get_message)
     edit_message = _blocking(Client.edit_message)
     delete_message = _blocking(Client.delete_message)
+    inbox = _blocking(Client.inbox)
+    inbox_pages = _iterating(Client.inbox_pages)
+    changes = _blocking(Client.changes)
+    change_pages = _iterating(Client.change_pages)
+    put_read_marker = _blocking(Client.put_read_marker)
+    get_read_marker = _blocking(Client.get_read_marker)
     put_state = _blocking(Client.put_state)
     get_state = _blocking(Client.get_state)
     delete_state = _blocking(Client.delete_state)

@@ -8,10 +8,16 @@ again with `after_seq` = that seq. The server then sends every later message onc
 order; seqs at or below it that still arrive (frames already queued) are dropped. So the
 caller sees each message once, in seq order, with no gap.
 
-Not replayed on resume (the protocol does not keep them): `message.updated`/`deleted` and
-thread events that happened while disconnected; the backfill carries each message's current
-version instead. There is no background task: the socket is read inside `__anext__`, so a
-consumer that stops iterating stops reading (and may get 4008 and a resume later).
+Not replayed on a resume by seq: `message.updated`/`deleted` and thread events that happened
+while disconnected; the backfill carries each message's current version instead. To miss no
+change, follow the changes (`after_cseq`): positions are then the last change number (cseq)
+handed out, every event with a cseq counts, and a resume replays the current doc of
+everything changed since (each change once, in cseq order). A position the server cannot
+continue (past the thread's last cseq) raises Resync. `resume=False`: a socket that ends
+ends the iteration instead (`last_close_code` says why).
+
+There is no background task: the socket is read inside `__anext__`, so a consumer that
+stops iterating stops reading (and may get 4008 and a resume later).
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 @dataclass(frozen=True, slots=True)
 class Event:
     """One pushed event. `seq`: the message's seq (message events) or the thread's last
-    seq (thread events); `ts_ms`: when a live write was acknowledged (None on backfilled
+    seq (thread events); `cseq`: its change number (None on events that are no change);
+    `ts_ms`: when a live write was acknowledged (None on backfilled
     messages; an ephemeral event: when accepted); `message`/`thread`: the doc carried, if
     any; `ephemeral`: the `{"type", "data"}` of an "ephemeral" event (live only, never
     replayed on resume, so never in `positions`)."""
@@ -57,6 +64,7 @@ class Event:
     message: dict[str, Any] | None
     thread: dict[str, Any] | None
     ephemeral: dict[str, Any] | None = None
+    cseq: int | None = None
 
     @property
     def backfilled(self) -> bool:
@@ -67,22 +75,25 @@ class Event:
 def _event(frame: dict[str, Any]) -> Event:
     return Event(frame["type"], frame["thread_id"], frame.get("seq", frame.get("last_seq")),
                  frame.get("ts"), frame.get("message"), frame.get("thread"),
-                 frame.get("event"))
+                 frame.get("event"), frame.get("cseq"))
 
 
 class Subscription:
     """Events of some threads over one socket. `async with client.subscribe("t1") as sub:`
     returns once every thread is subscribed (writes acknowledged after that are delivered);
     then `async for event in sub`. `positions` is the last seq handed out per thread (None:
-    nothing yet, live from the subscribe point): persist it to resume in a later process.
-    One consumer per subscription (a socket has one reader)."""
+    nothing yet, live from the subscribe point), or the last cseq with `changes`: persist it
+    to resume in a later process. One consumer per subscription (a socket has one reader)."""
 
     def __init__(self, transport: Transport, threads: dict[str, int | None], *,
-                 heartbeat_s: float, retry: RetryPolicy = RECONNECT) -> None:
+                 heartbeat_s: float, retry: RetryPolicy = RECONNECT, changes: bool = False,
+                 resume: bool = True) -> None:
         self._t = transport
         self._positions = dict(threads)
         self._heartbeat_s = heartbeat_s
         self._retry = retry
+        self._changes = changes  # positions are cseqs (subscribed with after_cseq)
+        self._resume = resume
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._subscribed: set[str] = set()  # acknowledged on the current socket
         self._pending: deque[Event] = deque()  # received, not handed out yet
@@ -122,6 +133,8 @@ class Subscription:
             try:
                 self._on_frame(frame)
             except Unavailable:  # a thread's backfill could not be read: resume later
+                if not self._resume:
+                    raise
                 await self._lost(ws)
         raise StopAsyncIteration
 
@@ -129,9 +142,11 @@ class Subscription:
         """Open the socket and subscribe every thread, unless that is done already."""
         await self._socket()
 
-    async def add(self, thread_id: str, after_seq: int | None = None) -> None:
-        """Follow one more thread on this socket (or again, from `after_seq`)."""
-        self._positions[thread_id] = after_seq
+    async def add(self, thread_id: str, after_seq: int | None = None, *,
+                  after_cseq: int = 0) -> None:
+        """Follow one more thread on this socket (or again): from `after_seq` (None: live),
+        or, on a subscription that follows the changes, from `after_cseq`."""
+        self._positions[thread_id] = after_cseq if self._changes else after_seq
         self._subscribed.discard(thread_id)
         await self._send_if_open(self._subscribe_frame(thread_id))
 
@@ -209,7 +224,8 @@ class Subscription:
     def _subscribe_frame(self, tid: str) -> dict[str, Any]:
         after = self._positions.get(tid)
         frame: dict[str, Any] = {"op": "subscribe", "thread_id": tid}
-        return frame if after is None else {**frame, "after_seq": after}
+        return frame if after is None else {
+            **frame, ("after_cseq" if self._changes else "after_seq"): after}
 
     async def _lost(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """The socket ended (or must be dropped): the next `__anext__` resumes."""
@@ -218,6 +234,8 @@ class Subscription:
         await ws.close()
         if self._ws is ws:
             self._ws = None
+        if not self._resume:
+            self._closed = True
 
     # ---- frames
 
@@ -229,7 +247,7 @@ class Subscription:
             return  # a pong, or a thread removed meanwhile
         elif kind == "subscribed":
             self._subscribed.add(tid)
-            if self._positions[tid] is None:  # live: everything after this point
+            if self._positions[tid] is None:  # live (by seq): everything after this point
                 self._positions[tid] = int(frame["last_seq"])
         else:
             self._pending.append(_event(frame))
@@ -241,7 +259,7 @@ class Subscription:
         if error.thread_id is None:
             raise ProtocolError(f"the server refused a frame of this client: {error}")
         self._subscribed.discard(error.thread_id)
-        if not isinstance(error, Unavailable):
+        if not isinstance(error, Unavailable) or not self._resume:
             self._positions.pop(error.thread_id, None)
         raise error
 
@@ -249,11 +267,13 @@ class Subscription:
         """The event, unless its thread was removed or it repeats a seq handed out."""
         if event.thread_id not in self._positions:
             return None
-        if event.type == CREATED and event.seq is not None:
+        position = event.cseq if self._changes else (
+            event.seq if event.type == CREATED else None)
+        if position is not None:
             last = self._positions[event.thread_id]
-            if last is not None and event.seq <= last:
+            if last is not None and position <= last:
                 return None
-            self._positions[event.thread_id] = event.seq
+            self._positions[event.thread_id] = position
         return event
 
 

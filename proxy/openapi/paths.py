@@ -146,7 +146,7 @@ def v1_paths() -> Schema:
         """A write's answers: 200 (and 201 created), or 202 stored below the durability asked;
         each leads on by `links`."""
         out = {"200": response(description, schema, done, links),
-               "202": response(ACCEPTED, schema, done, links)}
+               "202": response(ACCEPTED, schema, [*done, "X-Created"], links)}
         return {"201": response(created, schema, done, links), **out} if created else out
 
     def at(*names: str) -> list[Schema]:

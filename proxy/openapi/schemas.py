@@ -218,6 +218,9 @@ def headers() -> Schema:
                                         "PostgreSQL).",
                          "schema": {"type": "string",
                                     "enum": ["acknowledged", "replicated", "persisted"]}},
+        "X-Created": {"description": "On a 202: `true` if the write created the entity "
+                                     "(what a 201 would have said), else `false`.",
+                      "schema": {"type": "string", "enum": ["true", "false"]}},
         "Retry-After": {"description": "Seconds to wait before retrying.",
                         "schema": integer(1)},
         "WWW-Authenticate": {"description": "The scheme to authenticate with: `Bearer`.",
