@@ -15,7 +15,14 @@ from proxy import keys
 from tests.conftest import Servers
 from tests.faults.checker import check_history
 from tests.faults.conftest import SHARDS
-from tests.faults.endstate import check_erased, check_feed, erased_tokens
+from tests.faults.endstate import (
+    Row,
+    check_clickhouse,
+    check_erased,
+    check_feed,
+    erased_messages,
+    erased_tokens,
+)
 from tests.faults.health import Probe, check_health
 from tests.faults.history import FAIL, INFO, OK
 from tests.faults.nemesis import Fault, FaultEvent
@@ -275,3 +282,22 @@ def test_erased_content_found_in_any_tier_is_flagged() -> None:
     assert found({"postgres": ["(b,x-c0n3z)", "(a,)"], "redis": [], "clickhouse": [""]}) == []
     assert found({"redis": ["b'{\"content\":\"x-c0n2z\"}'"], "clickhouse": ["x-c0n1z {}"]}) == [
         "clickhouse still holds 'x-c0n1z'", "redis still holds 'x-c0n2z'"]
+
+
+def test_an_erased_message_may_miss_its_earlier_versions_in_clickhouse() -> None:
+    """The erase deletes the entries ClickHouse has not taken (README: Erasure); its own
+    version must still be there, and a message not erased must have every version."""
+    pg = {("m", "a"): Row(3, True, thread_id="t", seq=1),
+          ("m", "b"): Row(2, False, "x", thread_id="t", seq=2)}
+    rows: list[list[Any]] = [["m:a:3", 1, 1, 1], ["m:b:2", 1, 2, 2]]
+    erase = acked("delete_message", "a", 3, 5)
+    erase.method, erase.params = "DELETE", {"erase": "true"}
+
+    def found(ops: list[Op], rows: list[list[Any]]) -> list[str]:
+        out = Violations()
+        check_clickhouse(rows, pg, out, erased_messages(ops))
+        return [text.split(" (")[0] for _, text in out.items]
+
+    assert found([], rows) == ["event m:a:1", "event m:a:2", "event m:b:1"]
+    assert found([erase], rows) == ["event m:b:1"]
+    assert found([erase], rows[1:]) == ["event m:a:3", "event m:b:1"]

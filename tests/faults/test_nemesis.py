@@ -225,7 +225,7 @@ async def check_end(cfg: Config, cluster: Cluster, caller: Caller, run: Run,
         await cluster.stop(i)
     rows = await asyncio.to_thread(clickhouse_query, cluster.clickhouse_url,
                                    endstate.EVENTS_SQL)
-    endstate.check_clickhouse(rows, pg, out)
+    endstate.check_clickhouse(rows, pg, out, endstate.erased_messages(writes))
     await check_erasures(cluster, writes, out)
 
 
