@@ -1,10 +1,12 @@
 """The end state after healing: the write-behind drained, then PostgreSQL, reads through every
-sidecar and ClickHouse checked against the whole history.
+sidecar, every thread's changes feed, ClickHouse, and every tier searched for erased content,
+checked against the whole history.
 
 Allowances: an uncertain write may have landed or not, and adds at most one version; a
 message no answer named (an anonymous append without an answer) may be in PostgreSQL once,
 found by its unique content; every version an entity went through (1..its last) is one
-ClickHouse event, whoever wrote it, and no other event exists.
+ClickHouse event, whoever wrote it, and no other event exists (an erased message's earlier
+versions may be missing: the erase deleted their log entries).
 """
 
 from __future__ import annotations
