@@ -1,10 +1,12 @@
 """The end state after healing: the write-behind drained, then PostgreSQL, reads through every
-sidecar and ClickHouse checked against the whole history.
+sidecar, every thread's changes feed, ClickHouse, and every tier searched for erased content,
+checked against the whole history.
 
 Allowances: an uncertain write may have landed or not, and adds at most one version; a
 message no answer named (an anonymous append without an answer) may be in PostgreSQL once,
 found by its unique content; every version an entity went through (1..its last) is one
-ClickHouse event, whoever wrote it, and no other event exists.
+ClickHouse event, whoever wrote it, and no other event exists (an erased message's earlier
+versions may be missing: the erase deleted their log entries).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from proxy import keys
 from tests.faults.checker import Entity, Index, written_content
 from tests.faults.history import INFO
 from tests.faults.violations import Violations
-from tests.faults.workload import Caller, Op
+from tests.faults.workload import WRITES, Caller, Op
 
 CREATES = frozenset({"append", "append_anon", "retry", "conflict"})
+ERASABLE = frozenset({"append", "append_anon", "retry", "edit"})  # a conflict stores nothing
 
 
 @dataclass(frozen=True)
@@ -272,12 +275,18 @@ EVENTS_SQL = ("SELECT event_id, count() AS n, min(seq), max(seq) FROM events FIN
 RAW_COUNT_SQL = "SELECT count() FROM events"
 
 
-def check_clickhouse(rows: list[list[Any]], pg: dict[Entity, Row], out: Violations) -> None:
-    """7: one visible event per entity version (FINAL), each version of every entity."""
+def check_clickhouse(rows: list[list[Any]], pg: dict[Entity, Row], out: Violations,
+                     erased: frozenset[Entity] = frozenset()) -> None:
+    """7: one visible event per entity version (FINAL), each version of every entity. An
+    erase (`erased`: acknowledged or maybe landed) deletes its message's earlier log entries
+    that ClickHouse has not taken yet (README: Erasure), so of such a message only its last
+    version must be there."""
     expected = {f"{e[0]}:{e[1]}:{v}": (e, r) for e, r in pg.items()
                 for v in range(1, r.version + 1)}
     got = {str(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in rows}
-    for event_id in sorted(set(expected) - set(got))[:50]:
+    optional = {f"{e[0]}:{e[1]}:{v}" for e in erased if e in pg
+                for v in range(1, pg[e].version)}
+    for event_id in sorted(set(expected) - set(got) - optional)[:50]:
         out.add("7", f"event {event_id} (a version postgres went through) is not in clickhouse")
     for event_id in sorted(set(got) - set(expected))[:50]:
         out.add("7", f"event {event_id} is in clickhouse, but postgres never had that version")
@@ -292,3 +301,121 @@ def check_clickhouse(rows: list[list[Any]], pg: dict[Entity, Row], out: Violatio
 
 def _name(entity: Entity) -> str:
     return {"t": "thread", "m": "message", "s": "state"}[entity[0]] + " " + entity[1]
+
+
+# ---- the changes feed (issue 12.3) after healing
+
+
+async def read_feed(caller: Caller, i: int, tid: str) -> tuple[dict[str, Any] | None, list[Op]]:
+    """A thread's whole changes feed from cseq 0 through sidecar i, page after page: the
+    last page's last_cseq and every page's items (None if a page failed or 404'd)."""
+    ops, after, items = [], 0, []
+    while True:
+        op = await caller.send(_read(i, tid, tid, f"/v1/threads/{tid}/changes", "changes",
+                                     {"after_cseq": str(after), "limit": "1000"}))
+        ops.append(op)
+        if not op.ok:
+            return None, ops
+        items += op.doc["items"]
+        cursor = op.doc.get("next_cursor")
+        if not cursor:
+            return {"last_cseq": int(op.doc["last_cseq"]), "items": items}, ops
+        after = int(cursor["after_cseq"])
+
+
+def check_feed(tid: str, feed: dict[str, Any], ops: list[Op], out: Violations) -> None:
+    """2: cseqs strictly increasing, none above last_cseq, each entity once. Against every
+    acknowledged write answer of the thread with a cseq (ClickHouse-served ones carry 0): the
+    entity's feed cseq is no lower (8), its version no lower (5), and at the same version a
+    message has the same cseq (2: one change, one number). A thread's cseq is only checked
+    to be no lower: its doc may change (last_seq) without a new version."""
+    docs: dict[Entity, dict[str, Any]] = {}
+    last, prev = feed["last_cseq"], 0
+    for item in feed["items"]:
+        doc = item["doc"]
+        entity = ("m", doc["message_id"]) if item["kind"] == "message" else ("t", tid)
+        cseq = int(doc["cseq"])
+        if cseq <= prev or cseq > last:
+            out.add("2", f"the changes feed of thread {tid} has cseq {cseq} after {prev} "
+                    f"(last_cseq {last})")
+        if entity in docs:
+            out.add("2", f"the changes feed of thread {tid} holds {_name(entity)} twice "
+                    f"(cseqs {docs[entity]['cseq']} and {cseq})")
+        docs[entity], prev = doc, max(prev, cseq)
+    for op in ops:
+        if op.ok and op.thread_id == tid and op.kind in WRITES and op.doc.get("cseq"):
+            _check_feed_entry(tid, docs, op, out)
+
+
+def _check_feed_entry(tid: str, docs: dict[Entity, dict[str, Any]], op: Op,
+                      out: Violations) -> None:
+    entity = ("m", op.doc["message_id"]) if "message_id" in op.doc else ("t", tid)
+    doc, cseq, version = docs.get(entity), int(op.doc["cseq"]), int(op.doc["version"])
+    if doc is None:
+        out.add("5", f"{_name(entity)} is not in thread {tid}'s changes feed, yet a write to it "
+                f"was acknowledged with cseq {cseq}: {op.brief()}")
+    elif int(doc["version"]) < version:
+        out.add("5", f"thread {tid}'s changes feed has {_name(entity)} at v{doc['version']}, "
+                f"v{version} was acknowledged: {op.brief()}")
+    elif int(doc["cseq"]) < cseq:
+        out.add("8", f"thread {tid}'s changes feed has {_name(entity)} at cseq {doc['cseq']}, "
+                f"below the acknowledged cseq {cseq}: {op.brief()}")
+    elif (entity[0] == "m" and int(doc["version"]) == version
+          and int(doc["cseq"]) != cseq):
+        out.add("2", f"thread {tid}'s changes feed has {_name(entity)} v{version} at cseq "
+                f"{doc['cseq']}, acknowledged at cseq {cseq}: {op.brief()}")
+
+
+# ---- erasure (issue 12.4): erased content gone from every tier
+
+
+def erased_messages(ops: list[Op]) -> frozenset[Entity]:
+    """The messages an erase may have reached (acknowledged or uncertain)."""
+    return frozenset(("m", op.entity) for op in ops
+                     if op.kind == "delete_message" and op.erase and (op.ok or op.uncertain))
+
+
+def erased_tokens(ops: list[Op]) -> dict[str, Op]:
+    """Every text written (or maybe written) to a message whose erasure was acknowledged, with
+    that erasure: each tag is unique (workload.Generator._tag), so finding it anywhere after
+    healing is content that survived its erasure."""
+    erased = {op.entity: op for op in ops if op.ok and op.kind == "delete_message" and op.erase}
+    return {written_content(op): erased[op.entity] for op in ops
+            if op.entity in erased and op.kind in ERASABLE and (op.ok or op.uncertain)
+            and isinstance(written_content(op), str)}
+
+
+def check_erased(tokens: dict[str, Op], tiers: dict[str, list[str]], out: Violations) -> None:
+    """10: no text of a tier (rows or values as text) holds an erased message's content."""
+    for tier, texts in sorted(tiers.items()):
+        for token, erase in sorted(tokens.items()):
+            if any(token in text for text in texts):
+                out.add("10", f"{tier} still holds {token!r} after its message was erased: "
+                        f"{erase.brief()}")
+
+
+async def redis_texts(r: aioredis.Redis) -> list[str]:
+    """Every key's value as text: hashes (docs), sorted sets, strings, and every stream's
+    entries (the write-behind logs, dead letters)."""
+    texts = []
+    async for key in r.scan_iter(count=1000):
+        kind = (await r.type(key)).decode()
+        if kind == "stream":
+            value: Any = await r.xrange(key)
+        elif kind == "hash":
+            value = await r.hgetall(key)
+        elif kind == "zset":
+            value = await r.zrange(key, 0, -1)
+        elif kind == "set":
+            value = await r.smembers(key)
+        elif kind == "list":
+            value = await r.lrange(key, 0, -1)
+        else:
+            value = await r.get(key)
+        texts.append(f"{key!r} {value!r}")
+    return texts
+
+
+PG_TEXTS_SQL = "SELECT m::text FROM messages m"  # content and metadata, every column
+CH_TEXTS_SQL = ("SELECT concat(content, ' ', metadata, ' ', title) FROM events"
+                " WHERE content != '' OR metadata != '{}' OR title != ''")

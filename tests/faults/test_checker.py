@@ -15,6 +15,14 @@ from proxy import keys
 from tests.conftest import Servers
 from tests.faults.checker import check_history
 from tests.faults.conftest import SHARDS
+from tests.faults.endstate import (
+    Row,
+    check_clickhouse,
+    check_erased,
+    check_feed,
+    erased_messages,
+    erased_tokens,
+)
 from tests.faults.health import Probe, check_health
 from tests.faults.history import FAIL, INFO, OK
 from tests.faults.nemesis import Fault, FaultEvent
@@ -208,3 +216,88 @@ async def test_the_sampler_sees_a_ttl_on_unflushed_data_and_a_stale_refill(
     await redis.hset(key, "v", "4")  # older than PostgreSQL's v5
     await s.sample(pg)
     assert [label for label, _ in found.items] == ["4", "8"], found.items
+
+
+# ---- the end state's changes feed and erasure checks (pure)
+
+
+def feed_labels(items: list[tuple[str, int, int]], ops: list[Op], last: int = 9) -> list[str]:
+    """items: (message id or '' for the thread, version, cseq)."""
+    feed = {"last_cseq": last, "items": [
+        {"kind": "message", "doc": {"message_id": m, "version": v, "cseq": c}} if m else
+        {"kind": "thread", "doc": {"thread_id": "t", "version": v, "cseq": c}}
+        for m, v, c in items]}
+    out = Violations()
+    check_feed("t", feed, ops, out)
+    return [label for label, _ in out.items]
+
+
+def acked(kind: str, mid: str, version: int, cseq: int, at: float = 0) -> Op:
+    doc = {"version": version, "cseq": cseq, **({"message_id": mid} if mid else {})}
+    return op(kind, mid or "t", (at, at + 1), 200, doc, tid="t")
+
+
+def test_a_feed_in_order_with_every_acknowledged_change_passes() -> None:
+    ops = [acked("put_thread", "", 1, 1), acked("append", "a", 1, 2), acked("edit", "a", 2, 4),
+           acked("append", "b", 1, 3), acked("delete_message", "b", 2, 5),
+           acked("append", "c", 1, 0),  # served from ClickHouse: no cseq, not checked
+           op("edit", "a", (5, 6), None, tid="t")]  # uncertain: landed, as v3 cseq 6
+    assert feed_labels([("", 1, 1), ("b", 2, 5), ("a", 3, 6)], ops, last=6) == []
+
+
+def test_a_feed_out_of_order_repeated_or_past_last_cseq_is_flagged() -> None:
+    assert feed_labels([("a", 1, 3), ("b", 1, 2)], []) == ["2"]
+    assert feed_labels([("a", 1, 2), ("b", 1, 2)], []) == ["2"]
+    assert feed_labels([("a", 1, 2), ("a", 2, 3)], []) == ["2"]
+    assert feed_labels([("a", 1, 12)], []) == ["2"]
+
+
+def test_a_feed_missing_or_behind_an_acknowledged_change_is_flagged() -> None:
+    ops = [acked("append", "a", 1, 2), acked("edit", "a", 2, 4)]
+    assert feed_labels([], ops) == ["5", "5"]
+    assert feed_labels([("a", 1, 2)], ops) == ["5"]  # v2 missing
+    assert feed_labels([("a", 2, 3)], ops) == ["8"]  # below the cseq v2 was answered
+    assert feed_labels([("a", 2, 5)], ops) == ["2"]  # one version, two cseqs
+    assert feed_labels([("", 1, 5)], [acked("put_thread", "", 1, 1)]) == []  # threads: >=
+
+
+def test_erased_content_found_in_any_tier_is_flagged() -> None:
+    ops = [acked("append", "a", 1, 2), acked("edit", "a", 2, 3),
+           acked("conflict", "a", 0, 0), acked("append", "b", 1, 4)]
+    for o, content in zip(ops, ["x-c0n1z", "x-c0n2z", "x-c0n1z-other", "x-c0n3z"], strict=True):
+        o.body = {"content": content}
+    ops[2].outcome, ops[2].status = FAIL, 409
+    erase = acked("delete_message", "a", 3, 5)
+    erase.method, erase.params = "DELETE", {"erase": "true"}
+    delete = acked("delete_message", "b", 2, 6)
+    delete.method = "DELETE"
+    tokens = erased_tokens([*ops, erase, delete])
+    assert sorted(tokens) == ["x-c0n1z", "x-c0n2z"]  # not b's: deleted, not erased
+
+    def found(tiers: dict[str, list[str]]) -> list[str]:
+        out = Violations()
+        check_erased(tokens, tiers, out)
+        return [text.split(" after")[0] for _, text in out.items]
+
+    assert found({"postgres": ["(b,x-c0n3z)", "(a,)"], "redis": [], "clickhouse": [""]}) == []
+    assert found({"redis": ["b'{\"content\":\"x-c0n2z\"}'"], "clickhouse": ["x-c0n1z {}"]}) == [
+        "clickhouse still holds 'x-c0n1z'", "redis still holds 'x-c0n2z'"]
+
+
+def test_an_erased_message_may_miss_its_earlier_versions_in_clickhouse() -> None:
+    """The erase deletes the entries ClickHouse has not taken (README: Erasure); its own
+    version must still be there, and a message not erased must have every version."""
+    pg = {("m", "a"): Row(3, True, thread_id="t", seq=1),
+          ("m", "b"): Row(2, False, "x", thread_id="t", seq=2)}
+    rows: list[list[Any]] = [["m:a:3", 1, 1, 1], ["m:b:2", 1, 2, 2]]
+    erase = acked("delete_message", "a", 3, 5)
+    erase.method, erase.params = "DELETE", {"erase": "true"}
+
+    def found(ops: list[Op], rows: list[list[Any]]) -> list[str]:
+        out = Violations()
+        check_clickhouse(rows, pg, out, erased_messages(ops))
+        return [text.split(" (")[0] for _, text in out.items]
+
+    assert found([], rows) == ["event m:a:1", "event m:a:2", "event m:b:1"]
+    assert found([erase], rows) == ["event m:b:1"]
+    assert found([erase], rows[1:]) == ["event m:a:3", "event m:b:1"]

@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 
 from tests.conftest import Servers
 from tests.faults import endstate, nemesis
-from tests.faults.checker import Index, check_history
+from tests.faults.checker import Entity, Index, check_history
 from tests.faults.cluster import SIDECARS, Cluster
 from tests.faults.conftest import SHARDS
 from tests.faults.health import Prober, check_health, probe_summary
@@ -220,11 +220,48 @@ async def check_end(cfg: Config, cluster: Cluster, caller: Caller, run: Run,
     endstate.check_pg(run.index, pg, out)
     finals = await endstate.final_reads(caller, run.ready, pg, cfg.seed)
     endstate.check_final_reads(finals, pg, out)
+    await check_feeds(caller, run, pg, out)
     for i in range(cluster.size):
         await cluster.stop(i)
     rows = await asyncio.to_thread(clickhouse_query, cluster.clickhouse_url,
                                    endstate.EVENTS_SQL)
-    endstate.check_clickhouse(rows, pg, out)
+    endstate.check_clickhouse(rows, pg, out, endstate.erased_messages(writes))
+    await check_erasures(cluster, writes, out)
+
+
+async def check_feeds(caller: Caller, run: Run, pg: dict[Entity, endstate.Row],
+                      out: Violations) -> None:
+    """Every live thread's changes feed from 0, through every ready sidecar."""
+    feeds = items = 0
+    for i in run.ready:
+        for kind, tid in sorted(pg):
+            if kind != "t" or pg[(kind, tid)].deleted:
+                continue
+            feed, ops = await endstate.read_feed(caller, i, tid)
+            if feed is None:
+                out.add("9", f"a changes feed read after healing failed: {ops[-1].brief()}")
+            else:
+                endstate.check_feed(tid, feed, run.history, out)
+                feeds, items = feeds + 1, items + len(feed["items"])
+    print(f"changes feeds checked: {feeds} (sidecars {run.ready}), {items} entries")
+
+
+async def check_erasures(cluster: Cluster, writes: list[Op], out: Violations) -> None:
+    """10: no tier holds the content of a message whose erasure was acknowledged."""
+    tokens = endstate.erased_tokens(writes)
+    r = aioredis.Redis.from_url(cluster.redis_url)
+    conn = await asyncpg.connect(cluster.postgres_url)
+    try:
+        tiers = {"redis": await endstate.redis_texts(r),
+                 "postgres": [row[0] for row in await conn.fetch(endstate.PG_TEXTS_SQL)]}
+    finally:
+        await conn.close()
+        await r.aclose()
+    tiers["clickhouse"] = [str(row[0]) for row in await asyncio.to_thread(
+        clickhouse_query, cluster.clickhouse_url, endstate.CH_TEXTS_SQL)]
+    print(f"erasure check: {sum(o.ok and o.erase for o in writes)} erasures acknowledged, "
+          f"{len(tokens)} texts searched in {sum(map(len, tiers.values()))} values")
+    endstate.check_erased(tokens, tiers, out)
 
 
 def fill_outcome(history: list[Op], run: Run, out: Violations, outcome: Outcome) -> None:

@@ -1,6 +1,5 @@
 """The invariants' labels (ARCHITECTURE.md's numbering, shared by every nemesis check) and the
-collector of violations, reported label by label. Invariant 10 (erased content gone from every
-tier) has no API to exercise yet, so no label."""
+collector of violations, reported label by label."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ LABELS = {
     "7": "ClickHouse rows exactly once",
     "8": "no refill (or read) goes back to an older version or seq",
     "9": "no worker dies silently; health and status honest; the backlog drains",
+    "10": "erased content is gone from every tier, every stored version included",
     "api": "answers as README.md documents them",
 }
 

@@ -24,12 +24,13 @@ import orjson
 from tests.faults.history import FAIL, INFO, OK
 
 # (kind, weight): the op mix. Writes first, then reads, then the dead-letter replay race,
-# then read markers (issue 12.2; last, so the kinds drawn before them keep their weights).
+# then read markers (issue 12.2), then erasures (issue 12.4: a message DELETE with ?erase=true,
+# an op of kind delete_message to every check); last, so earlier kinds keep their weights.
 MIX: tuple[tuple[str, float], ...] = (
     ("append", 14), ("append_anon", 5), ("retry", 4), ("conflict", 1), ("edit", 8),
     ("delete_message", 2), ("put_thread", 2), ("delete_thread", 0.4), ("put_state", 12),
     ("delete_state", 3), ("get_thread", 5), ("page", 9), ("get_message", 8), ("get_state", 8),
-    ("replay", 0.3), ("put_marker", 3), ("get_marker", 3),
+    ("replay", 0.3), ("put_marker", 3), ("get_marker", 3), ("erase_message", 0.6),
 )
 MESSAGE_WRITES = frozenset({"append", "append_anon", "retry", "conflict", "edit",
                             "delete_message"})
@@ -80,6 +81,10 @@ class Op:
     @property
     def version(self) -> int | None:
         return int(self.doc["version"]) if self.ok and "version" in self.doc else None
+
+    @property
+    def erase(self) -> bool:
+        return (self.params or {}).get("erase") == "true" and self.method == "DELETE"
 
     @property
     def poison(self) -> bool:
@@ -166,9 +171,10 @@ class Generator:
                   path, **fields)
 
     def _tag(self, poisonable: bool = True) -> str:
-        """A unique text per op; some are poison while the constraint is on."""
+        """A unique text per op; some are poison while the constraint is on. It ends in "z" so
+        no tag is part of another (c1n1z is not in c1n10z): the erasure check searches for it."""
         poison = poisonable and self._k.poison and self._rng.random() < 0.5
-        return f"{POISON if poison else 'x'}-c{self._client}n{self._n}"
+        return f"{POISON if poison else 'x'}-c{self._client}n{self._n}z"
 
     def _pick(self, kind: str, items: list[str]) -> str:
         """Half the time the entity of this client's last op of that kind (bursts on one
@@ -245,6 +251,12 @@ class Generator:
         return self._op("delete_message", tid, mid, "DELETE",
                         f"/v1/threads/{tid}/messages/{mid}",
                         if_match=self._maybe(("m", mid), 0.5))
+
+    def _erase_message(self) -> Op | None:
+        op = self._delete_message()
+        if op is not None:
+            op.params, op.if_match = {"erase": "true"}, None
+        return op
 
     # ---- thread writes
 
