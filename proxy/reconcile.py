@@ -74,12 +74,12 @@ class Reconciler:
                 keys.markers(shard, t)))
         pg = await self._store.fetch_markers([(t, u.decode()) for t, us in cached.items()
                                               for u in us])
+        args: dict[str, list[Any]] = {}
+        for (tid, uid), seq in pg.items():
+            args.setdefault(tid, []).extend((uid, seq))
         raised = 0
-        for tid in tids:
-            args = [v for (t, uid), seq in pg.items() if t == tid for v in (uid, seq)]
-            if args:
-                raised += await self._scripts.run("raise_markers", [keys.markers(shard, tid)],
-                                                  args)
+        for tid, pairs in args.items():
+            raised += await self._scripts.run("raise_markers", [keys.markers(shard, tid)], pairs)
         return raised
 
     async def _message_ids(self, shard: int, tids: list[str]) -> list[tuple[str, str]]:
