@@ -67,6 +67,7 @@ async def test_writes_go_through_postgres_while_redis_is_down(
         await body(await append(sidecar, "f1", f"m{i}"), 201)
     await body(await sidecar.put("/v1/state/k1", json={"value": 1}), 201)
     await wait_for(lambda: flushed(pg, "f1", 2))
+    await wait_for(lambda: pg.fetchval("SELECT count(*) FROM state_entries WHERE key = 'k1'"))
 
     own_redis.kill()
     killed = time.monotonic()
