@@ -7,7 +7,9 @@ shard is compared with PostgreSQL: clean ones are dropped (read through again), 
 unflushed changes keep them and get their counters raised (raise_counters.lua).
 
 After write-through (proxy.failover) PostgreSQL holds the newer copies: mode "drop" drops the
-clean entities behind it and counts the unflushed ones as pending, left for their flush."""
+clean entities behind it and counts the unflushed ones as pending, left for their flush; read
+markers it moved forward are raised in Redis to PostgreSQL's (raise_markers.lua), so Redis
+never serves an older one."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class Reconciler:
 
     async def run(self, mode: str = "raise") -> dict[str, int]:
         """Reconcile every shard; counts of entities dropped and raised (or pending)."""
-        started, totals = time.monotonic(), {"dropped": 0, "raised": 0}
+        started, totals = time.monotonic(), {"dropped": 0, "raised": 0, "markers": 0}
         for shard in range(self._shards):
             for kind in ("t", "k"):
                 batch: list[str] = []
@@ -44,8 +46,9 @@ class Reconciler:
                 await self._batch(shard, kind, batch, mode, totals)
         kept = "had counters raised" if mode == "raise" else "are left for their flush"
         logger.warning("%6.2fs reconciled redis with postgres: %d entities dropped (read "
-                       "through again), %d with unflushed changes %s",
-                       time.monotonic() - started, totals["dropped"], totals["raised"], kept)
+                       "through again), %d with unflushed changes %s, %d read markers raised",
+                       time.monotonic() - started, totals["dropped"], totals["raised"], kept,
+                       totals["markers"])
         return totals
 
     async def _batch(self, shard: int, kind: str, ids: list[str], mode: str,
@@ -60,6 +63,24 @@ class Reconciler:
             outcome = await self._scripts.run("raise_counters", ks, [mode, *args])
             if outcome:
                 totals["dropped" if outcome == 1 else "raised"] += 1
+        if kind == "t":
+            totals["markers"] += await self._raise_markers(shard, ids)
+
+    async def _raise_markers(self, shard: int, tids: list[str]) -> int:
+        """Raise the read markers Redis caches for these threads to PostgreSQL's."""
+        cached: dict[str, list[bytes]] = {}
+        for tid in tids:
+            cached[tid] = await redis_call(lambda t=tid: self._r.hkeys(  # type: ignore[misc]
+                keys.markers(shard, t)))
+        pg = await self._store.fetch_markers([(t, u.decode()) for t, us in cached.items()
+                                              for u in us])
+        args: dict[str, list[Any]] = {}
+        for (tid, uid), seq in pg.items():
+            args.setdefault(tid, []).extend((uid, seq))
+        raised = 0
+        for tid, pairs in args.items():
+            raised += await self._scripts.run("raise_markers", [keys.markers(shard, tid)], pairs)
+        return raised
 
     async def _message_ids(self, shard: int, tids: list[str]) -> list[tuple[str, str]]:
         out = []

@@ -115,11 +115,12 @@ class PostgresTier:
         unread = await self._backing.count_live(tid, seq + 1, thread.last_seq, [])
         return Marker(tid, uid, seq, unread, PG.tier)
 
-    async def put_marker(self) -> Result:
-        # Not written through: Redis may hold a newer marker not flushed yet, and on recovery
-        # every marker Redis caches would have to be raised to PostgreSQL's first.
-        raise Unavailable("read markers are not written while redis is down (write-through); "
-                          "try again once it is back")
+    async def put_marker(self, tid: str, uid: str, seq: int) -> Result:
+        """Forward only, in PostgreSQL; on recovery the reconciler raises the markers Redis
+        caches to PostgreSQL's (proxy.reconcile), so an older one is never served again."""
+        current = await self._through.put_marker(tid, uid, seq)
+        doc = orjson.dumps({"thread_id": tid, "user_id": uid, "seq": current})
+        return Result(doc, PG.tier, False, PERSISTED)
 
 
 class Tiers:
@@ -193,7 +194,7 @@ class Tiers:
 
     async def put_marker(self, tid: str, uid: str, seq: int, durability: str) -> Result:
         return await self._serve(lambda: self._hot.markers.put(tid, uid, seq, durability),
-                                 self._pg.put_marker)
+                                 lambda: self._pg.put_marker(tid, uid, seq))
 
     async def get_marker(self, tid: str, uid: str) -> Marker:
         return await self._serve(lambda: self._hot.markers.get(tid, uid),

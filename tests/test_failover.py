@@ -67,6 +67,7 @@ async def test_writes_go_through_postgres_while_redis_is_down(
         await body(await append(sidecar, "f1", f"m{i}"), 201)
     await body(await sidecar.put("/v1/state/k1", json={"value": 1}), 201)
     await wait_for(lambda: flushed(pg, "f1", 2))
+    await wait_for(lambda: pg.fetchval("SELECT count(*) FROM state_entries WHERE key = 'k1'"))
 
     own_redis.kill()
     killed = time.monotonic()
@@ -201,3 +202,51 @@ async def test_a_sidecar_cut_off_from_redis_conflicts_loudly(
     outcome.acknowledged, outcome.lost, outcome.duplicated = 3, 1, 0
     outcome.notes = ("A's acknowledged m2 is a dead letter (seq already taken): shown in "
                      "/v1/status, never a seq twice; redis.write_through is off by default")
+
+
+async def test_read_markers_go_through_postgres_while_redis_is_down(
+        sidecar: Client, own_redis: RedisServer, pg: asyncpg.Connection,
+        ch: ClickHouseStore) -> None:
+    """A marker moved in PostgreSQL while Redis is down is the one Redis serves once back,
+    though Redis still caches the older one: a lower PUT after recovery does not move it back."""
+    url = "/v1/threads/f3/read-markers/u1"
+    await body(await sidecar.put("/v1/threads/f3", json={"title": "t", "owner_id": "o3"}), 201)
+    for i in (1, 2, 3):
+        await body(await append(sidecar, "f3", f"n{i}"), 201)
+    await body(await sidecar.put(url, json={"seq": 1}), 200)
+    assert (await body(await sidecar.get(url), 200))["unread"] == 2
+    await wait_for(lambda: pg.fetchval("SELECT seq = 1 FROM read_markers"
+                                       " WHERE thread_id = 'f3' AND user_id = 'u1'"))
+    own_redis.kill()
+
+    async def through() -> Any:
+        resp = await sidecar.put(url, json={"seq": 3})
+        return None if resp.status == 503 else resp
+
+    resp = await wait_for(through, timeout_s=20, interval_s=0.05)
+    assert (await body(resp, 200))["seq"] == 3
+    assert (resp.headers["X-Tier"], resp.headers["X-Durability"]) == ("postgres", "persisted")
+    assert (await body(await sidecar.put(url, json={"seq": 2}), 200))["seq"] == 3
+    await body(await sidecar.put(url, json={"seq": 9}), 422)
+    await body(await sidecar.put("/v1/threads/nope/read-markers/u1", json={"seq": 1}), 404)
+    got = await sidecar.get(url)
+    assert ((await body(got, 200))["unread"], got.headers["X-Tier"]) == (0, "postgres")
+
+    own_redis.start()  # its AOF still has the marker at 1
+
+    async def behind() -> Any:
+        resp = await append(sidecar, "f3", f"r{time.monotonic_ns()}")
+        return resp if resp.headers["X-Tier"] == "redis" else None
+
+    last = (await body(await wait_for(behind, timeout_s=20, interval_s=0.05), 201))["seq"]
+    got = await sidecar.get(url)
+    assert (await body(got, 200))["seq"] == 3
+    assert (await body(await sidecar.put(url, json={"seq": 2}), 200))["seq"] == 3
+    inbox = await body(await sidecar.get("/v1/threads?owner_id=o3&user_id=u1"), 200)
+    assert [(t["thread_id"], t["unread"]) for t in inbox["items"]] == [("f3", last - 3)]
+
+    async def in_clickhouse() -> bool:
+        rows = await ch.query("SELECT event_id FROM events", {})
+        return "r:u1:3" in {r["event_id"] for r in rows}
+
+    await wait_for(in_clickhouse, timeout_s=20)

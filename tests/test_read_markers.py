@@ -22,7 +22,6 @@ from proxy.backends.clickhouse import TABLE, ClickHouseStore
 from proxy.backends.postgres import PostgresBacking, PostgresStore
 from proxy.backends.postgres.writethrough import WriteThrough
 from proxy.circuit import Circuit
-from proxy.errors import Unavailable
 from proxy.failpoints import Failpoints
 from proxy.settings import Settings
 from proxy.tiers import PostgresTier
@@ -273,11 +272,11 @@ async def test_read_updated_is_pushed_to_a_subscriber_on_another_sidecar(
         assert orjson.loads((await ws.receive(timeout=10)).data)["type"] == "message.created"
 
 
-async def test_postgres_alone_serves_markers_and_refuses_to_move_them(
+async def test_postgres_alone_serves_and_moves_markers(
         pair: tuple[Client, Client], servers: Servers, pg: asyncpg.Connection,
         redis: aioredis.Redis) -> None:
     """What write-through mode (Redis down) calls: the marker and unread from PostgreSQL; a
-    move is 503, not written (Redis may hold a newer marker not flushed yet)."""
+    move is forward only there, and the answer is the marker now."""
     a, _ = pair
     msgs = await thread_with(a, "t1", 4)
     await delete(a, "t1", msgs[2]["message_id"])
@@ -289,7 +288,8 @@ async def test_postgres_alone_serves_markers_and_refuses_to_move_them(
         got = await tier.get_marker("t1", "u1")
         assert (got.seq, got.unread, got.tier) == (1, 2, "postgres")
         assert (await tier.get_marker("t1", "u2")).unread == 3
-        with pytest.raises(Unavailable):
-            await tier.put_marker()
+        assert orjson.loads((await tier.put_marker("t1", "u1", 3)).doc)["seq"] == 3
+        assert orjson.loads((await tier.put_marker("t1", "u1", 2)).doc)["seq"] == 3
+        assert (await tier.get_marker("t1", "u1")).unread == 1
     finally:
         await store.close()

@@ -49,7 +49,7 @@ MARKERS = """\
 A user's read position in a thread. PUT moves it forward only: a seq at or below the current
 one changes nothing and answers the current marker (200 either way); a seq past the thread's
 last_seq is 422. A move is pushed to the thread's subscribers as `read.updated`. While Redis is
-down (redis.write_through), PUT answers 503: markers are not written through.
+down (redis.write_through), PUT moves it forward in PostgreSQL (X-Tier: postgres).
 """
 
 UNREAD = """\

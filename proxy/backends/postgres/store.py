@@ -210,6 +210,16 @@ class PostgresStore:
                             for r in threads},
                 "state": {r["key"]: r["version"] for r in state}, "messages": by_thread}
 
+    async def fetch_markers(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """The seqs of these (thread, user) read markers that PostgreSQL holds."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT r.thread_id, r.user_id, r.seq FROM read_markers r JOIN"
+                " unnest($1::text[], $2::text[]) AS x(tid, uid)"
+                " ON r.thread_id = x.tid AND r.user_id = x.uid",
+                [t for t, _ in pairs], [u for _, u in pairs])
+        return {(r["thread_id"], r["user_id"]): r["seq"] for r in rows}
+
 
 async def _create_stage(conn: asyncpg.Connection) -> None:
     await conn.execute(CREATE_STAGE)

@@ -56,6 +56,23 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = excluded.versi
     expires_at = excluded.expires_at, updated_at = excluded.updated_at,
     deleted = excluded.deleted
 RETURNING {_STATE}"""
+# A read marker moves forward only: one statement checks the thread, upserts, logs the move
+# and answers the marker now (moved, else the one before, else 0) with the thread's state.
+PUT_MARKER = """
+WITH t AS (SELECT version, deleted, last_seq FROM threads WHERE thread_id = $1 FOR SHARE),
+moved AS (
+    INSERT INTO read_markers AS r (thread_id, user_id, seq, updated_at)
+    SELECT $1, $2, $3, $4 FROM t WHERE t.version > 0 AND NOT t.deleted AND $3 <= t.last_seq
+    ON CONFLICT (thread_id, user_id) DO UPDATE SET seq = excluded.seq,
+        updated_at = excluded.updated_at
+    WHERE excluded.seq > r.seq
+    RETURNING seq),
+logged AS (INSERT INTO write_through_events (routing_id, fields)
+           SELECT $1, $5::jsonb FROM moved)
+SELECT t.version, t.deleted, t.last_seq,
+       coalesce((SELECT seq FROM moved), (SELECT seq FROM read_markers
+                WHERE thread_id = $1 AND user_id = $2), 0) AS seq
+FROM t"""
 
 
 class WriteThrough:
@@ -174,6 +191,23 @@ class WriteThrough:
             event = "state.deleted" if op == "del" else "state.updated"
             await _logged(conn, key, "s", key, row.version, event, row.doc)
         return row, not live
+
+    async def put_marker(self, tid: str, uid: str, seq: int) -> int:
+        """Move a user's marker forward to `seq`; the marker now."""
+        ms = model.now_ms()
+        fields = {"k": "r", "id": uid, "tid": tid, "v": str(seq), "e": "read.updated",
+                  "ts": str(ms), "d": model.marker_doc(tid, uid, seq, ms).decode(), "f": ""}
+        async with self._transaction() as conn:
+            r = await conn.fetchrow(PUT_MARKER, tid, uid, seq, _at(ms),
+                                    orjson.dumps(fields).decode())
+        if r is None or r["version"] == 0:
+            raise NotFound(f"thread {tid} not found")
+        if r["deleted"]:
+            raise NotFound(f"thread {tid} was deleted")
+        if seq > r["last_seq"]:
+            raise Invalid(f"seq {seq} is past the last seq of thread {tid} ({r['last_seq']})",
+                          {"field": "seq", "last_seq": r["last_seq"]})
+        return int(r["seq"])
 
     async def take_events(self, publish: Callable[[list[tuple[str, dict[str, str]]]],
                                                   Awaitable[None]]) -> int:
