@@ -109,6 +109,12 @@ def test_free_port_can_be_bound() -> None:
         sock.bind(("127.0.0.1", free_port()))
 
 
+def test_free_port_is_below_the_ephemeral_range() -> None:
+    """An outgoing connection cannot take it while its server restarts."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(free_port() < low for _ in range(50))
+
+
 def test_redis_answers_ping(redis_server: RedisServer) -> None:
     assert redis_server.url == f"redis://127.0.0.1:{redis_server.port}/0"
     with redis.Redis.from_url(redis_server.url) as client:

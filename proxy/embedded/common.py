@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import random
 import signal
 import socket
 import sys
@@ -14,16 +15,33 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 PORT_FILE = "port"  # the chosen port, so a restart keeps the URLs clients were given
+PORTS_FROM = 20000  # free_port's range starts here (below: well-known and common dev ports)
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing uses right now, below the kernel's ephemeral
+    range where it can: a port from that range (what bind(0) gives) can be taken as the source
+    port of any outgoing connection while its server restarts, and the restart then fails
+    with "address already in use" (the nemesis met it)."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(PORTS_FROM, low) if low > PORTS_FROM else 0
+        if port and port_is_free(port):
+            return port
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; IANA's 49152 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
 
 
 def port_is_free(port: int) -> bool:
