@@ -4,7 +4,9 @@ a stale refill in a real Redis and PostgreSQL."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -27,7 +29,7 @@ from tests.faults.health import Probe, check_health
 from tests.faults.history import FAIL, INFO, OK
 from tests.faults.nemesis import Fault, FaultEvent
 from tests.faults.sampler import Sampler
-from tests.faults.violations import Violations
+from tests.faults.violations import LABELS, Violations
 from tests.faults.workload import Op
 
 WALL = 1_800_000_000.0  # wall clock of the synthetic histories: started + WALL
@@ -301,3 +303,16 @@ def test_an_erased_message_may_miss_its_earlier_versions_in_clickhouse() -> None
     assert found([], rows) == ["event m:a:1", "event m:a:2", "event m:b:1"]
     assert found([erase], rows) == ["event m:b:1"]
     assert found([erase], rows[1:]) == ["event m:a:3", "event m:b:1"]
+
+
+ARCHITECTURE = Path(__file__).resolve().parents[3] / "shared" / "ARCHITECTURE.md"
+
+
+@pytest.mark.skipif(not ARCHITECTURE.exists(), reason="../shared/ARCHITECTURE.md not beside the "
+                    "checkout")
+def test_the_labels_are_architectures_invariants() -> None:
+    """One numbering: the checker's labels are ARCHITECTURE.md's invariants, each one of them
+    (a renumbered or added invariant must be relabelled here too)."""
+    text = ARCHITECTURE.read_text().split("## Invariants", 1)[1].split("\n## ", 1)[0]
+    numbers = re.findall(r"^(\d+)\. ", text, re.MULTILINE)
+    assert numbers and set(LABELS) - {"api"} == set(numbers)
