@@ -5,6 +5,8 @@ that falls behind while its sink is healthy turns readiness red."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from aiohttp.test_utils import TestClient
 from proxy import metrics
 from proxy.app import FAILPOINTS
 from proxy.embedded import clickhouse_url
+from proxy.workers import Health, Workers
 from tests.conftest import AppClient, Servers, make_settings
 from tests.helpers import append, body, error, wait_for
 from tests.sidecar import Sidecar
@@ -102,3 +105,32 @@ def test_a_stalled_trim_does_not_hold_readiness_back(servers: Servers, tmp_path:
         side.start(timeout_s=15)
     finally:
         side.kill()
+
+
+async def test_a_crashed_worker_is_logged_counted_and_restarted_with_backoff(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Pure supervision (no servers): a task that raises is restarted after a backoff pause
+    (full jitter), readiness names it only during the pause, and each crash is logged with its
+    traceback and counted."""
+    health, runs, failed_seen = Health(), [], []
+    workers = Workers(health, restart_base_s=0.05, restart_max_s=0.2)
+    before = worker_errors("flaky")
+
+    async def flaky() -> None:
+        runs.append(asyncio.get_running_loop().time())
+        failed_seen.append(list(health.failed))
+        if len(runs) < 3:
+            raise ValueError(f"crash {len(runs)}")
+
+    with caplog.at_level(logging.ERROR, logger="proxy.workers"):
+        workers.start("flaky", flaky)
+        await wait_for(lambda: _true(len(runs) == 3), timeout_s=5)
+        await workers.stop(1.0)
+    assert worker_errors("flaky") - before == 2
+    crashes = [r for r in caplog.records if "flaky crashed" in r.getMessage()]
+    assert len(crashes) == 2 and all(r.exc_info for r in crashes)
+    assert failed_seen == [[], [], []]  # back to ready once it runs again
+
+
+async def _true(value: bool) -> bool:
+    return value
