@@ -163,6 +163,41 @@ async def test_a_page_below_the_window_shows_unflushed_edits(
     assert page["items"] == [edited, deleted]
 
 
+async def test_a_degraded_page_below_the_window_shows_unflushed_edits(
+        client_for: AppClient, servers: Servers, redis: aioredis.Redis,
+        ch: ClickHouseStore) -> None:
+    """The same overlay on the ClickHouse path: PostgreSQL stopped, the page below the window
+    comes from ClickHouse, and the edit and delete only Redis holds still win."""
+    if servers.postgres is None:
+        pytest.skip("needs the embedded PostgreSQL (an external one cannot be stopped)")
+    c = await client_for(make_settings(servers, redis={"window": 1}, **PAUSABLE))
+    await body(await c.put("/v1/threads/t6", json={}), 201)
+    sent = [await append(c, "t6", f"m{i}") for i in range(3)]
+    w = keys.window(keys.shard_of("t6", 4), "t6")
+    await wait_for(lambda: _window_is(redis, w, 1))
+    await wait_for(lambda: _events_in_clickhouse(ch, "t6", 4), timeout_s=20)
+    c.app[FAILPOINTS].set("after-read:sleep")  # nothing more is flushed, to either sink
+    mid = sent[0]["message_id"]
+    edited = await body(await c.patch(f"/v1/threads/t6/messages/{mid}",
+                                      json={"content": "edited"}), 200)
+    deleted = await body(await c.delete(f"/v1/threads/t6/messages/{sent[1]['message_id']}"),
+                         200)
+    servers.postgres.stop()
+    try:
+        resp = await c.get("/v1/threads/t6/messages?before=3")
+        page = await body(resp, 200)
+    finally:
+        servers.postgres.start()
+    assert resp.headers["X-Tier"] == "clickhouse"
+    assert page["items"] == [edited, deleted]
+
+
+async def _events_in_clickhouse(ch: ClickHouseStore, tid: str, count: int) -> bool:
+    rows = await ch.query("SELECT count() AS n FROM events FINAL WHERE thread_id = {tid:String}",
+                          {"tid": tid})
+    return bool(rows and rows[0]["n"] >= count)
+
+
 async def _window_is(redis: aioredis.Redis, key: str, size: int) -> bool:
     return bool(await redis.zcard(key) == size)
 
