@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -16,6 +17,7 @@ from prometheus_client import REGISTRY
 from proxy import keys
 from proxy.embedded import RedisServer
 from tests.conftest import AppClient, Servers, make_settings
+from tests.faults.tcpproxy import FaultProxy
 from tests.helpers import body, wait_for
 from tests.redis_topology import SentinelSet, admin
 
@@ -149,3 +151,24 @@ async def test_unknown_levels_are_400(client: Client, value: str) -> None:
 def _waits(result: str) -> float:
     return REGISTRY.get_sample_value("tierproxy_replication_waits_total",
                                      {"result": result}) or 0.0
+
+
+async def test_a_persisted_write_whose_postgres_hangs_is_202_before_the_request_timeout(
+        client_for: AppClient, servers: Servers) -> None:
+    """PostgreSQL black-holed (no answer, no error): the write is in Redis, so the answer is
+    202 acknowledged within the request timeout — never the timeout's 503, after which a
+    client retrying an append without message_id would duplicate it."""
+    pg = urlsplit(servers.postgres_url)
+    assert pg.hostname and pg.port
+    with FaultProxy(pg.hostname, pg.port) as proxy:
+        url = pg._replace(netloc=f"{pg.netloc.rpartition('@')[0]}@127.0.0.1:{proxy.port}")
+        s = make_settings(servers, postgres={"url": urlunsplit(url)},
+                          api={"request_timeout_s": 2.0}, shutdown={"deadline_s": 0.1})
+        c = await client_for(s)
+        await body(await c.put("/v1/threads/d9", json={}), 201)
+        proxy.set_mode("blackhole")
+        resp = await c.post("/v1/threads/d9/messages", headers=PERSISTED,
+                            json={"role": "user", "content": "no message_id"})
+        stored = await body(resp, 202)
+        assert resp.headers["X-Durability"] == "acknowledged" and stored["seq"] == 1
+        proxy.set_mode("pass")

@@ -157,8 +157,8 @@ class Core:
         if durability != PERSISTED:
             return Result(doc, created=created)
         try:
-            async with asyncio.timeout(self.settings.api.request_timeout_s / 2):
-                await self.backing.persist(kind, doc, fingerprint, erased)
+            await _within(self.backing.persist(kind, doc, fingerprint, erased),
+                          self.settings.api.request_timeout_s / 2)
         except Exception as e:  # any failure: the answer says what happened
             logger.warning("%s write-through not confirmed (%r): answered as acknowledged",
                            kind, e)
@@ -193,6 +193,29 @@ class Core:
             if self.degraded is None or degraded is None:
                 raise
             return await degraded(self.degraded), self.degraded.tier
+
+
+async def _within(work: Awaitable[None], seconds: float) -> None:
+    """Await `work` for at most `seconds`, then give up on it without waiting for its
+    cancellation to finish: asyncpg's cleanup of a query on a black-holed PostgreSQL (a cancel
+    request on a new connection, the pool's reset) can take longer than the request timeout,
+    whose 503 would hide that the write happened."""
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    finally:
+        if not task.done():  # timed out, or the request itself was cancelled
+            task.cancel()
+            task.add_done_callback(_consume)
+    if not done:
+        raise TimeoutError(f"not confirmed within {seconds} s")
+    task.result()
+
+
+def _consume(task: asyncio.Future[None]) -> None:
+    """Retrieve a given-up task's outcome (no "exception was never retrieved" noise)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _refuse(bound: str, why: str) -> None:
