@@ -53,14 +53,22 @@ class Monitor:
         self._dead_idle_ms = dead_consumer_idle_ms
         self.snapshot = Snapshot(sinks={name: SinkStatus() for name in circuits})
         self._stopping = asyncio.Event()
+        self._probing: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        """Refresh every interval until stopped."""
-        while not self._stopping.is_set():
-            await asyncio.gather(self._refresh_redis(), self._probe_pg())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval_s):
-                    await self._stopping.wait()
+        """Refresh every interval until stopped; probe PostgreSQL beside it (a probe that
+        hangs on a black-holed server must not hold the measurement back)."""
+        try:
+            while not self._stopping.is_set():
+                if self._pg_probe is not None and (self._probing is None or self._probing.done()):
+                    self._probing = asyncio.create_task(self._probe_pg())
+                await self._refresh_redis()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._interval_s):
+                        await self._stopping.wait()
+        finally:
+            if self._probing is not None:
+                self._probing.cancel()
 
     async def _refresh_redis(self) -> None:
         try:
@@ -74,10 +82,8 @@ class Monitor:
     async def _probe_pg(self) -> None:
         """PostgreSQL answers or not, whether or not there is anything to flush: a circuit
         opens only on failed writes, and an idle (or Redis-starved) flusher makes none — the
-        nemesis saw 4-5 s outages that no /v1/status called down. Run alongside the refresh:
-        Redis's state says nothing about PostgreSQL's."""
-        if self._pg_probe is None:
-            return
+        nemesis saw 4-5 s outages that no /v1/status called down."""
+        assert self._pg_probe is not None
         try:
             await self._pg_probe()
             if self.snapshot.pg_unreachable:
