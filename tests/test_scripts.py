@@ -243,7 +243,7 @@ def test_every_script_with_a_refusal_has_a_case() -> None:
     # The others never refuse: they read, or always write (groups, fences, the release).
     assert set(SCRIPTS) - refusing == {"read_page", "get_message", "count_from", "create_groups",
                                        "load_fence", "release", "inbox_scan", "inbox_check",
-                                       "read_changes"}
+                                       "read_changes", "raise_markers"}
 
 
 def test_includes_are_expanded_and_lib_parts_are_not_scripts() -> None:
