@@ -64,6 +64,7 @@ from proxy.wsframes import (
 logger = logging.getLogger(__name__)
 
 BACKFILL_PAGE = 200
+SYNC_RETRIES = 5  # attempts of a backfill round whose reads are unavailable, then `error`
 HEARTBEAT_S = 30.0
 MAX_FRAME_BYTES = 64 * 1024
 _PING = b"tierproxy-hub"
@@ -192,18 +193,26 @@ class WebSocketHub:
         sub.task = sub.conn.spawn(self._sync(sub), "ws-sync")
 
     async def _sync(self, sub: Subscription) -> None:
-        """Backfill, then release the held events; repeat until nothing was missed."""
+        """Backfill, then release the held events; repeat until nothing was missed. A read
+        that is only momentarily unavailable (a read-through that writers kept racing, a
+        Redis blip) is tried again before the subscription is given up."""
+        backoff = Backoff(0.05, 1.0)
         try:
             while not sub.conn.closed:
                 sub.again = False
-                if sub.cseq is not None:  # follows the changes
-                    await self._changes.replay(sub)
-                    if await self._changes.release(sub):
+                try:
+                    if sub.cseq is not None:  # follows the changes
+                        await self._changes.replay(sub)
+                        if await self._changes.release(sub):
+                            return
+                        continue
+                    await self._backfill(sub)
+                    if await self._release(sub):
                         return
-                    continue
-                await self._backfill(sub)
-                if await self._release(sub):
-                    return
+                except Unavailable:
+                    if backoff.attempt >= SYNC_RETRIES:
+                        raise
+                    await asyncio.sleep(backoff.failed())
         except ProxyError as e:
             self._fail(sub, e)
         except Exception:
