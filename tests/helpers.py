@@ -119,3 +119,20 @@ async def log_entries(r: aioredis.Redis, stream: str) -> list[dict[str, str]]:
     """A log stream's entries as dicts of text (the doc `d` stays JSON text)."""
     return [{k.decode(): v.decode() for k, v in fields.items()}
             for _, fields in await r.xrange(stream)]
+
+
+async def key_value(r: aioredis.Redis, key: bytes) -> Any:
+    """A key's whole value, whatever its type (streams: every entry; sorted sets: with their
+    scores), for searching Redis for a text."""
+    kind = (await r.type(key)).decode()
+    if kind == "stream":
+        return await r.xrange(key)
+    if kind == "hash":
+        return await r.hgetall(key)
+    if kind == "zset":
+        return await r.zrange(key, 0, -1, withscores=True)
+    if kind == "set":
+        return await r.smembers(key)
+    if kind == "list":
+        return await r.lrange(key, 0, -1)
+    return await r.get(key)

@@ -23,7 +23,7 @@ from proxy.model import Change
 from proxy.redisconn import Scripts
 from proxy.settings import ConfigError, load
 from tests.conftest import AppClient, Servers, make_settings
-from tests.helpers import PAUSED, append, body, error, settled, unchanged, wait_for
+from tests.helpers import PAUSED, append, body, error, key_value, settled, unchanged, wait_for
 
 Client = TestClient[Any, Any]
 
@@ -39,19 +39,7 @@ async def redis_holding(r: aioredis.Redis, text: str) -> list[str]:
     """The keys whose value holds `text` anywhere (streams: every entry's fields)."""
     needle, found = text.encode(), []
     async for key in r.scan_iter(count=1000):
-        kind = (await r.type(key)).decode()
-        if kind == "stream":
-            value: Any = await r.xrange(key)
-        elif kind == "hash":
-            value = await r.hgetall(key)
-        elif kind == "zset":
-            value = await r.zrange(key, 0, -1, withscores=True)
-        elif kind == "set":
-            value = await r.smembers(key)
-        elif kind == "list":
-            value = await r.lrange(key, 0, -1)
-        else:
-            value = await r.get(key)
+        value = await key_value(r, key)
         if needle in repr(value).encode() or needle in (await r.dump(key) or b""):
             found.append(key.decode())
     return found

@@ -25,6 +25,7 @@ from tests.faults.checker import Entity, Index, written_content
 from tests.faults.history import INFO
 from tests.faults.violations import Violations
 from tests.faults.workload import WRITES, Caller, Op
+from tests.helpers import key_value
 
 CREATES = frozenset({"append", "append_anon", "retry", "conflict"})
 ERASABLE = frozenset({"append", "append_anon", "retry", "edit"})  # a conflict stores nothing
@@ -399,20 +400,7 @@ async def redis_texts(r: aioredis.Redis) -> list[str]:
     entries (the write-behind logs, dead letters)."""
     texts = []
     async for key in r.scan_iter(count=1000):
-        kind = (await r.type(key)).decode()
-        if kind == "stream":
-            value: Any = await r.xrange(key)
-        elif kind == "hash":
-            value = await r.hgetall(key)
-        elif kind == "zset":
-            value = await r.zrange(key, 0, -1)
-        elif kind == "set":
-            value = await r.smembers(key)
-        elif kind == "list":
-            value = await r.lrange(key, 0, -1)
-        else:
-            value = await r.get(key)
-        texts.append(f"{key!r} {value!r}")
+        texts.append(f"{key!r} {await key_value(r, key)!r}")
     return texts
 
 
