@@ -188,6 +188,7 @@ class Target:
     url: str
     cpu_pids: dict[str, int]
     token: str = ""  # the API's bearer token ("": none)
+    log: Path | None = None  # its output, shown when a setup step fails
 
     @property
     def headers(self) -> dict[str, str]:
@@ -332,7 +333,8 @@ class Stack:
     def _set_main(self, sidecar: Sidecar | None) -> None:
         self._main = sidecar
         self.sidecar = None if sidecar is None else Target(
-            "sidecar", sidecar.url, {"sidecar": sidecar.pid, **self._servers()}, self.token)
+            "sidecar", sidecar.url, {"sidecar": sidecar.pid, **self._servers()}, self.token,
+            sidecar.service.log)
 
     def _sidecar_roots(self) -> Mapping[str, int]:
         return {name: s.pid for name, s in list(self._sidecars.items())}
@@ -539,7 +541,8 @@ def _setup_step(target: Target, what: str) -> Iterator[None]:
     try:
         yield
     except ClientError as e:
-        raise HarnessError(f"{target.name}: {what} during setup: {e}") from e
+        log = f"; {target.log} tail:\n{_tail(target.log)}" if target.log else ""
+        raise HarnessError(f"{target.name}: {what} during setup: {e}{log}") from e
 
 
 def json_text(value: Any) -> str:

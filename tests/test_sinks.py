@@ -28,6 +28,7 @@ from proxy.backends.ch_backing import ClickHouseBacking
 from proxy.backends.clickhouse import TABLE, ClickHouseSink, ClickHouseStore
 from proxy.backends.postgres import PostgresBacking, PostgresSink, PostgresStore
 from proxy.circuit import Circuit
+from proxy.errors import BackingDown
 from proxy.failpoints import Failpoints
 from proxy.model import Change, new_id
 from tests.conftest import Servers
@@ -351,3 +352,22 @@ async def test_a_read_marker_keeps_its_highest_seq(backend: Backend, uid: str) -
     assert await backend.latest("r", tid, "u1") == {"seq": 5}
     assert await backend.latest("r", tid, "u2") == {"seq": 1}
     assert await backend.latest("r", tid, "u3") is None
+
+
+async def test_a_read_through_before_the_schema_exists_is_unavailable(servers: Servers) -> None:
+    """The worker applies the migrations in the background, so an API process can be asked
+    for a row before the tables exist (a fresh database): that is PostgreSQL not serving yet,
+    a 503 the client retries, not a 500."""
+    name = f"pending_{new_id()[-12:].lower()}"
+    admin = await asyncpg.connect(servers.postgres_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    store = await PostgresStore.open(servers.postgres_url.rsplit("/", 1)[0] + f"/{name}", 2,
+                                     5.0, Failpoints(""))
+    backing = PostgresBacking(store, Circuit(3, 1.0))
+    try:
+        with pytest.raises(BackingDown, match="schema"):
+            await backing.load_thread("t-1")
+    finally:
+        await store.close()
+        await admin.execute(f"DROP DATABASE {name}")
+        await admin.close()

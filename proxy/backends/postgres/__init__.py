@@ -57,9 +57,13 @@ class PostgresSink:
 
 
 _KINDS = {"thread": "t", "message": "m", "state": "s", "marker": "r"}
-# What means PostgreSQL cannot be reached now.
+# What means PostgreSQL cannot serve now: unreachable, starting or shutting down, a cancelled
+# statement, out of connections, memory or disk.
 DOWN = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-        asyncpg.CannotConnectNowError)
+        asyncpg.OperatorInterventionError, asyncpg.InsufficientResourcesError)
+# What a database answers before the worker's migrations have run (they run in the background,
+# so an API process can be asked first): not serving yet either, but answering.
+SCHEMA_PENDING = (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError)
 
 
 class PostgresBacking:
@@ -82,6 +86,8 @@ class PostgresBacking:
         except DOWN as e:
             self._circuit.failure()
             raise BackingDown(f"postgres: {e or type(e).__name__}") from e
+        except SCHEMA_PENDING as e:
+            raise BackingDown(f"postgres schema not applied yet: {e}") from e
         self._circuit.success()
         return result
 

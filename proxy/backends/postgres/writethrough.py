@@ -16,7 +16,7 @@ import orjson
 
 from proxy import model
 from proxy.backends import MessageRow, StateRow, ThreadRow, message_row, state_row, thread_row
-from proxy.backends.postgres import DOWN
+from proxy.backends.postgres import DOWN, SCHEMA_PENDING
 from proxy.backends.postgres.store import DATA_ERRORS, PostgresStore
 from proxy.errors import Conflict, Invalid, NotFound, PreconditionFailed, Unavailable
 
@@ -90,6 +90,8 @@ class WriteThrough:
             raise Invalid(f"postgres refused the write: {e}", {"tier": "postgres"}) from e
         except DOWN as e:
             raise Unavailable(f"postgres: {e or type(e).__name__}") from e
+        except SCHEMA_PENDING as e:
+            raise Unavailable(f"postgres schema not applied yet: {e}") from e
 
     async def put_thread(self, tid: str, t: model.ThreadInput, if_match: str,
                          op: str) -> tuple[ThreadRow, bool]:
