@@ -10,7 +10,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
+import psutil
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
@@ -134,3 +136,31 @@ async def test_a_crashed_worker_is_logged_counted_and_restarted_with_backoff(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def _loads_clickhouse_driver(p: psutil.Process) -> bool:
+    """Whether clickhouse-connect is imported in `p` (its C extensions are mapped)."""
+    return any("clickhouse_connect" in m.path for m in p.memory_maps())
+
+
+async def test_the_api_process_of_the_embedded_default_never_loads_the_clickhouse_driver(
+        servers: Servers, tmp_path: Path) -> None:
+    """chDB is the worker's (one process per directory): the API reaches /stats through it,
+    so the driver (some 20 MB of the API's RSS, issue 10's ≤ 80 MB) stays out of the API."""
+    side = Sidecar(tmp_path, servers.redis_url, servers.postgres_url, clickhouse_url(tmp_path))
+    side.start()
+    try:
+        async with aiohttp.ClientSession(side.url) as http:
+            await body(await http.put("/v1/threads/ch-free", json={}), 201)
+            await append(http, "ch-free", "counted by the worker's chDB")
+
+            async def counted() -> bool:
+                resp = await http.get("/v1/threads/ch-free/stats")
+                return resp.status == 200 and (await resp.json())["messages"] == 1
+
+            await wait_for(counted, timeout_s=30)
+        (worker,), apis = side.processes("worker"), side.processes("api")
+        assert apis and _loads_clickhouse_driver(worker)  # the check sees the driver
+        assert not any(_loads_clickhouse_driver(p) for p in apis)
+    finally:
+        side.kill()

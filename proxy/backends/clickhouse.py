@@ -47,12 +47,9 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import clickhouse_connect
 import orjson
-from clickhouse_connect.driver import exceptions as chexc
-from clickhouse_connect.driver.client import Client
 
 from proxy import model
 from proxy.backends import CH, MessageRow, PoisonError, ThreadRow, message_row, thread_row
@@ -60,6 +57,9 @@ from proxy.backends.ch_erasure import erase, keep_retention
 from proxy.errors import Unavailable
 from proxy.failpoints import Failpoints
 from proxy.model import Change
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -194,8 +194,23 @@ def batch_token(rows: Sequence[Sequence[Any]]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
+def _driver() -> Any:
+    """clickhouse-connect, imported on first use: an API process whose ClickHouse is the
+    worker's chDB never needs it (some 20 MB of RSS)."""
+    import clickhouse_connect
+
+    return clickhouse_connect
+
+
+def _errors() -> Any:
+    from clickhouse_connect.driver import exceptions
+
+    return exceptions
+
+
 def is_data_error(e: BaseException) -> bool:
     """Client-side serialization errors, and server errors about the values themselves."""
+    chexc = _errors()
     if isinstance(e, chexc.DataError | ValueError | TypeError | OverflowError):
         return True
     if isinstance(e, chexc.DatabaseError) and not isinstance(e, chexc.OperationalError):
@@ -222,7 +237,7 @@ class ClickHouseStore:
         with _CHDB_LOCK if self._chdb else contextlib.nullcontext():
             if self._client is None:  # lazy: a sidecar starts while ClickHouse is down
                 options = {} if self._chdb else _HTTP_OPTIONS
-                self._client = clickhouse_connect.get_client(dsn=self._url, **options)
+                self._client = _driver().get_client(dsn=self._url, **options)
             return fn(self._client)
 
     async def close(self, timeout_s: float = 5.0) -> None:
@@ -240,7 +255,7 @@ class ClickHouseStore:
         """For the read path and startup: any failure is Unavailable (503, or retried)."""
         try:
             return await self._call(fn)
-        except (chexc.ClickHouseError, OSError) as e:
+        except (_errors().ClickHouseError, OSError) as e:
             raise Unavailable(f"clickhouse: {e}") from e
 
     async def create_schema(self, retention_days: int = 0) -> None:
