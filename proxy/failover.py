@@ -7,12 +7,14 @@ holds behind PostgreSQL is dropped (read through again) once its unflushed write
 (proxy.reconcile, mode "drop"); a last pass runs while new requests wait and the writes in
 PostgreSQL finish; only then does write-behind resume.
 
-What it cannot make safe: a write acknowledged by Redis and not yet flushed when Redis went
-down, on an entity written through meanwhile (a thread's seq, a version). Its flush then meets
-the seq or version PostgreSQL handed out and fails loudly into dead letters (counted, logged,
-in /v1/status), never silently duplicating or overwriting; the same holds for sidecars that
-still reach a Redis the others cannot (FAULTS.md 30). To make that rare, the first writes
-through wait `settle_s` after the switch: the flushers commit the batches they had read."""
+A message acknowledged by Redis and not yet flushed when Redis went down, whose seq a message
+written through meanwhile took, lands after it (the flush moves it: postgres/sql.py
+RESEQUENCE). What it cannot make safe: an edit or state write acknowledged by Redis and not yet
+flushed, on an entity whose next version was written through meanwhile: PostgreSQL keeps the
+written-through one, the other is counted and logged (version_taken), never overwriting. The
+same holds for sidecars that still reach a Redis the others cannot (FAULTS.md 30). To make both
+rare, the first writes through wait `settle_s` after the switch: the flushers commit the
+batches they had read."""
 
 from __future__ import annotations
 
@@ -137,8 +139,9 @@ class Failover:
             await self._idle.wait()
             if pending := await self._reconcile(True):
                 logger.error("%d entities behind postgres still had unflushed changes after "
-                             "%.0f s (counters raised); write-behind resumes: their flushes "
-                             "may fail into dead letters", pending, DRAIN_S)
+                             "%.0f s (counters raised); write-behind resumes: their messages "
+                             "may land at new seqs, their edits lose to what was written "
+                             "through", pending, DRAIN_S)
         except Exception as e:  # Redis or PostgreSQL failed again: stay down, try again
             logger.warning("redis answers, but reconciling with postgres failed (%r); still "
                            "serving from postgres alone", e)

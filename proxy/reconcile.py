@@ -9,7 +9,9 @@ unflushed changes keep them and get their counters raised (raise_counters.lua).
 After write-through (proxy.failover) PostgreSQL holds the newer copies: mode "drop" drops the
 clean entities behind it and counts the unflushed ones as pending, left for their flush; read
 markers it moved forward are raised in Redis to PostgreSQL's (raise_markers.lua), so Redis
-never serves an older one."""
+never serves an older one. An entity written through counts as behind even when the counters
+are equal: Redis may have handed out, unflushed, the very seq write-through gave another
+message."""
 
 from __future__ import annotations
 
@@ -32,8 +34,11 @@ class Reconciler:
         self._shards = shards
         self._scripts = Scripts(client)
 
-    async def run(self, mode: str = "raise") -> dict[str, int]:
-        """Reconcile every shard; counts of entities dropped and raised (or pending)."""
+    async def run(self, mode: str = "raise",
+                  written_through: frozenset[str] = frozenset()) -> dict[str, int]:
+        """Reconcile every shard; counts of entities dropped and raised (or pending).
+        `written_through` (thread ids, state keys) are behind in mode "drop" whatever their
+        counters say."""
         started, totals = time.monotonic(), {"dropped": 0, "raised": 0, "markers": 0}
         for shard in range(self._shards):
             for kind in ("t", "k"):
@@ -41,9 +46,9 @@ class Reconciler:
                 async for key in self._r.scan_iter(match=keys.pattern(shard, kind), count=500):
                     batch.append(keys.id_in(key.decode()))
                     if len(batch) == BATCH:
-                        await self._batch(shard, kind, batch, mode, totals)
+                        await self._batch(shard, kind, batch, mode, totals, written_through)
                         batch = []
-                await self._batch(shard, kind, batch, mode, totals)
+                await self._batch(shard, kind, batch, mode, totals, written_through)
         kept = "had counters raised" if mode == "raise" else "are left for their flush"
         logger.warning("%6.2fs reconciled redis with postgres: %d entities dropped (read "
                        "through again), %d with unflushed changes %s, %d read markers raised",
@@ -52,7 +57,7 @@ class Reconciler:
         return totals
 
     async def _batch(self, shard: int, kind: str, ids: list[str], mode: str,
-                     totals: dict[str, int]) -> None:
+                     totals: dict[str, int], written_through: frozenset[str]) -> None:
         if not ids:
             return
         mids = await self._message_ids(shard, ids) if kind == "t" else []
@@ -60,7 +65,8 @@ class Reconciler:
                                               ids if kind == "k" else [], mids)
         for entity_id in ids:
             ks, args = self._call(shard, kind, entity_id, pg)
-            outcome = await self._scripts.run("raise_counters", ks, [mode, *args])
+            how = "behind" if mode == "drop" and entity_id in written_through else mode
+            outcome = await self._scripts.run("raise_counters", ks, [how, *args])
             if outcome:
                 totals["dropped" if outcome == 1 else "raised"] += 1
         if kind == "t":

@@ -120,12 +120,20 @@ def _failover(app: web.Application, s: Settings, role: str, client: Any,
     # Flushes in hand commit within a couple of flush delays (and the statement timeout).
     settle_s = 2 * s.flush.max_delay_ms / 1000 + 0.2
 
+    written_through: set[str] = set()  # what this process took since Redis went down
+
+    async def publish(entries: list[tuple[str, dict[str, str]]]) -> None:
+        await log.add_for(CH.name, entries)
+        written_through.update(routing_id for routing_id, _ in entries)
+
     async def pending_behind(final: bool) -> int:
         """Write-through's changes go to ClickHouse; what Redis holds behind PostgreSQL is
         dropped once clean (and, at the end, the rest has its counters raised)."""
-        if CH.name in GROUPS:
-            await through.take_events(lambda entries: log.add_for(CH.name, entries))
-        return (await reconciler.run("raise" if final else "drop"))["raised"]
+        await through.take_events(publish)
+        pending = await reconciler.run("raise" if final else "drop", frozenset(written_through))
+        if final:
+            written_through.clear()
+        return pending["raised"]
 
     failover = app[routes.FAILOVER] = Failover(
         s.circuit.failure_threshold, settle_s, lambda: asyncio.wait_for(client.ping(), 1.0),

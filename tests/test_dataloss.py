@@ -47,15 +47,24 @@ async def test_a_redis_that_went_back_gets_its_counters_raised(
     seen = loss("seq_taken")
 
     reused = await append(c, "dl1", "after the loss")
-    assert reused["seq"] == 3  # Redis does not know better yet: this one cannot land
+    assert reused["seq"] == 3  # Redis does not know better yet: PostgreSQL has a 3
     await wait_for(lambda: _true(loss("seq_taken") > seen), timeout_s=20)
-    await wait_for(lambda: _seq_at_least(redis, names[0], 4))  # reconciled with PostgreSQL
-    fresh = await append(c, "dl1", "next")
-    assert fresh["seq"] == 5
+    # Acknowledged, so kept: it moved to the end of the thread, seqs still unique and gapless.
     await wait_for(lambda: _equal(in_postgres(pg, "dl1"), [1, 2, 3, 4, 5]))
-    status = await body(await c.get("/v1/status"), 200)  # the one that lost, for all to see
-    [letter] = [d for d in status["dead_letters"] if d["id"] == reused["message_id"]]
-    assert "seq already taken" in letter["error"]
+    assert await pg.fetchval("SELECT seq FROM messages WHERE message_id = $1",
+                             reused["message_id"]) == 5
+    await wait_for(lambda: _reconciled(redis, names[0], 5))
+    fresh = await append(c, "dl1", "next")
+    assert fresh["seq"] == 6
+    await wait_for(lambda: _equal(in_postgres(pg, "dl1"), [1, 2, 3, 4, 5, 6]))
+    status = await body(await c.get("/v1/status"), 200)
+    assert status["dead_letters"] == [], status
+
+    async def served_at_5() -> bool:  # Redis's copy (seq 3) dropped once clean, read through
+        resp = await c.get(f"/v1/threads/dl1/messages/{reused['message_id']}")
+        return resp.status == 200 and (await resp.json())["seq"] == 5
+
+    await wait_for(served_at_5, timeout_s=20)
 
 
 async def test_an_empty_redis_is_noticed_by_every_process(
@@ -74,8 +83,9 @@ async def _equal(got: Any, want: list[int]) -> bool:
     return bool(await got == want)
 
 
-async def _seq_at_least(redis: aioredis.Redis, key: str, seq: int) -> bool:
-    return int(await redis.hget(key, "seq") or 0) >= seq
+async def _reconciled(redis: aioredis.Redis, key: str, seq: int) -> bool:
+    """Redis's copy of the thread dropped (clean: read through again) or its seq raised."""
+    return not await redis.exists(key) or int(await redis.hget(key, "seq") or 0) >= seq
 
 
 async def _true(value: bool) -> bool:

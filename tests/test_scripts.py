@@ -210,6 +210,8 @@ REFUSALS: list[tuple[str, str, Any]] = [
      ([*thread_keys("t")[:3], *thread_keys("t")[5:7]], ["raise", 1, 1, "m1", 1]), 0),
     ("raise_counters: an unflushed entity is left for its flush", "raise_counters",
      ([*thread_keys("t")[:3], *thread_keys("t")[5:]], ["drop", 9, 9, "m1", 1]), 2),
+    ("raise_counters: written through, behind at equal counters", "raise_counters",
+     ([*thread_keys("t")[:3], *thread_keys("t")[5:]], ["behind", 1, 1, "m1", 1]), 2),
     # issue 12.5: ephemeral events (the answer over the rate: the wait, in ms, is > 0)
     ("ephemeral_publish: no thread", "ephemeral_publish",
      (ephemeral_keys("nope"), ephemeral_args()), [b"MISS"]),

@@ -5,16 +5,18 @@
 -- lowered, so the next write cannot hand out a seq or version that is already taken.
 -- After write-through (mode 'drop'), PostgreSQL's copy is the newer one: an entity behind it
 -- is dropped once clean, and one with unflushed changes is left alone for now (2: pending).
+-- Mode 'behind' is 'drop' for an entity written through: behind whatever its counters say
+-- (Redis handed out a seq it had not flushed; write-through gave PostgreSQL's next one too).
 -- KEYS: an entity's keys: a thread's hash, messages, window, recent ids, overlay, read
 --       markers, changes; or a state entry's hash
--- ARGV: mode ('raise' | 'drop'), PostgreSQL's version, last seq ('' for state), then
+-- ARGV: mode ('raise' | 'drop' | 'behind'), PostgreSQL's version, last seq ('' for state), then
 --       (mid, version) per message, and last ('', last_cseq): the pair of the thread itself
 --       (member '', as in the changes set) with PostgreSQL's last change number. Raising the
 --       cseq also raises the changes floor: the changes Redis lost are read from PostgreSQL.
 -- Returns 0 up to date, 1 dropped, 2 raised (or, for 'drop', pending).
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local cur = redis.call('HMGET', KEYS[1], 'v', 'seq', 'pend', 'cs', 'cf')
-local behind = tonumber(cur[1]) < tonumber(ARGV[2])
+local behind = ARGV[1] == 'behind' or tonumber(cur[1]) < tonumber(ARGV[2])
   or (ARGV[3] ~= '' and tonumber(cur[2]) < tonumber(ARGV[3]))
 local messages, cseq = {}, 0
 for i = 4, #ARGV, 2 do
@@ -33,7 +35,7 @@ if tonumber(cur[3] or '0') == 0 then
   redis.call('DEL', unpack(KEYS))
   return 1
 end
-if ARGV[1] == 'drop' then return 2 end
+if ARGV[1] ~= 'raise' then return 2 end
 if tonumber(cur[1]) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], 'v', ARGV[2]) end
 if ARGV[3] ~= '' and tonumber(cur[2]) < tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'seq', ARGV[3])

@@ -149,3 +149,39 @@ DELETE FROM write_through_events w USING erased e
 WHERE w.fields->>'k' IN ('t', 'm') AND w.fields->>'tid' = e.tid
   AND (e.mid = '' OR (w.fields->>'k' = 'm' AND w.fields->>'id' = e.mid))
 """
+
+# A staged message new to PostgreSQL whose seq another message holds there: written through
+# while Redis was down (FAULTS.md 7 and 30), or handed out again by a Redis that lost data. It
+# moves to the end of its thread, seq and cseq after the highest PostgreSQL and the batch hold,
+# under the thread's row lock (write-through's appends take turns on it too), rather than
+# failing into dead letters: the write was acknowledged. Run only after such a collision.
+RESEQUENCE = f"""
+WITH taken AS (
+    SELECT s.doc->>'thread_id' AS tid, s.doc->>'message_id' AS mid,
+           row_number() OVER (PARTITION BY s.doc->>'thread_id'
+                              ORDER BY (s.doc->>'seq')::bigint) AS n
+    FROM {STAGE} s
+    WHERE s.kind = 'm'
+      AND EXISTS (SELECT 1 FROM messages m WHERE m.thread_id = s.doc->>'thread_id'
+                  AND m.seq = (s.doc->>'seq')::bigint AND m.message_id <> s.doc->>'message_id')
+      AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.thread_id = s.doc->>'thread_id'
+                      AND m.message_id = s.doc->>'message_id')),
+stored AS (
+    SELECT t.thread_id AS tid,
+           greatest(t.last_seq, (SELECT coalesce(max(seq), 0) FROM messages
+                                 WHERE thread_id = t.thread_id)) AS seq,
+           greatest(t.last_cseq, t.cseq, (SELECT coalesce(max(cseq), 0) FROM messages
+                                          WHERE thread_id = t.thread_id)) AS cseq
+    FROM threads t WHERE t.thread_id IN (SELECT tid FROM taken)
+    ORDER BY t.thread_id FOR UPDATE),
+batch AS (
+    SELECT doc->>'thread_id' AS tid, max((doc->>'seq')::bigint) AS seq,
+           max(coalesce((doc->>'cseq')::bigint, 0)) AS cseq
+    FROM {STAGE} WHERE kind IN ('t', 'm') GROUP BY 1)
+UPDATE {STAGE} s SET doc = s.doc || jsonb_build_object(
+        'seq', greatest(coalesce(st.seq, 0), coalesce(b.seq, 0)) + x.n,
+        'cseq', greatest(coalesce(st.cseq, 0), b.cseq) + x.n)
+FROM taken x JOIN batch b ON b.tid = x.tid LEFT JOIN stored st ON st.tid = x.tid
+WHERE s.kind = 'm' AND s.doc->>'thread_id' = x.tid AND s.doc->>'message_id' = x.mid
+RETURNING x.tid, x.mid, (s.doc->>'seq')::bigint AS seq
+"""

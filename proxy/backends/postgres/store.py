@@ -19,6 +19,7 @@ from proxy.backends.postgres.sql import (
     CONFLICTS,
     CREATE_STAGE,
     ERASE,
+    RESEQUENCE,
     STAGE,
     UPSERT_MARKERS,
     UPSERT_MESSAGES,
@@ -80,21 +81,33 @@ class PostgresStore:
         if not rows.records:
             return
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.copy_records_to_table(STAGE, records=rows.records)
-                await self._write(conn, rows)
-                if erased:
-                    await conn.execute(ERASE, [t for t, _ in erased], [m for _, m in erased])
-                await self._failpoints.hit("before-pg-commit")
+            await self._transaction(rows, erased or [], resequence=False)
         except asyncpg.UniqueViolationError as e:
             if e.constraint_name != "messages_thread_seq":
                 raise PoisonError(f"postgres rejected the data: {e}") from e
-            # A seq handed out twice: Redis went back to an older state (lost data).
-            metrics.REDIS_DATA_LOSS.labels("seq_taken").inc()
-            raise PoisonError(f"seq already taken in postgres (redis lost data; its counters "
-                              f"are reconciled): {e}") from e
+            try:  # a seq PostgreSQL gave another message: this one moves to the end
+                await self._transaction(rows, erased or [], resequence=True)
+            except DATA_ERRORS as again:
+                raise PoisonError(f"postgres rejected the data: {again}") from again
+            finally:  # after the commit: the monitor then raises Redis's counters past it
+                metrics.REDIS_DATA_LOSS.labels("seq_taken").inc()
         except DATA_ERRORS as e:
             raise PoisonError(f"postgres rejected the data: {e}") from e
+
+    async def _transaction(self, rows: Rows, erased: list[tuple[str, str]],
+                           resequence: bool) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.copy_records_to_table(STAGE, records=rows.records)
+            if resequence:
+                moved = await conn.fetch(RESEQUENCE)
+                logger.error("postgres already holds the seq of %d acknowledged messages (written "
+                             "through while redis was down, or handed out again by a redis that "
+                             "lost data): moved to the end of their threads: %s", len(moved),
+                             [f"{r['tid']}/{r['mid']} -> seq {r['seq']}" for r in moved[:20]])
+            await self._write(conn, rows)
+            if erased:
+                await conn.execute(ERASE, [t for t, _ in erased], [m for _, m in erased])
+            await self._failpoints.hit("before-pg-commit")
 
     @classmethod
     async def _write(cls, conn: asyncpg.Connection, rows: Rows) -> None:
