@@ -186,15 +186,12 @@ async def test_a_batch_larger_than_the_parameter_limit(servers: Servers,
 
 async def test_poison_entries_go_to_dead_letters_and_replay_after_a_fix(
         client: TestClient[Any, Any], redis: aioredis.Redis, pg: asyncpg.Connection,
-        settings: Settings) -> None:
+        settings: Settings, poison: None) -> None:
     await put(client, "/v1/threads/p", {"title": "t"})
-    first = await append(client, "p", "one")
+    await append(client, "p", "one")
     await wait_for(lambda: pg.fetchval("SELECT count(*) FROM messages WHERE thread_id = 'p'"))
     log = keys.log(shard(settings, "p"))
-    # seq 1 is taken by another id: PostgreSQL's unique (thread_id, seq) rejects this entry.
-    clash = _message("clash", "p", 1, 1)
-    await redis.xadd(log, {"k": "m", "id": "clash", "tid": "p", "v": "1",
-                           "e": "message.created", "ts": "0", "d": clash.doc})
+    refused = await append(client, "p", "poison")  # PostgreSQL's check constraint refuses it
     await redis.xadd(log, {"k": "m", "id": "broken"})  # malformed: no doc at all
     later = await append(client, "p", "after the poison")
 
@@ -204,15 +201,16 @@ async def test_poison_entries_go_to_dead_letters_and_replay_after_a_fix(
 
     doc = await wait_for(status, timeout_s=20)
     reasons = " ".join(d["error"] for d in doc["dead_letters"])
-    assert "duplicate key" in reasons and "malformed" in reasons
+    assert "violates check constraint" in reasons and "malformed" in reasons
     await wait_for(lambda: pg.fetchval("SELECT count(*) FROM messages WHERE message_id = $1",
                                        later["message_id"]))
-    # The fix: the conflicting row goes away; replay puts the entry back in the log.
-    await pg.execute("DELETE FROM messages WHERE message_id = $1", first["message_id"])
-    # pg gave up on both; ch (which accepts the clash) only on the malformed one.
+    # The fix: the constraint goes away; replay puts the entry back in the log.
+    await pg.execute("ALTER TABLE messages DROP CONSTRAINT poison")
+    # pg gave up on both; ch (which accepts the refused one) only on the malformed one.
     replayed = await body(await client.post("/v1/admin/dead-letters/replay"), 200)
     assert replayed == {"replayed": 3}
-    await wait_for(lambda: pg.fetchval("SELECT count(*) FROM messages WHERE message_id = 'clash'"))
+    await wait_for(lambda: pg.fetchval("SELECT count(*) FROM messages WHERE message_id = $1",
+                                       refused["message_id"]))
     dlq = keys.dead_letters(shard(settings, "p"))
 
     async def only_malformed_left() -> bool:
