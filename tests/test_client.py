@@ -513,11 +513,17 @@ def _script(url: str) -> dict[str, Any]:
             missing = e.status
         with c.subscribe("t1", after_seq=3) as sub:
             events = [next(sub).seq, next(sub).seq]
-            c.append("t1", "live")
+            live = c.append("t1", "live")  # cseq 7 (the thread's put was 1)
             events.append(next(sub).seq)
+        c.edit_message("t1", live.doc["message_id"], content="edited")  # cseq 8
+        with c.subscribe("t1", after_cseq=6) as sub:  # the changes feed: edits too
+            changes = [(ev.type, ev.cseq) for ev in [next(sub)]]  # replayed: live's edit
+            c.append("t1", "after")  # seq 7, cseq 9: live
+            changes.append(((ev := next(sub)).type, ev.cseq))
         c.put_read_marker("t1", "u1", 4)
         feed = [len(p.items) for p in c.change_pages("t1", after_cseq=1, limit=4)]
         return {"every": every, "newest": newest, "missing": missing, "events": events,
+                "changes": changes,
                 "title": c.get_thread("t1").doc["title"], "feed": feed,
                 "unread": c.get_read_marker("t1", "u1").unread,
                 "inbox": [len(p.items) for p in c.inbox_pages("o1", limit=1)]}
@@ -526,7 +532,8 @@ def _script(url: str) -> dict[str, Any]:
 async def test_sync_client(client: Client) -> None:
     got = await asyncio.to_thread(_script, url_of(client))
     assert got == {"every": [1, 2, 3, 4, 5], "newest": 5, "missing": 404, "events": [4, 5, 6],
-                   "title": "sync", "feed": [4, 2], "unread": 2, "inbox": [1]}
+                   "changes": [("message.updated", 8), ("message.created", 9)],
+                   "title": "sync", "feed": [4, 3], "unread": 3, "inbox": [1]}
 
 
 async def test_a_closed_client_refuses_calls(client: Client) -> None:
