@@ -21,7 +21,7 @@ import pytest
 LOADTESTS = Path(__file__).resolve().parent.parent / "loadtests"
 TOKEN = "locust-smoke-token"
 MODULES = ("harness", "bench", "loadgen", "observe", "procs", "table", "loadtest",
-           "changes_resume")
+           "changes_resume", "redis_profile")
 # Each kind of measurement, briefly: wrk against every baseline, the paused-flusher drain,
 # ack -> PostgreSQL/ClickHouse, WebSocket delivery on two sidecars, CPU per append (loadgen
 # open loop) and memory. The other scenarios run the same code on other requests and rates.
@@ -147,3 +147,10 @@ def test_changes_resume_replays_every_change_once(loadtests: dict[str, ModuleTyp
     assert (got["edits"], got["deletes"], got["expected"], got["replayed"]) == (10, 5, 20, 20)
     assert got["duplicates"] == got["missing"] == got["out_of_order"] == 0
     assert got["catch_up_ms"] > 0
+
+
+def test_redis_profile_splits_redis_time_by_script(loadtests: dict[str, ModuleType],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert loadtests["redis_profile"].main(["--rate", "100", "--duration", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "µs per append" in out and "message_append.lua" in out, out
