@@ -6,7 +6,8 @@ Allowances: an uncertain write may have landed or not, and adds at most one vers
 message no answer named (an anonymous append without an answer) may be in PostgreSQL once,
 found by its unique content; every version an entity went through (1..its last) is one
 ClickHouse event, whoever wrote it, and no other event exists (an erased message's earlier
-versions may be missing: the erase deleted their log entries).
+versions may be missing: the erase deleted their log entries). A thread erase blanks its
+messages in PostgreSQL without a new version, and any of their ClickHouse events may be missing.
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ async def backlog(r: aioredis.Redis, shards: int) -> list[str]:
 # ---- PostgreSQL
 
 
-def check_pg(index: Index, pg: dict[Entity, Row], out: Violations) -> None:
-    """1 and 2 on the rows of every entity the history touched (and of no other)."""
+def check_pg(index: Index, pg: dict[Entity, Row], out: Violations,
+             erased: frozenset[str] = frozenset()) -> None:
+    """1 and 2 on the rows of every entity the history touched (and of no other); the
+    messages of `erased` threads (erase_threads) have no content to compare."""
     for entity in sorted(set(index.writes) | set(pg)):
         row, ops = pg.get(entity), index.writes.get(entity, [])
         top = max((v for v, _ in index.claims.get(entity, [])), default=0)
@@ -91,13 +94,13 @@ def check_pg(index: Index, pg: dict[Entity, Row], out: Violations) -> None:
             continue
         if entity[0] == "m" and not any(o.ok or o.uncertain for o in ops if o.kind in CREATES):
             continue  # a message no answer named: matched by content below
-        _check_row(index, entity, row, ops, top, out)
-    _check_unnamed(index, pg, out)
+        _check_row(index, entity, row, ops, top, out, row.thread_id in erased)
+    _check_unnamed(index, pg, out, erased)
     _check_threads(index, pg, out)
 
 
 def _check_row(index: Index, entity: Entity, row: Row, ops: list[Op], top: int,
-               out: Violations) -> None:
+               out: Violations, blanked: bool) -> None:
     uncertain = [o for o in ops if o.uncertain]
     seen = max(top, index.seen[entity].before(float("inf")))
     if row.version > seen + len(uncertain):
@@ -108,7 +111,7 @@ def _check_row(index: Index, entity: Entity, row: Row, ops: list[Op], top: int,
         out.add("2", f"{_name(entity)} v{row.version} is {'' if row.deleted else 'not '}"
                 f"deleted in postgres, acknowledged as {at[0].brief()}")
     candidates = at or uncertain
-    if entity[0] != "t" and candidates and all(written_content(o) != row.content
+    if entity[0] != "t" and not blanked and candidates and all(written_content(o) != row.content
                                                for o in candidates):
         out.add("2", f"{_name(entity)} v{row.version} holds {row.content!r} in postgres, "
                 f"written as {[written_content(o) for o in candidates[:3]]!r}")
@@ -117,8 +120,10 @@ def _check_row(index: Index, entity: Entity, row: Row, ops: list[Op], top: int,
         out.add("2", f"{_name(entity)} has seq {row.seq} in postgres, answers said {seqs}")
 
 
-def _check_unnamed(index: Index, pg: dict[Entity, Row], out: Violations) -> None:
-    """Messages whose id no answer gave must each be one unanswered anonymous append."""
+def _check_unnamed(index: Index, pg: dict[Entity, Row], out: Violations,
+                   erased: frozenset[str]) -> None:
+    """Messages whose id no answer gave must each be one unanswered anonymous append (whose
+    content an erased thread no longer shows)."""
     unanswered = defaultdict(list)
     for op in index.ops:
         if op.kind == "append_anon" and op.uncertain and op.body:
@@ -130,6 +135,8 @@ def _check_unnamed(index: Index, pg: dict[Entity, Row], out: Violations) -> None
         if ops:
             out.add("2", f"{_name(entity)} is in postgres, but every append of it was refused: "
                     f"{ops[0].brief()}")
+        elif row.thread_id in erased:
+            continue
         elif not unanswered.get(row.content):
             out.add("2", f"{_name(entity)} ({row.content!r}) is in postgres, written by no op")
         else:
@@ -277,16 +284,20 @@ RAW_COUNT_SQL = "SELECT count() FROM events"
 
 
 def check_clickhouse(rows: list[list[Any]], pg: dict[Entity, Row], out: Violations,
-                     erased: frozenset[Entity] = frozenset()) -> None:
+                     erased: frozenset[Entity] = frozenset(),
+                     erased_threads: frozenset[str] = frozenset()) -> None:
     """7: one visible event per entity version (FINAL), each version of every entity. An
     erase (`erased`: acknowledged or maybe landed) deletes its message's earlier log entries
     that ClickHouse has not taken yet (README: Erasure), so of such a message only its last
-    version must be there."""
+    version must be there; of a message of an erased thread, none."""
     expected = {f"{e[0]}:{e[1]}:{v}": (e, r) for e, r in pg.items()
                 for v in range(1, r.version + 1)}
     got = {str(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in rows}
     optional = {f"{e[0]}:{e[1]}:{v}" for e in erased if e in pg
                 for v in range(1, pg[e].version)}
+    optional |= {f"{e[0]}:{e[1]}:{v}" for e, r in pg.items()
+                 if e[0] == "m" and r.thread_id in erased_threads
+                 for v in range(1, r.version + 1)}
     for event_id in sorted(set(expected) - set(got) - optional)[:50]:
         out.add("7", f"event {event_id} (a version postgres went through) is not in clickhouse")
     for event_id in sorted(set(got) - set(expected))[:50]:
@@ -376,14 +387,23 @@ def erased_messages(ops: list[Op]) -> frozenset[Entity]:
                      if op.kind == "delete_message" and op.erase and (op.ok or op.uncertain))
 
 
+def erased_threads(ops: list[Op]) -> frozenset[str]:
+    """The threads an erase may have reached (acknowledged or uncertain)."""
+    return frozenset(op.thread_id for op in ops if op.kind == "delete_thread" and op.erase
+                     and (op.ok or op.uncertain))
+
+
 def erased_tokens(ops: list[Op]) -> dict[str, Op]:
-    """Every text written (or maybe written) to a message whose erasure was acknowledged, with
-    that erasure: each tag is unique (workload.Generator._tag), so finding it anywhere after
-    healing is content that survived its erasure."""
+    """Every text written (or maybe written) to a message whose erasure, or its thread's, was
+    acknowledged, with that erasure: each tag is unique (workload.Generator._tag), so finding
+    it anywhere after healing is content that survived its erasure. (After a thread's erase no
+    write to it lands: every message write in it came before.)"""
     erased = {op.entity: op for op in ops if op.ok and op.kind == "delete_message" and op.erase}
-    return {written_content(op): erased[op.entity] for op in ops
-            if op.entity in erased and op.kind in ERASABLE and (op.ok or op.uncertain)
-            and isinstance(written_content(op), str)}
+    threads = {op.thread_id: op for op in ops
+               if op.ok and op.kind == "delete_thread" and op.erase}
+    return {written_content(op): erased.get(op.entity) or threads[op.thread_id] for op in ops
+            if (op.entity in erased or op.thread_id in threads) and op.kind in ERASABLE
+            and (op.ok or op.uncertain) and isinstance(written_content(op), str)}
 
 
 def check_erased(tokens: dict[str, Op], tiers: dict[str, list[str]], out: Violations) -> None:

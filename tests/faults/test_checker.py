@@ -22,7 +22,9 @@ from tests.faults.endstate import (
     check_clickhouse,
     check_erased,
     check_feed,
+    check_pg,
     erased_messages,
+    erased_threads,
     erased_tokens,
 )
 from tests.faults.health import Probe, check_health
@@ -303,6 +305,48 @@ def test_an_erased_message_may_miss_its_earlier_versions_in_clickhouse() -> None
     assert found([], rows) == ["event m:a:1", "event m:a:2", "event m:b:1"]
     assert found([erase], rows) == ["event m:b:1"]
     assert found([erase], rows[1:]) == ["event m:a:3", "event m:b:1"]
+
+
+def _thread_erased() -> tuple[list[Op], Op]:
+    """a (v1, edited to v2) and b in thread t, c in thread u; then t erased."""
+    ops = [acked("append", "a", 1, 2), acked("edit", "a", 2, 3), acked("append", "b", 1, 4),
+           op("append", "c", (0, 1), 200, {"version": 1, "message_id": "c"}, tid="u")]
+    for o, content, seq in zip(ops, ["x-c0n1z", "x-c0n2z", "x-c0n3z", "x-c0n4z"], [1, 1, 2, 1],
+                               strict=True):
+        o.body, o.doc["seq"] = {"content": content}, seq
+        o.status = 201 if o.kind == "append" else 200
+    erase = acked("delete_thread", "", 2, 5, at=2)
+    erase.method, erase.params = "DELETE", {"erase": "true"}
+    return ops, erase
+
+
+def test_a_thread_erase_covers_every_text_written_in_it() -> None:
+    ops, erase = _thread_erased()
+    assert erased_tokens(ops) == {}
+    assert sorted(erased_tokens([*ops, erase])) == ["x-c0n1z", "x-c0n2z", "x-c0n3z"]
+    assert erased_threads([*ops, erase]) == {"t"}
+
+
+def test_an_erased_threads_messages_may_be_blank_and_miss_their_events() -> None:
+    """A thread erase blanks its messages in PostgreSQL at the version they had, and may delete
+    every log entry of them ClickHouse had not taken."""
+    ops, erase = _thread_erased()
+    pg = {("m", "a"): Row(2, False, "", thread_id="t", seq=1),
+          ("m", "b"): Row(1, False, "", thread_id="t", seq=2),
+          ("m", "c"): Row(1, False, "x-c0n4z", thread_id="u", seq=1),
+          ("t", "t"): Row(2, True, thread_id="t", seq=2)}
+    rows: list[list[Any]] = [["t:t:1", 1, 0, 0], ["t:t:2", 1, 0, 0], ["m:c:1", 1, 1, 1]]
+
+    def labels(history: list[Op]) -> list[str]:
+        out = Violations()
+        index = check_history(history, [], Violations())
+        check_pg(index, pg, out, erased_threads(history))
+        check_clickhouse(rows, pg, out, erased_messages(history), erased_threads(history))
+        return sorted(text.split(" ")[0] + " " + text.split(" ")[1] for _, text in out.items)
+
+    assert labels([*ops, erase]) == []
+    assert labels(ops + [op("delete_thread", "t", (2, 3), 200, {"version": 2}, tid="t")]) == [
+        "event m:a:1", "event m:a:2", "event m:b:1", "message a", "message b"]
 
 
 ARCHITECTURE = Path(__file__).resolve().parents[3] / "shared" / "ARCHITECTURE.md"

@@ -217,7 +217,7 @@ async def check_end(cfg: Config, cluster: Cluster, caller: Caller, run: Run,
         pg = await endstate.read_pg(conn)
     finally:
         await conn.close()
-    endstate.check_pg(run.index, pg, out)
+    endstate.check_pg(run.index, pg, out, endstate.erased_threads(writes))
     finals = await endstate.final_reads(caller, run.ready, pg, cfg.seed)
     endstate.check_final_reads(finals, pg, out)
     await check_feeds(caller, run, pg, out)
@@ -225,7 +225,8 @@ async def check_end(cfg: Config, cluster: Cluster, caller: Caller, run: Run,
         await cluster.stop(i)
     rows = await asyncio.to_thread(clickhouse_query, cluster.clickhouse_url,
                                    endstate.EVENTS_SQL)
-    endstate.check_clickhouse(rows, pg, out, endstate.erased_messages(writes))
+    endstate.check_clickhouse(rows, pg, out, endstate.erased_messages(writes),
+                              endstate.erased_threads(writes))
     await check_erasures(cluster, writes, out)
 
 
@@ -259,7 +260,9 @@ async def check_erasures(cluster: Cluster, writes: list[Op], out: Violations) ->
         await r.aclose()
     tiers["clickhouse"] = [str(row[0]) for row in await asyncio.to_thread(
         clickhouse_query, cluster.clickhouse_url, endstate.CH_TEXTS_SQL)]
-    print(f"erasure check: {sum(o.ok and o.erase for o in writes)} erasures acknowledged, "
+    threads = sum(o.ok and o.erase and o.kind == "delete_thread" for o in writes)
+    print(f"erasure check: {sum(o.ok and o.erase for o in writes)} erasures acknowledged "
+          f"({threads} of threads), "
           f"{len(tokens)} texts searched in {sum(map(len, tiers.values()))} values")
     endstate.check_erased(tokens, tiers, out)
 

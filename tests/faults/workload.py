@@ -272,7 +272,10 @@ class Generator:
             return None
         tid = self._rng.choice(self._k.threads[self._k.hot:])
         self._k.doomed.add(tid)
-        return self._op("delete_thread", tid, tid, "DELETE", f"/v1/threads/{tid}")
+        op = self._op("delete_thread", tid, tid, "DELETE", f"/v1/threads/{tid}")
+        if self._rng.random() < 0.5:  # erased: its messages' content leaves every tier
+            op.params = {"erase": "true"}
+        return op
 
     # ---- state
 
