@@ -9,12 +9,12 @@ PostgreSQL finish; only then does write-behind resume.
 
 A message acknowledged by Redis and not yet flushed when Redis went down, whose seq a message
 written through meanwhile took, lands after it (the flush moves it: postgres/sql.py
-RESEQUENCE). What it cannot make safe: an edit or state write acknowledged by Redis and not yet
-flushed, on an entity whose next version was written through meanwhile: PostgreSQL keeps the
-written-through one, the other is counted and logged (version_taken), never overwriting. The
-same holds for sidecars that still reach a Redis the others cannot (FAULTS.md 30). To make both
-rare, the first writes through wait `settle_s` after the switch: the flushers commit the
-batches they had read."""
+RESEQUENCE). An edit or state write acknowledged by Redis and not yet flushed, on an entity
+whose next version was written through meanwhile, was the earlier write: PostgreSQL keeps the
+written-through one, the other is counted and logged (version_taken). What it cannot make safe:
+sidecars that still reach a Redis the others cannot (FAULTS.md 30) may acknowledge the later
+edit there, and it loses just the same. To make these rare, the first writes through wait
+`settle_s` after the switch: the flushers commit the batches they had read."""
 
 from __future__ import annotations
 
