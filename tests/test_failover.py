@@ -162,6 +162,8 @@ async def test_an_unflushed_append_lands_after_the_ones_written_through(
     await wait_for(lambda: flushed(pg, "f7", 1))
     sidecar.app[FAILPOINTS].set("after-read:raise")  # the next batch stays pending
     unflushed = await body(await append(sidecar, "f7", "m2"), 201)
+    earlier = await sidecar.patch("/v1/threads/f7/messages/m1", json={"content": "in redis"})
+    assert (await body(earlier, 200))["version"] == 2
     own_redis.kill()
 
     async def through() -> Any:
@@ -171,6 +173,8 @@ async def test_an_unflushed_append_lands_after_the_ones_written_through(
     resp = await wait_for(through, timeout_s=20, interval_s=0.05)
     assert (await body(resp, 201))["seq"] == unflushed["seq"] == 2
     assert resp.headers["X-Tier"] == "postgres"
+    later = await sidecar.patch("/v1/threads/f7/messages/m1", json={"content": "through"})
+    assert (await body(later, 200))["version"] == 2  # PostgreSQL had v1
     sidecar.app[FAILPOINTS].set("")
     own_redis.start()
     back = time.monotonic()
@@ -191,8 +195,12 @@ async def test_an_unflushed_append_lands_after_the_ones_written_through(
     page = await body(await sidecar.get("/v1/threads/f7/messages"), 200)
     assert [(m["seq"], m["message_id"]) for m in page["items"]] == [
         (r["seq"], r["message_id"]) for r in rows]
-    outcome.acknowledged, outcome.lost, outcome.duplicated = 4, 0, 0
-    outcome.notes = "the unflushed m2 moved from seq 2 to 3 (write-through took 2)"
+    # The later edit wins everywhere: PostgreSQL kept it, Redis's copy was dropped.
+    assert page["items"][0]["content"] == "through"
+    assert await pg.fetchval("SELECT content FROM messages WHERE message_id = 'm1'") == "through"
+    outcome.acknowledged, outcome.lost, outcome.duplicated = 6, 0, 0
+    outcome.notes = ("the unflushed m2 moved from seq 2 to 3 (write-through took 2); the "
+                     "unflushed edit lost to the later one written through")
 
 
 async def test_without_write_through_redis_down_is_503(
