@@ -124,6 +124,10 @@ def test_a_deleted_threads_message_served_and_a_lost_if_match_are_flagged() -> N
     read = op("get_message", "a", (2, 3), 200, {"message_id": "a", "seq": 1, "version": 1,
                                                "content": "x", "deleted": False}, tid="t")
     assert labels([gone, read]) == ["5"]
+    again = op("delete_thread", "t", (2, 3), 200, {"version": 3, "deleted": True}, tid="t")
+    assert labels([gone, again]) == ["5"]
+    again.method, again.params = "DELETE", {"erase": "true"}  # erasing its content: allowed
+    assert labels([gone, again]) == []
     assert labels([op("put_state", "k", (0, 1), 200, state(5), if_match=3,
                       body={"value": "x"})]) == ["api"]
 
