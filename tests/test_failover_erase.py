@@ -201,3 +201,33 @@ async def test_a_thread_erased_through_postgres_leaves_no_byte_in_any_tier(
     await gone_everywhere(r, pg, ch, secret)
     await body(await sidecar.get("/v1/threads/fe3"), 404)
     await body(await sidecar.put("/v1/threads/fe3", json={}), 409)
+
+
+async def test_unflushed_edits_above_the_erased_version_bring_nothing_back(
+        sidecar: Client, own_redis: RedisServer, r: aioredis.Redis, pg: asyncpg.Connection,
+        ch: ClickHouseStore) -> None:
+    """Redis acknowledged edits 2 and 3 and had not flushed them when it died; the erase
+    through PostgreSQL is version 2. Whether a flusher reads them in the instant Redis is
+    back or the recovery erases them first, PostgreSQL keeps the tombstone (a tombstone is
+    final: sql.py) and no tier keeps their content."""
+    first, second = marker("v2"), marker("v3")
+    await body(await sidecar.put("/v1/threads/fe4", json={}), 201)
+    mid = (await append(sidecar, "fe4", "plain"))["message_id"]
+    await wait_for(lambda: settled(r), timeout_s=20)
+    sidecar.app[FAILPOINTS].set("after-read:raise")
+    for text in (first, second):
+        await body(await sidecar.patch(f"/v1/threads/fe4/messages/{mid}",
+                                       json={"content": text}), 200)
+
+    await switched(sidecar, own_redis)
+    doc = await erased_through(sidecar, f"/v1/threads/fe4/messages/{mid}")
+    assert doc["version"] == 2
+    sidecar.app[FAILPOINTS].set("")
+    await resumed(sidecar, own_redis, r)
+    await gone_everywhere(r, pg, ch, first, second)
+    await wait_for(lambda: settled(r), timeout_s=20)
+    row = await pg.fetchrow("SELECT version, deleted, content FROM messages"
+                            " WHERE message_id = $1", mid)
+    assert (row["version"], row["deleted"], row["content"]) == (2, True, "")
+    await body(await sidecar.get(f"/v1/threads/fe4/messages/{mid}"), 404)
+    assert not await redis_holding(r, first) and not await pg_holding(pg, second)

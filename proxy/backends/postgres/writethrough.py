@@ -219,8 +219,9 @@ class WriteThrough:
 
     async def erase_again(self, scopes: list[tuple[str, str]]) -> None:
         """Blank again what was erased through PostgreSQL, (thread id, message id or ''):
-        a change Redis held unflushed, at a version above the erase's, may have been flushed
-        in the moment Redis was back, before recovery erased it from the log."""
+        a change Redis held unflushed of a message of an erased thread (not a tombstone, so
+        the flush takes it: sql.py CONFLICTS) may have been flushed in the moment Redis was
+        back, before recovery erased it from the log."""
         if scopes:
             async with self._transaction() as conn:
                 await conn.execute(ERASE, [t for t, _ in scopes], [m for _, m in scopes])
