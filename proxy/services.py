@@ -38,6 +38,7 @@ from proxy.flusher import FlushConfig, Flusher
 from proxy.hot import HotTier
 from proxy.hub import WebSocketHub
 from proxy.metrics import RequestStats
+from proxy.model import ERASED
 from proxy.monitor import Monitor
 from proxy.reconcile import Reconciler
 from proxy.redisconn import RedisClient, connect
@@ -84,7 +85,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
             client, s, backing, Backlog(),
             ClickHouseBacking(events, s.clickhouse.store_content), app[FAILPOINTS])
         stack.push_async_callback(hot.aclose)
-        failover = _failover(app, s, role, client, pg_store)
+        failover = _failover(app, s, role, client, pg_store, hot)
         app[routes.TIERS] = Tiers(hot, PostgresTier(WriteThrough(pg_store), backing), failover)
         # 3. Background work, stopped first on exit (the final flush within the deadline);
         # the flushers' blocking reads on a pool of their own, closed after they stopped.
@@ -111,7 +112,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
 
 
 def _failover(app: web.Application, s: Settings, role: str, client: Any,
-              pg_store: PostgresStore) -> Failover | None:
+              pg_store: PostgresStore, hot: HotTier) -> Failover | None:
     """redis.write_through: an API process's switch to PostgreSQL alone while Redis is down."""
     if not (s.redis.write_through and role in API_ROLES):
         return None
@@ -121,18 +122,28 @@ def _failover(app: web.Application, s: Settings, role: str, client: Any,
     settle_s = 2 * s.flush.max_delay_ms / 1000 + 0.2
 
     written_through: set[str] = set()  # what this process took since Redis went down
+    erased: set[tuple[str, str]] = set()  # (thread id, message id or '') erased meanwhile
 
     async def publish(entries: list[tuple[str, dict[str, str]]]) -> None:
+        # An erasure first leaves Redis (its entries of every group too), then its event
+        # joins the log: ClickHouse blanks what it stores once the event reaches it.
+        for _, fields in entries:
+            if fields["e"] in ERASED:
+                erased.add(await hot.recovery.erased(fields))
         await log.add_for(CH.name, entries)
         written_through.update(routing_id for routing_id, _ in entries)
 
     async def pending_behind(final: bool) -> int:
-        """Write-through's changes go to ClickHouse; what Redis holds behind PostgreSQL is
-        dropped once clean (and, at the end, the rest has its counters raised)."""
+        """Write-through's changes go to ClickHouse (its erasures leave Redis first); what
+        Redis holds behind PostgreSQL is dropped once clean (and, at the end, the rest has
+        its counters raised). What was erased is blanked in PostgreSQL again each pass: a
+        flush may have raced its erasure from Redis (WriteThrough.erase_again)."""
         await through.take_events(publish)
         pending = await reconciler.run("raise" if final else "drop", frozenset(written_through))
+        await through.erase_again(sorted(erased))
         if final:
             written_through.clear()
+            erased.clear()
         return pending["raised"]
 
     failover = app[routes.FAILOVER] = Failover(

@@ -12,7 +12,7 @@ import orjson
 from proxy import model
 from proxy.backends import PG, Backing, ThreadRow
 from proxy.backends.postgres.writethrough import WriteThrough
-from proxy.errors import NotFound, Unavailable
+from proxy.errors import NotFound
 from proxy.failover import Failover
 from proxy.hot import Feed, HotTier, InboxPage, Marker, Page, Result, page_range
 from proxy.hot.changes import resync
@@ -81,8 +81,12 @@ class PostgresTier:
             tid, mid, if_match, lambda d, ms: model.edited_message(d, patch.fields, ms))
         return Result(row.doc, PG.tier, False, PERSISTED)
 
-    async def delete_message(self, tid: str, mid: str, if_match: str) -> Result:
-        row = await self._through.update_message(tid, mid, if_match, model.deleted_message)
+    async def delete_message(self, tid: str, mid: str, if_match: str,
+                             erase: bool = False) -> Result:
+        """`erase`: the tombstone, the content blanked and its logged changes dropped; the
+        erase event takes it out of ClickHouse and, on recovery, of Redis (proxy.services)."""
+        row = await self._through.update_message(tid, mid, if_match, model.deleted_message,
+                                                 erase)
         return Result(row.doc, PG.tier, False, PERSISTED)
 
     async def inbox(self, owner: str, before: model.InboxKey | None, limit: int) -> InboxPage:
@@ -144,8 +148,8 @@ class Tiers:
                             erase: bool = False) -> Result:
         return await self._serve(
             lambda: self._hot.threads.delete(tid, if_match, durability, erase),
-            _no_erase if erase else
-            lambda: self._pg.put_thread(tid, model.ThreadInput("", "", {}), if_match, "del"))
+            lambda: self._pg.put_thread(tid, model.ThreadInput("", "", {}), if_match,
+                                        "erase" if erase else "del"))
 
     async def get_thread(self, tid: str) -> Result:
         return await self._serve(lambda: self._hot.threads.get(tid),
@@ -177,7 +181,7 @@ class Tiers:
                              durability: str, erase: bool = False) -> Result:
         return await self._serve(
             lambda: self._hot.messages.delete(tid, mid, if_match, durability, erase),
-            _no_erase if erase else lambda: self._pg.delete_message(tid, mid, if_match))
+            lambda: self._pg.delete_message(tid, mid, if_match, erase))
 
     async def put_state(self, key: str, st: model.StateInput, if_match: str,
                         durability: str) -> Result:
@@ -210,9 +214,3 @@ class Tiers:
         return await self._serve(lambda: self._hot.inbox.page(owner, before, limit),
                                  lambda: self._pg.inbox(owner, before, limit), write=False)
 
-
-async def _no_erase() -> Result:
-    """Write-through does not erase: the log and ClickHouse, which hold earlier versions, are
-    cleaned by the erase's own log entry, so an erase waits for Redis."""
-    raise Unavailable("erasure needs redis, which is down; retry once it is back",
-                      retry_after_s=5.0)

@@ -30,16 +30,17 @@ from tests.helpers import body, wait_for
 STAMP = "2026-05-06T07:08:09.010Z"
 
 
-def thread(tid: str, version: int, title: str = "t") -> Change:
+def thread(tid: str, version: int, title: str = "t", deleted: bool = False) -> Change:
     doc = {"version": version, "created_at": STAMP, "thread_id": tid, "title": title,
-           "owner_id": "o", "metadata": {"a": 1}, "updated_at": STAMP, "deleted": False}
+           "owner_id": "o", "metadata": {"a": 1}, "updated_at": STAMP, "deleted": deleted}
     return Change(0, "0-1", "t", tid, tid, version, "thread.test", 0, orjson.dumps(doc))
 
 
-def message(tid: str, mid: str, seq: int, version: int = 1, content: str = "") -> Change:
+def message(tid: str, mid: str, seq: int, version: int = 1, content: str = "",
+            deleted: bool = False) -> Change:
     doc = {"seq": seq, "version": version, "message_id": mid, "thread_id": tid, "role": "user",
            "content": content or f"{mid} v{version}", "metadata": {"n": seq},
-           "created_at": STAMP, "updated_at": STAMP, "deleted": False}
+           "created_at": STAMP, "updated_at": STAMP, "deleted": deleted}
     return Change(0, "0-1", "m", mid, tid, version, "message.test", 0, orjson.dumps(doc),
                   fingerprint=f"fp-{mid}")
 
@@ -83,6 +84,24 @@ async def test_equal_versions_with_other_content_are_counted_in_a_large_batch(
                              " AND message_id = 'm5'", tid) == "m5 v1"
     assert await pg.fetchval("SELECT count(*) FROM messages WHERE thread_id = $1", tid) == 2001
     assert await pg.fetchval("SELECT last_seq FROM threads WHERE thread_id = $1", tid) == 2001
+
+
+async def test_a_live_version_above_a_tombstone_is_counted_and_not_written(
+        sink: PostgresSink, pg: asyncpg.Connection) -> None:
+    """A tombstone is final (the API never revives one): an edit Redis acknowledged before
+    an erase written through PostgreSQL while it was down, flushed after it at a higher
+    version, must not bring the content back (tests/test_failover_erase.py)."""
+    tid = f"d-{new_id()}"
+    await sink.write([thread(tid, 2, title="", deleted=True),
+                      message(tid, "m1", 1, 2, content="-", deleted=True)])
+    before = {t: conflicts(t) for t in ("threads", "messages")}
+    await sink.write([thread(tid, 3, title="secret"), message(tid, "m1", 1, 3, "secret")])
+    assert {t: conflicts(t) - before[t] for t in before} == {"threads": 1, "messages": 1}
+    assert await pg.fetchval("SELECT count(*) FROM messages m JOIN threads t USING (thread_id)"
+                             " WHERE thread_id = $1 AND m.version = 2 AND m.deleted"
+                             " AND t.version = 2 AND t.deleted", tid) == 1
+    await sink.write([message(tid, "m1", 1, 4, content="-", deleted=True)])  # an erase again
+    assert await pg.fetchval("SELECT version FROM messages WHERE thread_id = $1", tid) == 4
 
 
 async def test_the_staging_table_holds_one_transaction_only(

@@ -245,12 +245,13 @@ def test_every_script_with_a_refusal_has_a_case() -> None:
     # The others never refuse: they read, or always write (groups, fences, the release).
     assert set(SCRIPTS) - refusing == {"read_page", "get_message", "count_from", "create_groups",
                                        "load_fence", "release", "inbox_scan", "inbox_check",
-                                       "read_changes", "raise_markers"}
+                                       "read_changes", "raise_markers", "erase_entries"}
 
 
 def test_includes_are_expanded_and_lib_parts_are_not_scripts() -> None:
-    """Redis gets self-contained texts: no include line is left, the shared erase is in both
-    scripts that use it, and lib/ parts are not registered as scripts of their own."""
+    """Redis gets self-contained texts: no include line is left, the shared erase is in every
+    script that uses it, and lib/ parts are not registered as scripts of their own."""
     assert not any("--#include" in text for text in SCRIPTS.values())
-    assert all("local function erase(" in SCRIPTS[n] for n in ("message_update", "thread_put"))
+    assert all("local function erase(" in SCRIPTS[n] for n in ("message_update", "thread_put",
+                                                               "erase_entries"))
     assert "erase" not in SCRIPTS

@@ -9,6 +9,7 @@ thread's window) is read through the backing (PostgreSQL) and cached again.
     hot.ephemeral publish (pushed to subscribers, never stored)
     hot.markers   get, put, unread (read markers, issue 12.2)
     hot.inbox     an owner's threads by last activity (Redis's index merged with PostgreSQL)
+    hot.recovery  erased (after write-through: what Redis holds of an erasure made without it)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from proxy.failpoints import Failpoints
 from proxy.hot.changes import Changes, Feed
 from proxy.hot.core import Core, Result
 from proxy.hot.ephemeral import Ephemerals
+from proxy.hot.erasure import Recovery
 from proxy.hot.inbox import Inbox, InboxPage
 from proxy.hot.markers import Marker, Markers
 from proxy.hot.messages import Messages
@@ -46,4 +48,5 @@ class HotTier:
         self.ephemeral = Ephemerals(core, self.threads)
         self.markers = Markers(core, self.threads)
         self.inbox = Inbox(core)
+        self.recovery = Recovery(core)
         self.aclose = core.aclose

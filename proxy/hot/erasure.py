@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy import keys
+from proxy.backends import PG
 from proxy.hot.core import Core
 
 PAGE = 1000  # entries per read
@@ -49,3 +50,24 @@ async def _scan(core: Core, stream: str, match: Match) -> tuple[list[str], str]:
             start = f"({last}"
         if len(page) < PAGE:
             return found, last
+
+
+class Recovery:
+    """After write-through: Redis forgets what it holds of the erasures made in PostgreSQL
+    alone while it was down (erase_entries.lua)."""
+
+    def __init__(self, core: Core) -> None:
+        self._c = core
+
+    async def erased(self, fields: dict[str, str]) -> tuple[str, str]:
+        """Erase what the erase event `fields` (a write-through log entry) names; its scope,
+        (thread id, message id or '' for the whole thread)."""
+        tid = fields["tid"]
+        mid = fields["id"] if fields["k"] == "m" else ""
+        s = self._c.shard(tid)
+        ahead = await read_ahead(self._c, s, of_message(tid, mid) if mid else of_thread(tid))
+        await self._c.run("erase_entries", [
+            keys.thread(s, tid), keys.messages(s, tid), keys.log(s), keys.dead_letters(s),
+            keys.cold(s, tid), keys.overlay(s, tid)],
+            [tid, mid, "" if mid else fields["d"], PG.name, *ahead])
+        return tid, mid

@@ -171,8 +171,9 @@ def parameters() -> Schema:
                        "`true`: erase, not only tombstone — the content and metadata leave "
                        "every tier in every stored version (Redis docs, log entries and dead "
                        "letters; PostgreSQL; ClickHouse), the tombstone keeps the seq. Also "
-                       "for what is already deleted. Another value than true or false: 400; "
-                       "while Redis is down (write-through): 503."),
+                       "for what is already deleted. Another value than true or false: 400. "
+                       "While Redis is down (write-through): through PostgreSQL, Redis's "
+                       "copies erased on its recovery."),
     }
 
 

@@ -49,7 +49,7 @@ WITH written AS (
         version = excluded.version, deleted = excluded.deleted,
         last_activity_at = greatest(t.last_activity_at, excluded.last_activity_at),
         cseq = excluded.cseq, last_cseq = greatest(t.last_cseq, excluded.last_cseq)
-    WHERE excluded.version > t.version
+    WHERE excluded.version > t.version AND (excluded.deleted OR NOT t.deleted)
     RETURNING 1)
 SELECT count(*) FROM written
 """
@@ -69,7 +69,7 @@ written AS (
         updated_at = excluded.updated_at, version = excluded.version,
         deleted = excluded.deleted, fingerprint = coalesce(m.fingerprint, excluded.fingerprint),
         cseq = excluded.cseq
-    WHERE excluded.version > m.version
+    WHERE excluded.version > m.version AND (excluded.deleted OR NOT m.deleted)
     RETURNING 1),
 last_seqs AS (
     -- inbox: the thread's last activity moves to its newest message (never backwards)
@@ -110,20 +110,25 @@ WITH written AS (
 SELECT count(*) FROM written
 """
 
-# Staged rows skipped because PostgreSQL already holds their version — with other content.
-# A replay skips the same content; other content at an equal version means a version was
-# handed out twice (a bug or a Redis that lost data): never silently dropped, counted.
+# Staged rows skipped because PostgreSQL already holds their version — with other content —
+# or a tombstone below it. A replay skips the same content; other content at an equal version
+# means a version was handed out twice (a bug or a Redis that lost data). A thread or message
+# tombstone is final (the API never revives one): a live version above it is a change Redis
+# acknowledged and had not flushed when the entity was deleted or erased through PostgreSQL
+# while Redis was down (proxy.failover); it must not bring the content back. Never silently
+# dropped, counted.
 CONFLICTS = {
     "threads": f"""
 SELECT x.thread_id FROM ({_THREADS}) x
-JOIN threads t ON t.thread_id = x.thread_id AND t.version = x.version
+JOIN threads t ON t.thread_id = x.thread_id
+              AND (t.version = x.version OR (t.deleted AND t.version < x.version))
 WHERE (t.title, t.owner_id, t.metadata, t.deleted)
       IS DISTINCT FROM (x.title, x.owner_id, x.metadata, x.deleted)
 """,
     "messages": f"""
 SELECT x.thread_id || '/' || x.message_id FROM ({_MESSAGES}) x
 JOIN messages m ON m.thread_id = x.thread_id AND m.message_id = x.message_id
-               AND m.version = x.version
+               AND (m.version = x.version OR (m.deleted AND m.version < x.version))
 WHERE (m.role, m.content, m.metadata, m.deleted)
       IS DISTINCT FROM (x.role, x.content, x.metadata, x.deleted)
 """,

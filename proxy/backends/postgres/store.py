@@ -129,7 +129,8 @@ class PostgresStore:
             metrics.VERSION_CONFLICTS.labels(table).inc(len(ids))
             metrics.REDIS_DATA_LOSS.labels("version_taken").inc()
             logger.error("postgres %s: %d rows arrived at a version already stored with other "
-                         "content (kept what was stored): %s", table, len(ids), ids[:20])
+                         "content, or above a tombstone (kept what was stored): %s", table,
+                         len(ids), ids[:20])
 
     async def fetch_thread(self, tid: str) -> dict[str, Any] | None:
         row = await self._pool.fetchrow(

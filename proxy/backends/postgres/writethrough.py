@@ -17,6 +17,7 @@ import orjson
 from proxy import model
 from proxy.backends import MessageRow, StateRow, ThreadRow, message_row, state_row, thread_row
 from proxy.backends.postgres import DOWN, SCHEMA_PENDING
+from proxy.backends.postgres.sql import ERASE
 from proxy.backends.postgres.store import DATA_ERRORS, PostgresStore
 from proxy.errors import Conflict, Invalid, NotFound, PreconditionFailed, Unavailable
 
@@ -27,6 +28,7 @@ _THREAD = ("thread_id, title, owner_id, metadata::text AS metadata, created_at, 
 _MESSAGE = ("message_id, thread_id, seq, role, content, metadata::text AS metadata,"
             " created_at, updated_at, version, deleted, fingerprint, cseq")
 _STATE = "key, value::text AS value, version, expires_at, updated_at, deleted"
+_THREAD_EVENTS = {"del": "thread.deleted", "erase": "thread.erased"}
 
 PUT_THREAD = f"""
 INSERT INTO threads AS t (thread_id, title, owner_id, metadata, created_at, updated_at,
@@ -95,23 +97,24 @@ class WriteThrough:
 
     async def put_thread(self, tid: str, t: model.ThreadInput, if_match: str,
                          op: str) -> tuple[ThreadRow, bool]:
-        """Create, replace ('put') or tombstone ('del') a thread; True if it is new."""
+        """Create, replace ('put'), tombstone ('del') or erase ('erase': a deleted thread
+        too) a thread; True if it is new."""
         async with self._transaction() as conn:
             cur = await conn.fetchrow("SELECT version, deleted FROM threads"
                                       " WHERE thread_id = $1 FOR UPDATE", tid)
             v = cur["version"] if cur else 0
-            if v and cur["deleted"]:
+            if v and cur["deleted"] and op != "erase":
                 raise (NotFound if op == "del" else Conflict)(f"thread {tid} was deleted")
-            if not v and op == "del":
+            if not v and op != "put":
                 raise NotFound(f"thread {tid} not found")
             if if_match and if_match != str(v):
                 raise PreconditionFailed(f"thread {tid} is at version {v}", {"version": str(v)})
             row = _thread(await conn.fetchrow(PUT_THREAD, tid, t.title, t.owner_id,
                                               orjson.dumps(t.metadata).decode(), _now(),
-                                              v + 1, op == "del", await _next_cseq(conn, tid)))
-            event = "thread.deleted" if op == "del" else (
-                "thread.created" if v == 0 else "thread.updated")
-            await _logged(conn, tid, "t", tid, row.version, event, row.doc)
+                                              v + 1, op != "put", await _next_cseq(conn, tid)))
+            await _logged(conn, tid, "t", tid, row.version, _THREAD_EVENTS.get(op) or (
+                "thread.created" if v == 0 else "thread.updated"), row.doc,
+                erased=op == "erase")
         return row, v == 0
 
     async def append(self, tid: str, mid: str, m: model.MessageInput,
@@ -144,15 +147,16 @@ class WriteThrough:
         return row, True
 
     async def update_message(self, tid: str, mid: str, if_match: str,
-                             change: Change) -> MessageRow:
-        """Edit or tombstone a live message at If-Match."""
+                             change: Change, erase: bool = False) -> MessageRow:
+        """Edit or tombstone a live message at If-Match; `erase` tombstones a deleted one
+        too (its earlier versions held its content)."""
         async with self._transaction() as conn:
             await _live_thread(conn, tid)
             old = await conn.fetchrow(f"SELECT {_MESSAGE} FROM messages WHERE thread_id = $1"
                                       " AND message_id = $2 FOR UPDATE", tid, mid)
             if old is None:
                 raise NotFound(f"message {mid} not found in thread {tid}")
-            if old["deleted"]:
+            if old["deleted"] and not erase:
                 raise NotFound(f"message {mid} was deleted")
             version = str(old["version"])
             if if_match and if_match != version:
@@ -166,8 +170,10 @@ class WriteThrough:
                 cseq))
             await conn.execute("UPDATE threads SET last_cseq = $2 WHERE thread_id = $1",
                                tid, cseq)
-            event = "message.deleted" if new["deleted"] else "message.updated"
-            await _logged(conn, tid, "m", mid, row.version, event, row.doc, row.fingerprint)
+            event = "message.erased" if erase else (
+                "message.deleted" if new["deleted"] else "message.updated")
+            await _logged(conn, tid, "m", mid, row.version, event, row.doc, row.fingerprint,
+                          erased=erase)
         return row
 
     async def put_state(self, key: str, value: Any, expires_at_ms: int | None, if_match: str,
@@ -211,6 +217,15 @@ class WriteThrough:
                           {"field": "seq", "last_seq": r["last_seq"]})
         return int(r["seq"])
 
+    async def erase_again(self, scopes: list[tuple[str, str]]) -> None:
+        """Blank again what was erased through PostgreSQL, (thread id, message id or ''):
+        a change Redis held unflushed of a message of an erased thread (not a tombstone, so
+        the flush takes it: sql.py CONFLICTS) may have been flushed in the moment Redis was
+        back, before recovery erased it from the log."""
+        if scopes:
+            async with self._transaction() as conn:
+                await conn.execute(ERASE, [t for t, _ in scopes], [m for _, m in scopes])
+
     async def take_events(self, publish: Callable[[list[tuple[str, dict[str, str]]]],
                                                   Awaitable[None]]) -> int:
         """Hand the logged changes to `publish` as (routing id, log-entry fields), a batch at
@@ -231,8 +246,14 @@ class WriteThrough:
 
 
 async def _logged(conn: asyncpg.Connection, routing_id: str, kind: str, entity_id: str,
-                  version: int, event: str, doc: bytes, fingerprint: str = "") -> None:
-    """The change as the log entry a Redis script would have written (keys.py)."""
+                  version: int, event: str, doc: bytes, fingerprint: str = "",
+                  erased: bool = False) -> None:
+    """The change as the log entry a Redis script would have written (keys.py). `erased`:
+    first blank what the flush's erasure blanks (a thread's messages too) and drop the
+    logged changes that still hold the content (sql.py ERASE); the erase event then tells
+    ClickHouse, once published, to blank every version it stores."""
+    if erased:
+        await conn.execute(ERASE, [routing_id], [entity_id if kind == "m" else ""])
     fields = {"k": kind, "id": entity_id, "tid": routing_id, "v": str(version), "e": event,
               "ts": str(model.now_ms()), "d": doc.decode(), "f": fingerprint}
     await conn.execute("INSERT INTO write_through_events (routing_id, fields)"
