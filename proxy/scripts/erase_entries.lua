@@ -25,16 +25,10 @@ if mid ~= '' then
   redis.call('ZREM', KEYS[6], mid)
   return redis.call('HDEL', KEYS[2], 'd|' .. mid) + redis.call('HDEL', KEYS[5], mid)
 end
-local docs = {}
-for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
-  if string.sub(field, 1, 2) == 'd|' then docs[#docs + 1] = field end
-end
-for i = 1, #docs, 1000 do
-  redis.call('HDEL', KEYS[2], unpack(docs, i, math.min(i + 999, #docs)))
-end
+local dropped = drop_docs(KEYS[2])
 -- The cached thread doc holds its title and metadata: PostgreSQL's tombstone replaces it,
 -- deleted as it is there (no append is taken into it meanwhile).
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'del', '1')
 end
-return #docs + redis.call('DEL', KEYS[5], KEYS[6])
+return dropped + redis.call('DEL', KEYS[5], KEYS[6])

@@ -41,13 +41,7 @@ if erasing then
       if f['k'] == 't' and f['id'] == ARGV[8] then return '' end
     end, 12)
   end
-  local docs = {}
-  for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
-    if string.sub(field, 1, 2) == 'd|' then docs[#docs + 1] = field end
-  end
-  for i = 1, #docs, 1000 do
-    redis.call('HDEL', KEYS[2], unpack(docs, i, math.min(i + 999, #docs)))
-  end
+  drop_docs(KEYS[2])
   -- The overlay and cold cache go; so does the load fence: a read-through that began
   -- before must not fill what it read.
   redis.call('DEL', KEYS[7], KEYS[9], KEYS[5])

@@ -6,8 +6,8 @@
 -- `at`: the last log id and dead-letter id it read, how many log ids, the log ids, the
 -- dead-letter ids), each checked again here; what came after those it read is scanned here,
 -- so every entry is seen atomically without a scan of the whole log blocking Redis.
--- Shared by message_update.lua and thread_put.lua: proxy/luascripts.py puts this file in
--- place of their include line before the scripts are loaded.
+-- Shared by message_update.lua, thread_put.lua and erase_entries.lua: proxy/luascripts.py
+-- puts this file in place of their include line before the scripts are loaded.
 local function erase(log, dlq, thread, msgs, release, match, at)
   local function id_of(id)
     local ms, n = string.match(id, '^(%d+)-(%d+)$')
@@ -63,4 +63,17 @@ local function erase(log, dlq, thread, msgs, release, match, at)
       visit(s == 1, stream, entry)
     end
   end
+end
+
+-- A thread erase's docs: every cached message doc of the thread (the d| fields of its
+-- messages hash) goes, in HDELs of 1000; returns how many.
+local function drop_docs(msgs)
+  local docs = {}
+  for _, field in ipairs(redis.call('HKEYS', msgs)) do
+    if string.sub(field, 1, 2) == 'd|' then docs[#docs + 1] = field end
+  end
+  for i = 1, #docs, 1000 do
+    redis.call('HDEL', msgs, unpack(docs, i, math.min(i + 999, #docs)))
+  end
+  return #docs
 end
