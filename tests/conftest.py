@@ -118,6 +118,16 @@ async def redis(servers: Servers) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A Redis of the test's own, to kill and start again (its AOF fsynced at every write, so
+    what it acknowledged comes back)."""
+    server = RedisServer(tmp_path / "redis", extra_args=["--appendfsync", "always"])
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
 async def pg(servers: Servers) -> AsyncIterator[asyncpg.Connection]:
     """A plain connection for assertions; the schema exists and the tables are empty."""
     conn = await asyncpg.connect(servers.postgres_url)

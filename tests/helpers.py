@@ -89,6 +89,26 @@ async def wait_for(cond: Callable[[], Awaitable[Any]], timeout_s: float = 10.0,
         await asyncio.sleep(interval_s)
 
 
+async def past_503(send: Callable[[], Awaitable[ClientResponse]],
+                   timeout_s: float = 20.0) -> ClientResponse:
+    """`send()` again until its answer is not a 503: a write waiting for write-through to take
+    over once Redis is down. Returns that answer."""
+    async def answered() -> ClientResponse | None:
+        resp = await send()
+        return None if resp.status == 503 else resp
+
+    resp: ClientResponse = await wait_for(answered, timeout_s=timeout_s, interval_s=0.05)
+    return resp
+
+
+async def write_behind_again(client: Any, timeout_s: float = 40.0) -> None:
+    """Until /v1/status says write-behind: Redis is back and reconciled with PostgreSQL."""
+    async def resumed() -> bool:
+        return bool((await body(await client.get("/v1/status"), 200))["mode"] == "write-behind")
+
+    await wait_for(resumed, timeout_s=timeout_s, interval_s=0.1)
+
+
 async def body(resp: ClientResponse, status: int) -> Any:
     """The JSON body of a response that must have `status`."""
     raw = await resp.read()

@@ -8,8 +8,7 @@ gapless. The switch-over times are printed (never asserted: machines differ)."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -23,7 +22,7 @@ from proxy.embedded import RedisServer
 from tests.conftest import AppClient, Servers, make_settings
 from tests.faults.results import Outcome, recording
 from tests.faults.tcpproxy import FaultProxy
-from tests.helpers import body, wait_for
+from tests.helpers import body, past_503, wait_for, write_behind_again
 
 Client = TestClient[Any, Any]
 
@@ -33,14 +32,6 @@ def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
     """The figures, recorded for RELIABILITY.md's matrix when TIERPROXY_FAULTS_RESULTS asks
     for them (tests/faults/results.py)."""
     yield from recording(request)
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", extra_args=["--appendfsync", "always"])
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture
@@ -74,13 +65,7 @@ async def test_writes_go_through_postgres_while_redis_is_down(
     own_redis.kill()
     killed = time.monotonic()
 
-    async def through() -> Any:
-        resp = await append(sidecar, "f1", "m3")
-        if resp.status == 503:
-            return None
-        return resp
-
-    resp = await wait_for(through, timeout_s=20, interval_s=0.05)
+    resp = await past_503(lambda: append(sidecar, "f1", "m3"))
     switched = time.monotonic() - killed
     doc = await body(resp, 201)
     assert doc["seq"] == 3
@@ -166,11 +151,7 @@ async def test_an_unflushed_append_lands_after_the_ones_written_through(
     assert (await body(earlier, 200))["version"] == 2
     own_redis.kill()
 
-    async def through() -> Any:
-        resp = await append(sidecar, "f7", "m3")
-        return None if resp.status == 503 else resp
-
-    resp = await wait_for(through, timeout_s=20, interval_s=0.05)
+    resp = await past_503(lambda: append(sidecar, "f7", "m3"))
     assert (await body(resp, 201))["seq"] == unflushed["seq"] == 2
     assert resp.headers["X-Tier"] == "postgres"
     later = await sidecar.patch("/v1/threads/f7/messages/m1", json={"content": "through"})
@@ -179,11 +160,7 @@ async def test_an_unflushed_append_lands_after_the_ones_written_through(
     own_redis.start()
     back = time.monotonic()
 
-    async def behind() -> bool:
-        return bool((await body(await sidecar.get("/v1/status"), 200))["mode"]
-                    == "write-behind")
-
-    await wait_for(behind, timeout_s=40, interval_s=0.1)  # after m2's flush (reconciled)
+    await write_behind_again(sidecar)  # after m2's flush (reconciled)
     outcome.recovered(back, time.monotonic())
     resp = await append(sidecar, "f7", "m4")
     assert ((await body(resp, 201))["seq"], resp.headers["X-Tier"]) == (4, "redis")
@@ -238,11 +215,7 @@ async def test_a_sidecar_cut_off_from_redis_keeps_both_appends(
         proxy.set_mode("down")
         acked = await body(await append(a, "p1", "m2"), 201)  # seq 2, in Redis only
 
-        async def through() -> Any:
-            resp = await append(b, "p1", "m3")
-            return None if resp.status == 503 else resp
-
-        resp = await wait_for(through, timeout_s=10, interval_s=0.05)
+        resp = await past_503(lambda: append(b, "p1", "m3"), timeout_s=10)
         assert (await body(resp, 201))["seq"] == acked["seq"] == 2
         assert resp.headers["X-Durability"] == "persisted"
         await wait_for(lambda: flushed(pg, "p1", 3), timeout_s=30)
@@ -273,11 +246,7 @@ async def test_read_markers_go_through_postgres_while_redis_is_down(
                                        " WHERE thread_id = 'f3' AND user_id = 'u1'"))
     own_redis.kill()
 
-    async def through() -> Any:
-        resp = await sidecar.put(url, json={"seq": 3})
-        return None if resp.status == 503 else resp
-
-    resp = await wait_for(through, timeout_s=20, interval_s=0.05)
+    resp = await past_503(lambda: sidecar.put(url, json={"seq": 3}))
     assert (await body(resp, 200))["seq"] == 3
     assert (resp.headers["X-Tier"], resp.headers["X-Durability"]) == ("postgres", "persisted")
     assert (await body(await sidecar.put(url, json={"seq": 2}), 200))["seq"] == 3

@@ -9,7 +9,6 @@ bytes (tests/test_erasure.py's search) in the test's own Redis, killed and start
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -22,19 +21,11 @@ from proxy.app import FAILPOINTS
 from proxy.backends.clickhouse import ClickHouseStore
 from proxy.embedded import RedisServer
 from tests.conftest import AppClient, Servers, make_settings
-from tests.helpers import append, body, settled, wait_for
+from tests.helpers import append, body, past_503, settled, wait_for, write_behind_again
 from tests.test_erasure import ch_holding, holding, marker, nowhere, pg_holding, redis_holding
 
 Client = TestClient[Any, Any]
 SHARDS = 4  # make_settings'
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", extra_args=["--appendfsync", "always"])
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture
@@ -55,11 +46,7 @@ async def switched(c: Client, own_redis: RedisServer) -> None:
     """Kill Redis, and write (a state entry) until PostgreSQL answers."""
     own_redis.kill()
 
-    async def through() -> Any:
-        resp = await c.put("/v1/state/switch", json={"value": 1})
-        return None if resp.status == 503 else resp
-
-    resp = await wait_for(through, timeout_s=20, interval_s=0.05)
+    resp = await past_503(lambda: c.put("/v1/state/switch", json={"value": 1}))
     assert resp.headers["X-Tier"] == "postgres"
 
 
@@ -67,10 +54,7 @@ async def resumed(c: Client, own_redis: RedisServer, r: aioredis.Redis) -> None:
     own_redis.start()
     await r.connection_pool.disconnect()  # the test's connections died with the old server
 
-    async def behind() -> bool:
-        return bool((await body(await c.get("/v1/status"), 200))["mode"] == "write-behind")
-
-    await wait_for(behind, timeout_s=40, interval_s=0.1)
+    await write_behind_again(c)
 
 
 async def erased_through(c: Client, path: str, status: int = 200,

@@ -6,7 +6,6 @@ and live pushes carry on after them."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -15,19 +14,11 @@ from aiohttp.test_utils import TestClient
 
 from proxy.embedded import RedisServer
 from tests.conftest import AppClient, Servers, make_settings
-from tests.helpers import body, wait_for
+from tests.helpers import body, past_503, wait_for
 from tests.test_failover import flushed
 from tests.test_ws import created_seqs, hub_listening, subscribe
 
 Client = TestClient[Any, Any]
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "redis", extra_args=["--appendfsync", "always"])
-    server.start()
-    yield server
-    server.kill()
 
 
 async def append(c: Client, tid: str, mid: str) -> Any:
@@ -49,17 +40,13 @@ async def test_write_through_messages_reach_subscribers_after_recovery(
         await body(await append(c, "w1", "m1"), 201)
         assert await created_seqs(ws, "w1", until=1) == [1]
         # Flushed first: an append acknowledged by Redis but not yet in PostgreSQL when Redis
-        # dies collides with write-through's seq (FAULTS.md 7, open; RELIABILITY.md).
+        # dies would lose its seq to write-through's and move (RELIABILITY.md).
         await wait_for(lambda: flushed(pg, "w1", 1))
 
         own_redis.kill()
 
-        async def through(mid: str) -> Any:
-            resp = await append(c, "w1", mid)
-            return None if resp.status == 503 else resp
-
         for mid, seq in (("m2", 2), ("m3", 3)):
-            resp = await wait_for(lambda mid=mid: through(mid), timeout_s=20, interval_s=0.05)
+            resp = await past_503(lambda mid=mid: append(c, "w1", mid))
             assert resp.headers["X-Tier"] == "postgres"
             assert (await body(resp, 201))["seq"] == seq
 

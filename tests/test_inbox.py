@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -232,14 +230,6 @@ async def test_a_cursor_from_another_page_size_or_sidecar_goes_on_from_there(
     rest = await inbox(b, "u1", limit=10, before=page["next_cursor"])
     assert [t["thread_id"] for t in rest["items"]] == ["c3", "c2", "c1", "c0"]
     assert rest["next_cursor"] is None
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
 
 
 async def test_with_redis_down_the_inbox_comes_from_postgres_alone(
