@@ -23,31 +23,17 @@ PAUSED: dict[str, dict[str, Any]] = {"debug": {"failpoint": "after-read:sleep"},
                                      "shutdown": {"deadline_s": 0.1}}
 
 
-async def _value(r: aioredis.Redis, key: bytes, kind: str) -> Any:
-    if kind == "string":
-        return await r.get(key)
-    if kind == "hash":
-        return await r.hgetall(key)
-    if kind == "zset":
-        return await r.zrange(key, 0, -1, withscores=True)
-    if kind == "list":
-        return await r.lrange(key, 0, -1)
-    if kind == "set":
-        return sorted(await r.smembers(key))
-    if kind == "stream":
-        # Only what was appended: the background flushers' reads, acks and trims (pg and ch
-        # groups, at their own pace) are not writes of the request under test.
-        return (await r.xinfo_stream(key))["last-generated-id"]
-    raise AssertionError(f"unexpected redis type {kind} of {key!r}")
-
-
 async def dump_redis(r: aioredis.Redis) -> Dump:
     """Every key: its type, its full value (stream: the last id appended) and whether it
     has a TTL. Equal dumps mean nothing was written."""
     out: Dump = {}
     async for key in r.scan_iter(count=1000):
         kind = (await r.type(key)).decode()
-        out[key] = (kind, await _value(r, key, kind), await r.pttl(key) > 0)
+        # A stream: only what was appended. The background flushers' reads, acks and trims
+        # (pg and ch groups, at their own pace) are not writes of the request under test.
+        value = ((await r.xinfo_stream(key))["last-generated-id"] if kind == "stream"
+                 else await key_value(r, key, kind))
+        out[key] = (kind, value, await r.pttl(key) > 0)
     return out
 
 
@@ -141,10 +127,11 @@ async def log_entries(r: aioredis.Redis, stream: str) -> list[dict[str, str]]:
             for _, fields in await r.xrange(stream)]
 
 
-async def key_value(r: aioredis.Redis, key: bytes) -> Any:
-    """A key's whole value, whatever its type (streams: every entry; sorted sets: with their
-    scores), for searching Redis for a text."""
-    kind = (await r.type(key)).decode()
+async def key_value(r: aioredis.Redis, key: bytes, kind: str = "") -> Any:
+    """A key's whole value by its type (`kind`, if the caller has it): streams every entry,
+    sorted sets with their scores, sets sorted. For comparing Redis before and after, and for
+    searching it for a text."""
+    kind = kind or (await r.type(key)).decode()
     if kind == "stream":
         return await r.xrange(key)
     if kind == "hash":
@@ -152,7 +139,9 @@ async def key_value(r: aioredis.Redis, key: bytes) -> Any:
     if kind == "zset":
         return await r.zrange(key, 0, -1, withscores=True)
     if kind == "set":
-        return await r.smembers(key)
+        return sorted(await r.smembers(key))
     if kind == "list":
         return await r.lrange(key, 0, -1)
-    return await r.get(key)
+    if kind == "string":
+        return await r.get(key)
+    raise AssertionError(f"unexpected redis type {kind} of {key!r}")
