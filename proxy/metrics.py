@@ -57,8 +57,8 @@ VERSION_CONFLICTS = Counter(
 REDIS_DATA_LOSS = Counter(
     "tierproxy_redis_data_loss_total",
     "Signs that Redis lost acknowledged data: its epoch changed (all), or PostgreSQL already "
-    "held a seq or version it handed out (seq_taken, version_taken); each triggers a "
-    "reconciliation of Redis's counters", ["kind"])
+    "held a seq, version or change number it handed out (seq_taken, version_taken, "
+    "cseq_taken); each triggers a reconciliation of Redis's counters", ["kind"])
 READ_THROUGH = Counter("tierproxy_read_through_total", "Reads served below Redis", ["tier"])
 REPLICATION_WAITS = Counter(
     "tierproxy_replication_waits_total",

@@ -30,17 +30,19 @@ from tests.helpers import body, wait_for
 STAMP = "2026-05-06T07:08:09.010Z"
 
 
-def thread(tid: str, version: int, title: str = "t", deleted: bool = False) -> Change:
+def thread(tid: str, version: int, title: str = "t", deleted: bool = False,
+           cseq: int = 0) -> Change:
     doc = {"version": version, "created_at": STAMP, "thread_id": tid, "title": title,
-           "owner_id": "o", "metadata": {"a": 1}, "updated_at": STAMP, "deleted": deleted}
+           "owner_id": "o", "metadata": {"a": 1}, "updated_at": STAMP, "deleted": deleted,
+           "cseq": cseq}
     return Change(0, "0-1", "t", tid, tid, version, "thread.test", 0, orjson.dumps(doc))
 
 
 def message(tid: str, mid: str, seq: int, version: int = 1, content: str = "",
-            deleted: bool = False) -> Change:
+            deleted: bool = False, cseq: int = 0) -> Change:
     doc = {"seq": seq, "version": version, "message_id": mid, "thread_id": tid, "role": "user",
            "content": content or f"{mid} v{version}", "metadata": {"n": seq},
-           "created_at": STAMP, "updated_at": STAMP, "deleted": deleted}
+           "created_at": STAMP, "updated_at": STAMP, "deleted": deleted, "cseq": cseq}
     return Change(0, "0-1", "m", mid, tid, version, "message.test", 0, orjson.dumps(doc),
                   fingerprint=f"fp-{mid}")
 
@@ -102,6 +104,28 @@ async def test_a_live_version_above_a_tombstone_is_counted_and_not_written(
                              " AND t.version = 2 AND t.deleted", tid) == 1
     await sink.write([message(tid, "m1", 1, 4, content="-", deleted=True)])  # an erase again
     assert await pg.fetchval("SELECT version FROM messages WHERE thread_id = $1", tid) == 4
+
+
+async def test_a_change_number_postgres_gave_another_change_moves_to_the_end(
+        sink: PostgresSink, pg: asyncpg.Connection) -> None:
+    """While Redis was down, write-through gave the next change numbers (cseq) of a thread to
+    its changes in PostgreSQL; changes Redis had acknowledged and not flushed hold the same
+    numbers. The changes feed reads one entry per number: each such change gets the next
+    number after the thread's highest (the nemesis in write-through mode found duplicates)."""
+    tid = f"q-{new_id()}"
+    await sink.write([thread(tid, 1, cseq=1), message(tid, "m1", 1, cseq=2),
+                      message(tid, "m2", 2, cseq=3)])
+    await sink.write([thread(tid, 2, title="through", cseq=4),  # written through
+                      message(tid, "m3", 3, cseq=5)])
+    # Redis's unflushed: m1's edit at 4 (the thread's), the thread's change at 5 (m3's), and
+    # m2's edit at 6 (nobody's), plus a replay of m3 (its own number: stays).
+    await sink.write([message(tid, "m1", 1, 2, cseq=4), thread(tid, 3, title="r", cseq=5),
+                      message(tid, "m2", 2, 2, cseq=6), message(tid, "m3", 3, cseq=5)])
+    rows = await pg.fetch("SELECT message_id, cseq FROM messages WHERE thread_id = $1"
+                          " ORDER BY message_id", tid)
+    assert {r["message_id"]: r["cseq"] for r in rows} == {"m1": 7, "m2": 6, "m3": 5}
+    assert tuple(await pg.fetchrow("SELECT cseq, last_cseq, version FROM threads"
+                                   " WHERE thread_id = $1", tid)) == (8, 8, 3)
 
 
 async def test_the_staging_table_holds_one_transaction_only(

@@ -190,3 +190,36 @@ FROM taken x JOIN batch b ON b.tid = x.tid LEFT JOIN stored st ON st.tid = x.tid
 WHERE s.kind = 'm' AND s.doc->>'thread_id' = x.tid AND s.doc->>'message_id' = x.mid
 RETURNING x.tid, x.mid, (s.doc->>'seq')::bigint AS seq
 """
+
+# A staged thread or message change whose change number (cseq) PostgreSQL holds for another
+# change of the thread — written through while Redis was down, or handed out again by a Redis
+# that lost data — takes the next number after the highest PostgreSQL and the batch hold, under
+# the thread's row lock: the changes feed has one entry per number. Cheap when nothing
+# collides: only a number at or below the thread's last_cseq is looked up. Run every flush,
+# after RESEQUENCE (whose moves are past every number already).
+MOVE_TAKEN_CSEQ = f"""
+WITH taken AS (
+    SELECT s.ctid AS at, t.thread_id AS tid,
+           row_number() OVER (PARTITION BY t.thread_id
+                              ORDER BY (s.doc->>'cseq')::bigint) AS n
+    FROM {STAGE} s JOIN threads t ON t.thread_id = s.doc->>'thread_id'
+    WHERE s.kind IN ('t', 'm') AND (s.doc->>'cseq')::bigint BETWEEN 1 AND t.last_cseq
+      AND ((s.kind = 'm' AND t.cseq = (s.doc->>'cseq')::bigint)
+           OR EXISTS (SELECT 1 FROM messages m WHERE m.thread_id = t.thread_id
+                      AND m.cseq = (s.doc->>'cseq')::bigint
+                      AND (s.kind = 't' OR m.message_id <> s.doc->>'message_id')))),
+stored AS (
+    SELECT t.thread_id AS tid,
+           greatest(t.last_cseq, (SELECT coalesce(max(cseq), 0) FROM messages
+                                  WHERE thread_id = t.thread_id)) AS cseq
+    FROM threads t WHERE t.thread_id IN (SELECT tid FROM taken)
+    ORDER BY t.thread_id FOR UPDATE),
+batch AS (
+    SELECT doc->>'thread_id' AS tid, max(coalesce((doc->>'cseq')::bigint, 0)) AS cseq
+    FROM {STAGE} WHERE kind IN ('t', 'm') GROUP BY 1)
+UPDATE {STAGE} s SET doc = s.doc || jsonb_build_object(
+        'cseq', greatest(st.cseq, b.cseq) + x.n)
+FROM taken x JOIN batch b ON b.tid = x.tid JOIN stored st ON st.tid = x.tid
+WHERE s.ctid = x.at
+RETURNING x.tid, coalesce(s.doc->>'message_id', ''), (s.doc->>'cseq')::bigint AS cseq
+"""

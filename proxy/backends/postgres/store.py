@@ -19,6 +19,7 @@ from proxy.backends.postgres.sql import (
     CONFLICTS,
     CREATE_STAGE,
     ERASE,
+    MOVE_TAKEN_CSEQ,
     RESEQUENCE,
     STAGE,
     UPSERT_MARKERS,
@@ -104,6 +105,13 @@ class PostgresStore:
                              "through while redis was down, or handed out again by a redis that "
                              "lost data): moved to the end of their threads: %s", len(moved),
                              [f"{r['tid']}/{r['mid']} -> seq {r['seq']}" for r in moved[:20]])
+            if renumbered := await conn.fetch(MOVE_TAKEN_CSEQ):
+                metrics.REDIS_DATA_LOSS.labels("cseq_taken").inc()
+                logger.error("postgres already holds the change numbers of %d acknowledged "
+                             "changes (written through while redis was down, or handed out "
+                             "again by a redis that lost data): renumbered after their "
+                             "threads' last: %s", len(renumbered),
+                             [f"{r[0]}/{r[1]} -> cseq {r[2]}" for r in renumbered[:20]])
             await self._write(conn, rows)
             if erased:
                 await conn.execute(ERASE, [t for t, _ in erased], [m for _, m in erased])
