@@ -7,14 +7,16 @@ holds behind PostgreSQL is dropped (read through again) once its unflushed write
 (proxy.reconcile, mode "drop"); a last pass runs while new requests wait and the writes in
 PostgreSQL finish; only then does write-behind resume.
 
-A message acknowledged by Redis and not yet flushed when Redis went down, whose seq a message
-written through meanwhile took, lands after it (the flush moves it: postgres/sql.py
-RESEQUENCE). An edit or state write acknowledged by Redis and not yet flushed, on an entity
-whose next version was written through meanwhile, was the earlier write: PostgreSQL keeps the
-written-through one, the other is counted and logged (version_taken). What it cannot make safe:
-sidecars that still reach a Redis the others cannot (FAULTS.md 30) may acknowledge the later
-edit there, and it loses just the same. To make these rare, the first writes through wait
-`settle_s` after the switch: the flushers commit the batches they had read."""
+Sidecars resume together: while any API process writes through, none serves write-behind,
+for its writes to Redis would race the other's to PostgreSQL (the same version or seq handed
+out twice, a delete answered below a version acknowledged before). Each process in
+write-through holds a lease in PostgreSQL (`Leases`, renewed each PROBE_S, running out
+LEASE_S after a process dies or stops): "down" while Redis does not answer it, "up" once it
+does (still serving from PostgreSQL), "held" while it holds its requests to resume. A process
+in write-behind that sees another's "down" or "up" lease — at startup, then every CHECK_S —
+switches to write-through too; one whose Redis answers starts to resume only when no lease
+says "down", and resumes only when every other lease says "held".
+"""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from proxy import metrics
 from proxy.errors import RedisDown, Unavailable
@@ -33,11 +35,25 @@ T = TypeVar("T")
 PROBE_S = 0.2  # how often a down Redis is asked whether it is back
 RESUME_WAIT_S = 5.0  # a request waits at most this long for the last reconciliation pass
 DRAIN_S = 30.0  # how long recovery waits for unflushed writes behind PostgreSQL to flush
+LEASE_S = 3.0  # a write-through lease runs out this long after its last renewal
+CHECK_S = 0.5  # how often a process in write-behind looks for another's lease
+OTHERS_S = DRAIN_S + 10.0  # a resume waits this long at most for the others to stop writing
+
+
+class Leases(Protocol):
+    """Which API processes write through now (proxy.backends.postgres.writethrough.Leases)."""
+
+    async def hold(self, state: str) -> None: ...
+    async def release(self) -> None: ...
+    async def others(self, states: tuple[str, ...]) -> bool: ...
+
+
+WRITING = ("down", "up")  # lease states of a process that serves from PostgreSQL alone
 
 
 class Failover:
     def __init__(self, threshold: int, settle_s: float, ping: Callable[[], Awaitable[Any]],
-                 reconcile: Callable[[bool], Awaitable[int]]) -> None:
+                 reconcile: Callable[[bool], Awaitable[int]], leases: Leases) -> None:
         """`reconcile(final)` drops what Redis holds behind PostgreSQL and is clean, and
         returns how many such entities still have unflushed changes; `final` also raises
         their counters to PostgreSQL's (so no seq or version is handed out twice)."""
@@ -46,6 +62,7 @@ class Failover:
         self._settled_at = 0.0
         self._ping = ping
         self._reconcile = reconcile
+        self._leases = leases
         self._failures = 0
         self.down = False  # serving from PostgreSQL alone
         self._resumed = asyncio.Event()
@@ -81,11 +98,14 @@ class Failover:
     def _failed(self, e: RedisDown) -> None:
         self._failures += 1
         if self._failures >= self._threshold and not self.down:
-            self.down = True
-            self._settled_at = time.monotonic() + self._settle_s
-            metrics.WRITE_THROUGH.set(1)
-            logger.warning("redis is down (%s): serving from postgres alone (write-through) "
-                           "until it answers again", e)
+            self._switch(f"redis is down ({e})")
+
+    def _switch(self, why: str) -> None:
+        self.down = True
+        self._settled_at = time.monotonic() + self._settle_s
+        metrics.WRITE_THROUGH.set(1)
+        logger.warning("%s: serving from postgres alone (write-through) until redis answers "
+                       "and no sidecar writes through", why)
 
     async def _wait_resumed(self) -> None:
         if not self._resumed.is_set():
@@ -108,17 +128,65 @@ class Failover:
                 self._idle.set()
 
     async def run(self) -> None:
-        """While down: probe; once Redis answers, hold new requests, let the ones in
-        PostgreSQL finish, reconcile, resume write-behind."""
+        """While down: renew the lease and probe; once Redis answers, hold new requests, let
+        the ones in PostgreSQL finish, reconcile, resume write-behind. While up: follow
+        another process into write-through (first at startup)."""
+        checked = 0.0
         while not self._stopping.is_set():
-            if self.down and await self._answers():
-                await self._resume()
+            if self.down:
+                answers = await self._answers()
+                await self._lease("up" if answers else "down")
+                if answers and not await self._others(("down",)):
+                    await self._resume()
+            elif time.monotonic() >= checked + CHECK_S:
+                checked = time.monotonic()
+                if await self._others(WRITING):
+                    self._switch("another sidecar serves from postgres alone")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(PROBE_S):
                     await self._stopping.wait()
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _lease(self, state: str) -> None:
+        try:
+            async with asyncio.timeout(LEASE_S / 3):
+                await self._leases.hold(state)
+        except Exception as e:  # PostgreSQL down: nothing is written through either
+            logger.debug("write-through lease not renewed: %r", e)
+
+    async def _others(self, states: tuple[str, ...]) -> bool:
+        try:
+            async with asyncio.timeout(LEASE_S / 3):
+                return await self._leases.others(states)
+        except Exception:  # PostgreSQL down: nobody writes through it
+            return False
+
+    async def _wait_for_others(self) -> None:
+        """Requests held (they wait RESUME_WAIT_S, then 503): wait until every other process
+        that writes through holds its requests too. If Redis went down for one meanwhile, this
+        resume is off (RuntimeError: serving from PostgreSQL again); one that does not hold
+        within OTHERS_S is not waited for (logged: the race with it is FAULTS.md 30's)."""
+        deadline = time.monotonic() + OTHERS_S
+        while True:
+            await self._leases.hold("held")
+            if await self._leases.others(("down",)):
+                raise RuntimeError("redis is down for another sidecar")
+            if not await self._leases.others(("up",)):
+                return
+            if time.monotonic() > deadline:
+                logger.error("another sidecar still writes through after %.0f s: write-behind "
+                             "resumes beside it (edits may race, see RELIABILITY.md)", OTHERS_S)
+                return
+            await asyncio.sleep(PROBE_S)  # polling the others' leases
+
+    async def _release(self) -> None:
+        try:
+            await self._leases.release()
+        except Exception as e:  # it runs out by itself
+            logger.warning("write-through lease not released (runs out in %.0f s): %r",
+                           LEASE_S, e)
 
     async def _answers(self) -> bool:
         try:
@@ -134,21 +202,24 @@ class Failover:
         started = time.monotonic()
         try:
             while await self._reconcile(False) and time.monotonic() < started + DRAIN_S:
+                await self._lease("up")  # still serving from PostgreSQL
                 await asyncio.sleep(PROBE_S)
             self._resumed.clear()
             await self._idle.wait()
+            await self._wait_for_others()
             if pending := await self._reconcile(True):
                 logger.error("%d entities behind postgres still had unflushed changes after "
                              "%.0f s (counters raised); write-behind resumes: their messages "
                              "may land at new seqs, their edits lose to what was written "
                              "through", pending, DRAIN_S)
         except Exception as e:  # Redis or PostgreSQL failed again: stay down, try again
-            logger.warning("redis answers, but reconciling with postgres failed (%r); still "
+            logger.warning("redis answers, but resuming write-behind failed (%r); still "
                            "serving from postgres alone", e)
             self._resumed.set()
             return
         self.down, self._failures = False, 0
         self._resumed.set()
+        await self._release()
         metrics.WRITE_THROUGH.set(0)
         logger.warning("%6.2fs redis is back and reconciled with postgres: write-behind "
                        "resumes", time.monotonic() - started)

@@ -28,11 +28,11 @@ from proxy.backends import CH, GROUPS, PG, SINKS
 from proxy.backends.ch_backing import ClickHouseBacking
 from proxy.backends.clickhouse import ClickHouseSink, ClickHouseStore
 from proxy.backends.postgres import SCHEMA_ERRORS, PostgresBacking, PostgresSink, PostgresStore
-from proxy.backends.postgres.writethrough import WriteThrough
+from proxy.backends.postgres.writethrough import Leases, WriteThrough
 from proxy.backoff import Backoff
 from proxy.circuit import Circuit
 from proxy.errors import Unavailable
-from proxy.failover import Failover
+from proxy.failover import LEASE_S, Failover
 from proxy.failpoints import Failpoints
 from proxy.flusher import FlushConfig, Flusher
 from proxy.hot import HotTier
@@ -148,7 +148,7 @@ def _failover(app: web.Application, s: Settings, role: str, client: Any,
 
     failover = app[routes.FAILOVER] = Failover(
         s.circuit.failure_threshold, settle_s, lambda: asyncio.wait_for(client.ping(), 1.0),
-        pending_behind)
+        pending_behind, Leases(pg_store, consumer_name(), LEASE_S))
     return failover
 
 

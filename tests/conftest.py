@@ -133,7 +133,7 @@ async def pg(servers: Servers) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(servers.postgres_url)
     await apply_migrations(conn)
     await conn.execute("TRUNCATE threads, messages, state_entries, write_through_events,"
-                       " read_markers")
+                       " read_markers, write_through_leases")
     yield conn
     await conn.close()
 

@@ -231,6 +231,44 @@ async def test_a_sidecar_cut_off_from_redis_keeps_both_appends(
                      "as seq_taken and logged, never a seq twice, nothing lost")
 
 
+async def test_while_one_sidecar_writes_through_the_others_do_too(
+        client_for: AppClient, servers: Servers, own_redis: RedisServer,
+        pg: asyncpg.Connection) -> None:
+    """Sidecar B, cut off from Redis, writes through PostgreSQL; sidecar A still reaches Redis.
+    Were A to go on in write-behind, its next write of an entry B just wrote through would be
+    answered at the version B's got (Redis never saw B's). A follows B into write-through
+    (B's lease in PostgreSQL) and both resume write-behind once B's Redis answers: every
+    version is acknowledged once, and the next write after recovery counts on from the last."""
+    a = await client_for(make_settings(servers, redis={"url": own_redis.url,
+                                                       "write_through": True}))
+    url = "/v1/state/lease-k"
+    assert (await body(await a.put(url, json={"value": 1}), 201))["version"] == 1
+    await wait_for(lambda: pg.fetchval("SELECT version = 1 FROM state_entries"
+                                       " WHERE key = 'lease-k'"))
+    with FaultProxy("127.0.0.1", own_redis.port) as proxy:
+        b = await client_for(make_settings(servers, redis={
+            "url": f"redis://127.0.0.1:{proxy.port}/0", "write_through": True,
+            "socket_timeout_s": 1.0}))
+        proxy.set_mode("down")
+        resp = await past_503(lambda: b.put(url, json={"value": 2}))
+        assert ((await body(resp, 200))["version"], resp.headers["X-Tier"]) == (2, "postgres")
+
+        async def followed() -> bool:
+            return bool((await body(await a.get("/v1/status"), 200))["mode"] == "write-through")
+
+        await wait_for(followed, timeout_s=10)
+        resp = await a.put(url, json={"value": 3})
+        assert ((await body(resp, 200))["version"], resp.headers["X-Tier"]) == (3, "postgres")
+        proxy.set_mode("pass")
+        await write_behind_again(b)
+        await write_behind_again(a)
+    resp = await a.put(url, json={"value": 4})
+    assert ((await body(resp, 200))["version"], resp.headers["X-Tier"]) == (4, "redis")
+    await wait_for(lambda: pg.fetchval("SELECT version = 4 FROM state_entries"
+                                       " WHERE key = 'lease-k'"), timeout_s=20)
+    assert await pg.fetchval("SELECT count(*) FROM write_through_leases") == 0
+
+
 async def test_read_markers_go_through_postgres_while_redis_is_down(
         sidecar: Client, own_redis: RedisServer, pg: asyncpg.Connection,
         ch: ClickHouseStore) -> None:

@@ -94,6 +94,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE messages ADD COLUMN IF NOT EXISTS cseq bigint NOT NULL DEFAULT 0;
     CREATE INDEX IF NOT EXISTS messages_thread_cseq ON messages (thread_id, cseq);
     """,
+    # Which API processes serve from PostgreSQL alone now (proxy.failover): none resumes
+    # write-behind while another still writes through.
+    """
+    CREATE TABLE IF NOT EXISTS write_through_leases (
+        holder text PRIMARY KEY,
+        state text NOT NULL,  -- proxy.failover: down | up | held
+        until timestamptz NOT NULL
+    )
+    """,
 ]
 
 async def apply_migrations(conn: asyncpg.Connection) -> None:

@@ -296,3 +296,35 @@ def _message(r: Any) -> MessageRow:
 def _state(r: Any) -> StateRow:
     value = orjson.loads(r["value"]) if r["value"] is not None else None
     return state_row(**{**dict(r), "value": value})
+
+
+class Leases:
+    """The write-through leases of API processes (proxy.failover), in PostgreSQL: the one tier
+    they all reach while Redis is down. A lease runs out `lease_s` after its last renewal (a
+    process killed or paused stops counting)."""
+
+    def __init__(self, store: PostgresStore, holder: str, lease_s: float) -> None:
+        self._store = store
+        self._holder = holder
+        self._lease_s = lease_s
+
+    async def hold(self, state: str) -> None:
+        async with self._store.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO write_through_leases (holder, state, until)"
+                " VALUES ($1, $2, now() + make_interval(secs => $3))"
+                " ON CONFLICT (holder) DO UPDATE SET state = excluded.state,"
+                " until = excluded.until", self._holder, state, self._lease_s)
+
+    async def release(self) -> None:
+        """This process's lease, and any that ran out."""
+        async with self._store.transaction() as conn:
+            await conn.execute("DELETE FROM write_through_leases WHERE holder = $1"
+                               " OR until < now()", self._holder)
+
+    async def others(self, states: tuple[str, ...]) -> bool:
+        """Whether another process's lease, not run out, is in one of these states."""
+        async with self._store.transaction() as conn:
+            return bool(await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM write_through_leases WHERE state = ANY($1)"
+                " AND until > now() AND holder <> $2)", list(states), self._holder))
