@@ -146,6 +146,32 @@ async def test_messages_of_a_deleted_thread_are_gone_once_it_left_redis(
         assert (await client.get(path)).status == 404, path
 
 
+async def test_a_message_flushed_before_its_thread_can_be_read_and_edited(
+        client_for: AppClient, servers: Servers, redis: aioredis.Redis,
+        pg: asyncpg.Connection) -> None:
+    """Consumers flush in parallel: a message's entry may commit (and, flushed, leave Redis)
+    while its thread's creation is still with another consumer — PostgreSQL then has the
+    message and only a placeholder of the thread. Redis's live thread is the one that counts:
+    the message is read through and edited, not 404 (the nemesis found PATCH answering
+    "thread t0 not found" a moment after the setup)."""
+    s = make_settings(servers, flush={"sinks": ""})  # nothing flushes but this test
+    client = await client_for(s)
+    await body(await client.put("/v1/threads/early", json={}), 201)
+    mid = (await append(client, "early", "first"))["message_id"]
+    shard = keys.shard_of("early", s.redis.shards)
+    await pg.execute("INSERT INTO threads (thread_id, version, last_seq) VALUES ('early', 0, 1)")
+    await pg.execute("INSERT INTO messages (message_id, thread_id, seq, role, content, version,"
+                     " deleted, created_at, updated_at) VALUES ($1, 'early', 1, 'user', 'first',"
+                     " 1, false, now(), now())", mid)
+    await redis.hdel(keys.messages(shard, "early"), f"d|{mid}", f"m|{mid}", f"c|{mid}")
+    await redis.zrem(keys.window(shard, "early"), mid)  # what release.lua does once flushed
+
+    got = await client.get(f"/v1/threads/early/messages/{mid}")
+    assert ((await body(got, 200))["content"], got.headers["X-Tier"]) == ("first", "postgres")
+    edited = await client.patch(f"/v1/threads/early/messages/{mid}", json={"content": "2nd"})
+    assert (await body(edited, 200))["version"] == 2
+
+
 async def test_a_page_below_the_window_shows_unflushed_edits(
         client_for: AppClient, servers: Servers, redis: aioredis.Redis) -> None:
     c = await client_for(make_settings(servers, redis={"window": 1}, **PAUSABLE))

@@ -116,8 +116,7 @@ class Messages:
     async def _load_live(self, tid: str, mid: str) -> MessageRow | None:
         """Read through, but only from a thread that exists and is not deleted (its tombstone
         may be in PostgreSQL only, with the message still there)."""
-        thread = await self._threads.fill(tid)
-        if thread is None or thread.deleted:
+        if not await self._threads.live(tid):
             raise NotFound(f"thread {tid} not found")
         return await self._c.flights.do(("m", tid, mid), lambda: self._load(tid, mid))
 
@@ -204,7 +203,7 @@ class Messages:
     async def _fill_meta(self, tid: str, mid: str) -> None:
         """Give Redis the doc and version of a message only PostgreSQL holds, so the edit can
         be checked and applied atomically."""
-        if await self._threads.fill(tid) is None:
+        if not await self._threads.live(tid):
             raise NotFound(f"thread {tid} not found")
         async with self._c.fenced("t", tid) as fence:
             row = await self._c.backing.load_message(tid, mid)

@@ -29,6 +29,17 @@ class Threads:
             raise NotFound(f"thread {tid} was deleted")
         return Result(with_last_seq(doc, int(seq)), tier)
 
+    async def live(self, tid: str) -> bool:
+        """The thread exists and is not deleted: Redis's copy decides if it holds one (a thread
+        whose creation is not flushed yet, while flushed messages of it left Redis, is only
+        there), else PostgreSQL's, filled into Redis."""
+        t = self._c.thread_keys(tid)[0]
+        deleted = await self._c.call(t, "HGET", t, "del")
+        if deleted is not None:
+            return bool(deleted == b"0")
+        row = await self.fill(tid)
+        return row is not None and not row.deleted
+
     async def fill(self, tid: str) -> ThreadRow | None:
         """Load the thread from the backing into Redis (one load for concurrent misses);
         a fill whose load began before the thread was released again is refused."""
