@@ -27,6 +27,13 @@ Allowances, i.e. what the contract lets an answer be:
   may lag), are exempt from 5 and 8, and a 404 answered while PostgreSQL was down (or within
   3 s of its restart, while circuits close again) may be one of them (sidecar 0 reads its
   lagging chDB; 1 and 2 answer 503).
+- Write-through mode (`redis.write_through`, Redis outages long enough to switch): a read
+  answered from PostgreSQL (`X-Tier: postgres`) while Redis is down or being reconciled
+  (WRITE_THROUGH_GRACE_S past the outage) is checked against the writes acknowledged through
+  PostgreSQL only (Redis's unflushed ones are not there yet). A write Redis acknowledged
+  whose version, seq or change number a write through PostgreSQL was given after it is
+  `taken_over` (RELIABILITY.md, Redis outage): the edit lost to the later write, the message
+  moved to the end of its thread, the change renumbered; its answer does not claim them.
 - A 404 of a thread, message or state entry is right only if it may have been absent: it was
   never acknowledged before, or a delete (not refused with a 4xx) was sent before the answer
   came, or (state) a TTL it was given may have run out by then. State TTLs are checked against
@@ -57,6 +64,8 @@ if TYPE_CHECKING:
     from tests.faults.nemesis import FaultEvent
 
 DEGRADED_GRACE_S = 3.0
+# proxy.failover: drain (DRAIN_S 30 s) and waiting for the other sidecars after Redis is back
+WRITE_THROUGH_GRACE_S = 45.0
 Entity = tuple[str, str]
 
 
@@ -110,24 +119,39 @@ class Index:
 
     ops: list[Op]
     degraded: list[tuple[float, float]]  # PostgreSQL outages, widened by the grace
+    written_through: list[tuple[float, float]] = field(default_factory=list)  # Redis outages
+    taken_over: set[int] = field(default_factory=set)  # id() of ops, see taken_over()
     writes: dict[Entity, list[Op]] = field(default_factory=lambda: defaultdict(list))
     claims: dict[Entity, list[tuple[int, Op]]] = field(default_factory=lambda: defaultdict(list))
+    superseded: dict[Entity, list[tuple[int, Op]]] = field(
+        default_factory=lambda: defaultdict(list))  # the claims of taken-over writes
     acked: defaultdict[Entity, Timeline] = field(default_factory=_timelines)
     acked_seq: defaultdict[str, Timeline] = field(default_factory=_timelines)
     seen: defaultdict[Entity, Timeline] = field(default_factory=_timelines)
     seen_seq: defaultdict[str, Timeline] = field(default_factory=_timelines)
+    # the same, of answers from PostgreSQL only (write-through mode's reads are held to them)
+    acked_pg: defaultdict[Entity, Timeline] = field(default_factory=_timelines)
+    acked_seq_pg: defaultdict[str, Timeline] = field(default_factory=_timelines)
+    seen_pg: defaultdict[Entity, Timeline] = field(default_factory=_timelines)
+    seen_seq_pg: defaultdict[str, Timeline] = field(default_factory=_timelines)
     thread_gone: dict[str, float] = field(default_factory=dict)  # acked delete: its end
     deletes: dict[Entity, list[float]] = field(default_factory=lambda: defaultdict(list))
 
     @classmethod
-    def of(cls, ops: list[Op], events: list[FaultEvent]) -> Index:
+    def of(cls, ops: list[Op], events: list[FaultEvent], write_through: bool = False) -> Index:
         degraded = [(e.began, e.ended + DEGRADED_GRACE_S) for e in events
                     if e.fault.kind == "pg-stop"]
         index = cls(ops, degraded)
+        if write_through:
+            index.written_through = [(e.began, e.ended + WRITE_THROUGH_GRACE_S) for e in events
+                                     if e.fault.kind == "redis-restart"]
+            index.taken_over = {id(op) for op in taken_over(ops)}
         for op in ops:
             index._add(op)
         for timeline in [*index.acked.values(), *index.acked_seq.values(),
-                         *index.seen.values(), *index.seen_seq.values()]:
+                         *index.seen.values(), *index.seen_seq.values(),
+                         *index.acked_pg.values(), *index.acked_seq_pg.values(),
+                         *index.seen_pg.values(), *index.seen_seq_pg.values()]:
             timeline.seal()
         for starts in index.deletes.values():
             starts.sort()
@@ -145,11 +169,17 @@ class Index:
     def _add_write(self, op: Op, entity: Entity) -> None:
         self.writes[entity].append(op)
         version = claim(op)
+        pg = op.tier == "postgres"
         if version is not None:
-            self.claims[entity].append((version, op))
+            claims = self.superseded if id(op) in self.taken_over else self.claims
+            claims[entity].append((version, op))
             self.acked[entity].add(op.ended, version)
+            if pg:
+                self.acked_pg[entity].add(op.ended, version)
         if op.ok and op.kind in ("append", "append_anon", "retry"):
             self.acked_seq[op.thread_id].add(op.ended, int(op.doc["seq"]))
+            if pg:
+                self.acked_seq_pg[op.thread_id].add(op.ended, int(op.doc["seq"]))
         if op.kind.startswith("delete") and (op.ok or op.uncertain):
             self.deletes[entity].append(op.started)
         if op.kind == "delete_thread" and op.ok:
@@ -158,14 +188,32 @@ class Index:
 
     def _add_seen(self, op: Op, entity: Entity) -> None:
         doc = op.doc
-        if op.kind == "page":
-            for item in doc["items"]:
-                self.seen[("m", item["message_id"])].add(op.ended, int(item["version"]))
-        elif "version" in doc:
-            self.seen[entity].add(op.ended, int(doc["version"]))
-        seq = doc.get("last_seq", doc.get("seq"))
-        if op.thread_id and seq is not None:
-            self.seen_seq[op.thread_id].add(op.ended, int(seq))
+        seen, seen_seq = ((self.seen_pg, self.seen_seq_pg) if op.tier == "postgres"
+                          else (self.seen, self.seen_seq))
+        for versions, seqs in ((self.seen, self.seen_seq), (seen, seen_seq)):
+            if op.kind == "page":
+                for item in doc["items"]:
+                    versions[("m", item["message_id"])].add(op.ended, int(item["version"]))
+            elif "version" in doc:
+                versions[entity].add(op.ended, int(doc["version"]))
+            seq = doc.get("last_seq", doc.get("seq"))
+            if op.thread_id and seq is not None:
+                seqs[op.thread_id].add(op.ended, int(seq))
+
+    def held_to_pg(self, op: Op) -> bool:
+        """Write-through mode: a read answered from PostgreSQL while Redis was down or being
+        reconciled; it is checked against what was acknowledged through PostgreSQL only."""
+        return op.tier == "postgres" and any(start < op.ended and op.started < end
+                                             for start, end in self.written_through)
+
+    def timelines(self, op: Op) -> tuple[defaultdict[Entity, Timeline],
+                                         defaultdict[Entity, Timeline],
+                                         defaultdict[str, Timeline],
+                                         defaultdict[str, Timeline]]:
+        """(acked, seen, acked_seq, seen_seq) that the read `op` is held to."""
+        if self.held_to_pg(op):
+            return self.acked_pg, self.seen_pg, self.acked_seq_pg, self.seen_seq_pg
+        return self.acked, self.seen, self.acked_seq, self.seen_seq
 
     # ---- questions the checks ask
 
@@ -190,18 +238,46 @@ class Index:
                 or self.degraded_during(op))
 
 
-def check_history(ops: list[Op], events: list[FaultEvent], out: Violations) -> Index:
-    index = Index.of(ops, events)
+def check_history(ops: list[Op], events: list[FaultEvent], out: Violations,
+                  write_through: bool = False) -> Index:
+    index = Index.of(ops, events, write_through)
     check_claims(index, out)
-    check_seqs(ops, out)
+    kept = [op for op in ops if id(op) not in index.taken_over]
+    check_seqs(kept, out)
     check_markers(ops, out)
-    check_cseqs(ops, out)
+    check_cseqs(kept, out)
     for op in ops:
         if op.kind in WRITES:
             check_write_answer(index, op, out)
         elif op.kind in ("get_thread", "page", "get_message", "get_state"):
             check_read(index, op, out)
     return index
+
+
+def taken_over(ops: list[Op]) -> list[Op]:
+    """Writes acknowledged by Redis whose version, seq or change number a write acknowledged
+    through PostgreSQL (later) was given too: Redis held them unflushed while it was down."""
+    through: dict[tuple[Any, ...], float] = {}
+    for op in ops:
+        if op.ok and op.tier == "postgres" and isinstance(op.doc, dict):
+            for key in _numbers(op):
+                through[key] = min(op.ended, through.get(key, op.ended))
+    return [op for op in ops if op.ok and op.tier == "redis" and isinstance(op.doc, dict)
+            and any(op.ended < through.get(key, 0.0) for key in _numbers(op))]
+
+
+def _numbers(op: Op) -> list[tuple[Any, ...]]:
+    """The numbers an acknowledged write was given: its entity's version, its message's seq,
+    its thread's change number (none if it made no version: an append answered 200)."""
+    entity, version = entity_of(op), claim(op)
+    if op.kind not in WRITES or entity is None or version is None:
+        return []
+    out: list[tuple[Any, ...]] = [("v", entity, version)]
+    if op.kind in ("append", "append_anon", "retry") and "seq" in op.doc:
+        out.append(("seq", op.thread_id, int(op.doc["seq"])))
+    if op.thread_id and op.doc.get("cseq"):
+        out.append(("cseq", op.thread_id, int(op.doc["cseq"])))
+    return out
 
 
 def check_claims(index: Index, out: Violations) -> None:
@@ -329,7 +405,8 @@ def _check_doc(index: Index, op: Op, entity: Entity, out: Violations) -> None:
 
 def _check_version(index: Index, op: Op, entity: Entity, version: int,
                    out: Violations) -> None:
-    acked, seen = index.acked[entity].before(op.started), index.seen[entity].before(op.started)
+    acked_t, seen_t, _, _ = index.timelines(op)
+    acked, seen = acked_t[entity].before(op.started), seen_t[entity].before(op.started)
     if version < acked:
         out.add("5", f"{_name(entity)} served at v{version}, but v{acked} was acknowledged "
                 f"before the read: {op.brief()}")
@@ -339,8 +416,9 @@ def _check_version(index: Index, op: Op, entity: Entity, version: int,
 
 
 def _check_last_seq(index: Index, op: Op, last_seq: int, out: Violations) -> None:
-    acked = index.acked_seq[op.thread_id].before(op.started)
-    seen = index.seen_seq[op.thread_id].before(op.started)
+    _, _, acked_t, seen_t = index.timelines(op)
+    acked = acked_t[op.thread_id].before(op.started)
+    seen = seen_t[op.thread_id].before(op.started)
     if last_seq < acked:
         out.add("5", f"thread {op.thread_id} served with last_seq {last_seq}, but seq {acked} "
                 f"was acknowledged before the read: {op.brief()}")
@@ -351,11 +429,13 @@ def _check_last_seq(index: Index, op: Op, last_seq: int, out: Violations) -> Non
 
 def _check_content(index: Index, op: Op, entity: Entity, doc: dict[str, Any],
                    out: Violations) -> None:
-    """The doc at version v is the one acknowledged at v."""
-    for version, write in index.claims.get(entity, []):
-        if version == int(doc["version"]) and written_content(write) != _doc_content(doc):
-            out.add("2", f"{_name(entity)} v{version} served as {_doc_content(doc)!r}, "
-                    f"acknowledged as {written_content(write)!r}: {op.brief()}")
+    """The doc at version v is the one acknowledged at v (or one taken over at v)."""
+    version = int(doc["version"])
+    writes = [w for v, w in index.claims.get(entity, []) if v == version]
+    if writes and all(written_content(w) != _doc_content(doc) for w in writes + [
+            w for v, w in index.superseded.get(entity, []) if v == version]):
+        out.add("2", f"{_name(entity)} v{version} served as {_doc_content(doc)!r}, "
+                f"acknowledged as {written_content(writes[0])!r}: {op.brief()}")
 
 
 def _check_page(index: Index, op: Op, entity: Entity, out: Violations) -> None:
@@ -366,7 +446,7 @@ def _check_page(index: Index, op: Op, entity: Entity, out: Violations) -> None:
     seqs = [int(item["seq"]) for item in doc["items"]]
     if seqs != list(range(lo, hi + 1)):
         # 5 if a missing seq was acknowledged before the read, else 2 (a gap or a repeat)
-        acked = index.acked_seq[op.thread_id].before(op.started)
+        acked = index.timelines(op)[2][op.thread_id].before(op.started)
         label = "5" if set(range(lo, min(hi, acked) + 1)) - set(seqs) else "2"
         out.add(label, f"page of thread {op.thread_id} should hold seqs {lo}..{hi}, holds "
                 f"{seqs}: {op.brief()}")

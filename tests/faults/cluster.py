@@ -6,6 +6,7 @@ chDB is one process per directory, so only sidecar 0 streams to ClickHouse (`flu
 pg,ch`, on its own directory, reopened when it restarts); sidecars 1 and 2 flush to PostgreSQL
 only and point at a ClickHouse nobody listens on, so their degraded reads answer 503 (like
 sidecars that cannot reach ClickHouse) instead of reading an empty engine of their own.
+With `write_through`, every sidecar serves from PostgreSQL alone while Redis is down.
 
 Settings make churn: flushed keys expire after 1 s, a thread's window holds 3 flushed
 messages, dead consumers' entries are claimed after 1.5 s, an entry is dead-lettered after 3
@@ -40,8 +41,10 @@ class Cluster:
     """Starts, kills, pauses and restarts the processes; `url(i)` is sidecar i's address now
     (a restarted sidecar listens on a new port)."""
 
-    def __init__(self, root: Path, postgres: PostgresServer, postgres_url: str) -> None:
+    def __init__(self, root: Path, postgres: PostgresServer, postgres_url: str, *,
+                 write_through: bool = False) -> None:
         self.root = root
+        self.write_through = write_through
         self.redis = RedisServer(root / "redis", extra_args=["--appendfsync", "always"])
         self.postgres = postgres
         self.postgres_url = postgres_url
@@ -84,7 +87,8 @@ class Cluster:
         sidecar = Sidecar(data, self.redis.url, self.postgres_url,
                           self.clickhouse_url if i == 0 else UNREACHABLE_CLICKHOUSE,
                           TIERPROXY_FLUSH_SINKS="pg,ch" if i == 0 else "pg",
-                          TIERPROXY_DEBUG_FAILPOINT=spec, **CHURN)
+                          TIERPROXY_DEBUG_FAILPOINT=spec,
+                          TIERPROXY_REDIS_WRITE_THROUGH=str(self.write_through).lower(), **CHURN)
         self._sidecars[i] = sidecar
         self.log_paths.append(sidecar.log_path)
         await _start(sidecar)

@@ -4,7 +4,9 @@ heard.
 
 Allowances: a sidecar that does not answer (killed, paused, restarting) says nothing either
 way; /readyz must not say ready while Redis is down (probes sent after Redis died and
-answered before it was started again); /v1/status may say postgres up until a sidecar noticed
+answered before it was started again), unless write-through is on: then a sidecar that was
+up when Redis died must say ready SWITCH_S after it (ARCHITECTURE.md: switch-over < 5 s),
+while PostgreSQL is up; /v1/status may say postgres up until a sidecar noticed
 an outage, but once it said down it must not say up again before PostgreSQL is back; an
 outage of 3 s or more with Redis up must be noticed by some sidecar; poison writes acked
 (at least MIN_POISON_ACKS: fewer may all be coalesced away) must show as dead letters while
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from tests.faults.nemesis import FaultEvent
 
 MIN_POISON_ACKS = 3  # below this, every poison write may have been coalesced away
+SWITCH_S = 5.0
 
 
 @dataclass
@@ -94,9 +97,11 @@ class Prober:
 
 
 def check_health(probes: list[Probe], events: list[FaultEvent], ops: list[Op],
-                 out: Violations) -> None:
+                 out: Violations, *, write_through: bool = False) -> None:
     for ev in events:
-        if ev.fault.kind == "redis-restart":
+        if ev.fault.kind == "redis-restart" and write_through:
+            _ready_while_written_through(probes, events, ev, out)
+        elif ev.fault.kind == "redis-restart":
             _ready_during_redis_outage(probes, ev, out)
         elif ev.fault.kind == "pg-stop":
             _status_during_pg_outage(probes, events, ev, out)
@@ -109,6 +114,19 @@ def _ready_during_redis_outage(probes: list[Probe], ev: FaultEvent, out: Violati
         if p.status == 200:
             out.add("9", f"s{p.sidecar} /readyz said ready at {p.started:.2f} while Redis was "
                     f"down ({ev})")
+
+
+def _ready_while_written_through(probes: list[Probe], events: list[FaultEvent],
+                                 ev: FaultEvent, out: Violations) -> None:
+    up_before = {p.url for p in probes if p.what == "ready" and p.status == 200
+                 and p.ended < ev.active}
+    pg_stops = [(e.began, e.ended) for e in events if e.fault.kind == "pg-stop"]
+    for p in _within(probes, "ready", ev.active + SWITCH_S, ev.healed):
+        if p.status == 503 and p.url in up_before and not any(
+                began < p.ended and p.started < ended for began, ended in pg_stops):
+            out.add("9", f"s{p.sidecar} /readyz said not ready at {p.started:.2f}, "
+                    f"{p.started - ev.active:.1f} s into a Redis outage with write-through on "
+                    f"and PostgreSQL up ({ev})")
 
 
 # A stopped PostgreSQL must show in some sidecar's /v1/status within this: three failed writes

@@ -13,7 +13,8 @@ Redis restarts on its own clock:
 - postgres: `pg-stop` (fast or immediate, then started), `poison` (a temporary CHECK
   constraint makes some writes' rows fail until dead-lettered; then it is dropped and the dead
   letters are replayed on two sidecars at once);
-- redis: `redis-restart` (kill -9 or SIGTERM, then started from its AOF).
+- redis: `redis-restart` (kill -9 or SIGTERM, then started from its AOF); with write-through
+  on, its outages last long enough for every sidecar to switch to PostgreSQL and back.
 
 A schedule starts with every kind of its class once, in a random order (so even the short run
 meets them all), then draws kinds at random until the duration is used up. The schedule is a
@@ -43,6 +44,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
 # Seconds in effect (a range to draw from) and the overhead around it (restarts), per kind.
 DURATION_S = {"kill": (0.5, 2.0), "pause": (2.0, 4.0), "stall": (5.0, 9.0),
               "pg-stop": (1.5, 6.0), "poison": (3.0, 5.0), "redis-restart": (0.5, 2.0)}
+WRITE_THROUGH_DURATION_S = {"redis-restart": (2.0, 8.0)}  # switch-over < 5 s, measured 0.4
 GAP_S = {"sidecar": (1.0, 3.0), "postgres": (2.0, 6.0), "redis": (5.0, 12.0)}  # between faults
 OVERHEAD_S = {"kill": 1.5, "pause": 0.0, "stall": 3.0, "pg-stop": 2.0, "poison": 3.0,
               "redis-restart": 0.5}
@@ -69,25 +71,27 @@ class Fault:
                 f"{' ' + self.detail if self.detail else ''}")
 
 
-def schedule(seed: int, duration_s: float, sidecars: int) -> list[Fault]:
+def schedule(seed: int, duration_s: float, sidecars: int, *,
+             write_through: bool = False) -> list[Fault]:
     """Each class draws from its own generator, so a longer run of the same seed starts with
     the same faults as a shorter one."""
+    durations = {**DURATION_S, **(WRITE_THROUGH_DURATION_S if write_through else {})}
     faults: list[Fault] = []
     for cls in sorted(CLASSES):
         rng = random.Random(f"nemesis:{seed}:{cls}")
-        faults += _class_schedule(rng, cls, duration_s, sidecars)
+        faults += _class_schedule(rng, cls, duration_s, sidecars, durations)
     return sorted(faults, key=lambda f: f.at_s)
 
 
-def _class_schedule(rng: random.Random, cls: str, duration_s: float,
-                    sidecars: int) -> list[Fault]:
+def _class_schedule(rng: random.Random, cls: str, duration_s: float, sidecars: int,
+                    durations: dict[str, tuple[float, float]]) -> list[Fault]:
     kinds = CLASSES[cls]
     out, first_round = [], rng.sample(kinds, len(kinds))
     t = rng.uniform(0.5, 2.0)
     while True:
         kind = first_round.pop(0) if first_round else rng.choices(
             kinds, [RANDOM_WEIGHT.get(k, 1) for k in kinds])[0]
-        fault = _draw(rng, kind, t, sidecars)
+        fault = _draw(rng, kind, t, sidecars, durations[kind])
         t += fault.duration_s + OVERHEAD_S[kind]
         if t > duration_s:
             return out
@@ -95,8 +99,9 @@ def _class_schedule(rng: random.Random, cls: str, duration_s: float,
         t += rng.uniform(*GAP_S[cls])
 
 
-def _draw(rng: random.Random, kind: str, at_s: float, sidecars: int) -> Fault:
-    duration = round(rng.uniform(*DURATION_S[kind]), 1)
+def _draw(rng: random.Random, kind: str, at_s: float, sidecars: int,
+          durations: tuple[float, float]) -> Fault:
+    duration = round(rng.uniform(*durations), 1)
     target = rng.randrange(sidecars) if kind in CLASSES["sidecar"] else -1
     detail = ""
     if kind == "stall":

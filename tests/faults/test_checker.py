@@ -297,7 +297,7 @@ def test_an_erased_message_may_miss_its_earlier_versions_in_clickhouse() -> None
     version must still be there, and a message not erased must have every version."""
     pg = {("m", "a"): Row(3, True, thread_id="t", seq=1),
           ("m", "b"): Row(2, False, "x", thread_id="t", seq=2)}
-    rows: list[list[Any]] = [["m:a:3", 1, 1, 1], ["m:b:2", 1, 2, 2]]
+    rows: list[list[Any]] = [["m:a:3", 1, 1, 1, "t"], ["m:b:2", 1, 2, 2, "t"]]
     erase = acked("delete_message", "a", 3, 5)
     erase.method, erase.params = "DELETE", {"erase": "true"}
 
@@ -339,7 +339,8 @@ def test_an_erased_threads_messages_may_be_blank_and_miss_their_events() -> None
           ("m", "b"): Row(1, False, "", thread_id="t", seq=2),
           ("m", "c"): Row(1, False, "x-c0n4z", thread_id="u", seq=1),
           ("t", "t"): Row(2, True, thread_id="t", seq=2)}
-    rows: list[list[Any]] = [["t:t:1", 1, 0, 0], ["t:t:2", 1, 0, 0], ["m:c:1", 1, 1, 1]]
+    rows: list[list[Any]] = [["t:t:1", 1, 0, 0, "t"], ["t:t:2", 1, 0, 0, "t"],
+                             ["m:c:1", 1, 1, 1, "u"]]
 
     def labels(history: list[Op]) -> list[str]:
         out = Violations()
@@ -364,3 +365,49 @@ def test_the_labels_are_architectures_invariants() -> None:
     text = ARCHITECTURE.read_text().split("## Invariants", 1)[1].split("\n## ", 1)[0]
     numbers = re.findall(r"^(\d+)\. ", text, re.MULTILINE)
     assert numbers and set(LABELS) - {"api"} == set(numbers)
+
+
+def test_a_message_its_threads_erase_dropped_before_its_flush_may_miss_postgres() -> None:
+    """Its append sat unflushed (a dead letter) when its thread was erased: the erase removes
+    it from Redis (README: Erasure), so PostgreSQL never gets the row; not so without an
+    erase."""
+    ops, erase = _thread_erased()
+    pg = {("m", "a"): Row(2, False, "", thread_id="t", seq=1),
+          ("m", "c"): Row(1, False, "x-c0n4z", thread_id="u", seq=1),
+          ("t", "t"): Row(2, True, thread_id="t", seq=2)}
+
+    def labels(history: list[Op]) -> list[str]:
+        out = Violations()
+        check_pg(check_history(history, [], Violations()), pg, out, erased_threads(history))
+        return [label for label, _ in out.items]
+
+    assert labels([*ops, erase]) == []
+    assert "1" in labels(ops)  # b: acknowledged, not in postgres
+
+
+def test_write_through_lets_a_write_through_postgres_take_over_what_redis_held() -> None:
+    """Write-through mode: a state write and an append Redis acknowledged, then a write through
+    PostgreSQL given the same version and seq (RELIABILITY.md: the edit lost to the later
+    write, the message moved to the thread's end). Allowed only in that order."""
+    def history(redis_first: bool) -> list[Op]:
+        early, late = (0.0, 1.0), (5.0, 6.0)
+        put = op("put_state", "k", early if redis_first else late, 200, state(2, "r"),
+                 body={"value": "r"})
+        through = op("put_state", "k", late if redis_first else early, 200, state(2, "p"),
+                     body={"value": "p"})
+        app = op("append", "m1", early, 201, {"version": 1, "seq": 3, "message_id": "m1"},
+                 tid="t")
+        app_through = op("append", "m2", late, 201,
+                         {"version": 1, "seq": 3, "message_id": "m2"}, tid="t")
+        for o in (through, app_through):
+            o.tier = "postgres"
+        return [put, through, app, app_through]
+
+    def labels(ops: list[Op], write_through: bool = True) -> list[str]:
+        out = Violations()
+        check_history(ops, [], out, write_through)
+        return sorted(label for label, _ in out.items)
+
+    assert labels(history(redis_first=True)) == []
+    assert labels(history(redis_first=True), write_through=False) == ["2", "2"]
+    assert labels(history(redis_first=False)) == ["2"]  # Redis after PostgreSQL: a race

@@ -6,10 +6,15 @@ nemesis.py (the fault schedule), sampler.py (Redis and PostgreSQL watched during
 health.py (/readyz and /v1/status during the faults), checker.py (the history), endstate.py
 (PostgreSQL, every sidecar and ClickHouse after healing).
 
-    make test                                  the short run, seed DEFAULT_SEED, 30 s
+    make test                                  the short runs, seed DEFAULT_SEED, 30 s each
     make soak SEED=7 DURATION=600              a long run (SEED=random: a fresh one)
+    make soak SEED=7 MODE=write-through        the same with redis.write_through on
     TIERPROXY_NEMESIS_SEED=7 TIERPROXY_NEMESIS_DURATION_S=30 .venv/bin/pytest \
-        tests/faults/test_nemesis.py -s       the same seed again
+        tests/faults/test_nemesis.py -s -k write-behind     the same seed again
+
+Two modes: write-behind (Redis outages answer 503) and write-through (`redis.write_through`
+on: Redis outages long enough that every sidecar serves from PostgreSQL alone, then
+reconciles; the checker then allows what RELIABILITY.md lets write-through do).
 
 The run prints its seed, fault schedule and op counts, and on failure every violation (capped
 per invariant). The same seed replays the same schedule and the same op mix (timing makes
@@ -77,6 +82,7 @@ class Config:
     threads: int = 24
     state_keys: int = 16
     hot: int = 3
+    write_through: bool = False
 
     def knowledge(self) -> Knowledge:
         return Knowledge([f"t{i}" for i in range(self.threads)],
@@ -85,26 +91,36 @@ class Config:
 
     def rerun(self) -> str:
         return (f"TIERPROXY_NEMESIS_SEED={self.seed} TIERPROXY_NEMESIS_DURATION_S="
-                f"{self.duration_s:g} .venv/bin/pytest tests/faults/test_nemesis.py -s  "
-                f"(or: make soak SEED={self.seed} DURATION={self.duration_s:g})")
+                f"{self.duration_s:g} .venv/bin/pytest tests/faults/test_nemesis.py -s "
+                f"-k {self.mode}  (or: make soak SEED={self.seed} DURATION="
+                f"{self.duration_s:g} MODE={self.mode})")
+
+    @property
+    def mode(self) -> str:
+        return "write-through" if self.write_through else "write-behind"
+
 
 
 @pytest.mark.timeout(DURATION_S + 150)
+@pytest.mark.parametrize("write_through", [False, True], ids=["write-behind", "write-through"])
 async def test_nemesis_finds_no_lost_regressed_duplicated_or_resurrected_write(
-        servers: Servers, pg: asyncpg.Connection, tmp_path: Path, outcome: Outcome) -> None:
+        servers: Servers, pg: asyncpg.Connection, tmp_path: Path, outcome: Outcome,
+        write_through: bool) -> None:
     if servers.postgres is None:
         pytest.skip("external PostgreSQL: the nemesis stops and starts it")
-    cfg = Config(SEED, DURATION_S)
-    outcome.describe(f"nemesis, three sidecars: kill -9, SIGSTOP, stalls, PostgreSQL stops "
-                     f"and poison, Redis kill -9 / SIGTERM (appendfsync always); seed "
-                     f"{cfg.seed}, {cfg.duration_s:g} s", faults_md=28,
+    cfg = Config(SEED, DURATION_S, write_through=write_through)
+    outcome.describe(f"nemesis ({cfg.mode}), three sidecars: kill -9, SIGSTOP, stalls, "
+                     f"PostgreSQL stops and poison, Redis kill -9 / SIGTERM (appendfsync "
+                     f"always); seed {cfg.seed}, {cfg.duration_s:g} s", faults_md=28,
                      recovery=f"last fault healed -> every sidecar ready, the log drained, "
                      f"dead letters replayed (the load runs {AFTER_HEAL_S:g} s more)")
-    faults = nemesis.schedule(cfg.seed, cfg.duration_s, SIDECARS)
-    print(f"\nnemesis seed {cfg.seed}, {cfg.duration_s:g} s; rerun: {cfg.rerun()}\nschedule:\n"
+    faults = nemesis.schedule(cfg.seed, cfg.duration_s, SIDECARS, write_through=write_through)
+    print(f"\nnemesis {cfg.mode} seed {cfg.seed}, {cfg.duration_s:g} s; rerun: {cfg.rerun()}"
+          f"\nschedule:\n"
           + "\n".join(f"  {f}" for f in faults))
     await nemesis.poison_constraints(servers.postgres_url, add=False)
-    cluster = Cluster(tmp_path, servers.postgres, servers.postgres_url)
+    cluster = Cluster(tmp_path, servers.postgres, servers.postgres_url,
+                      write_through=write_through)
     out, history = Violations(), []
     stalls = asyncio.create_task(report_stalls(cfg.duration_s + STALL_REPORT_S))
     try:
@@ -122,6 +138,8 @@ async def test_nemesis_finds_no_lost_regressed_duplicated_or_resurrected_write(
         dump_history(history, tmp_path / "history.jsonl")
         print(cluster.log_tails())
     assert run.sampler.samples, f"the sampler took no sample (skipped: {run.sampler.skipped})"
+    assert not cfg.write_through or any(o.ok and o.tier == "postgres" for o in history
+                                        if o.kind in WRITES), "no write was written through"
     assert not out.items, (f"nemesis seed {cfg.seed}: {len(out.items)} violations\n"
                            f"{out.report()}\nrerun: {cfg.rerun()}")
 
@@ -155,7 +173,8 @@ async def drive(cfg: Config, cluster: Cluster, caller: Caller, faults: list[neme
         op = await caller.send(Op(-1, "put_thread", 0, tid, tid, "PUT", f"/v1/threads/{tid}",
                                   body={"title": "setup"}))
         assert op.ok, f"setup: {op.brief()}"
-    sampler = Sampler(cluster.redis_url, cluster.postgres_url, SHARDS, out.add)
+    sampler = Sampler(cluster.redis_url, cluster.postgres_url, SHARDS, out.add,
+                      write_through=cfg.write_through)
     prober = Prober(cluster.url, cluster.size)
     load = Workload(caller, know, cfg.seed, cfg.clients, cluster.size, cfg.rate_per_s)
     chaos = nemesis.Nemesis(cluster, faults, know, prober, caller)
@@ -210,14 +229,19 @@ async def check_end(cfg: Config, cluster: Cluster, caller: Caller, run: Run,
     """The history, the health probes, PostgreSQL, reads through every sidecar, then (with
     sidecar 0 stopped: its chDB is single-process) ClickHouse."""
     writes = list(run.history)
-    run.index = check_history(writes, run.events, out)
-    check_health(run.prober.probes, run.events, writes, out)
+    run.index = check_history(writes, run.events, out, cfg.write_through)
+    check_health(run.prober.probes, run.events, writes, out,
+                 write_through=cfg.write_through)
     conn = await asyncpg.connect(cluster.postgres_url)
     try:
         pg = await endstate.read_pg(conn)
     finally:
         await conn.close()
-    endstate.check_pg(run.index, pg, out, endstate.erased_threads(writes))
+    erased = endstate.erased_threads(writes)
+    endstate.check_pg(run.index, pg, out, erased)
+    for tid, finding in run.sampler.unflushed_messages:
+        if tid not in erased:
+            out.add("4", finding)
     finals = await endstate.final_reads(caller, run.ready, pg, cfg.seed)
     endstate.check_final_reads(finals, pg, out)
     await check_feeds(caller, run, pg, out)
@@ -225,8 +249,12 @@ async def check_end(cfg: Config, cluster: Cluster, caller: Caller, run: Run,
         await cluster.stop(i)
     rows = await asyncio.to_thread(clickhouse_query, cluster.clickhouse_url,
                                    endstate.EVENTS_SQL)
+    moved: dict[Entity, set[int]] = {}
+    for op in writes:
+        if id(op) in run.index.taken_over and "seq" in op.doc:
+            moved.setdefault(("m", op.entity), set()).add(int(op.doc["seq"]))
     endstate.check_clickhouse(rows, pg, out, endstate.erased_messages(writes),
-                              endstate.erased_threads(writes))
+                              endstate.erased_threads(writes), moved)
     await check_erasures(cluster, writes, out)
 
 
@@ -234,6 +262,8 @@ async def check_feeds(caller: Caller, run: Run, pg: dict[Entity, endstate.Row],
                       out: Violations) -> None:
     """Every live thread's changes feed from 0, through every ready sidecar."""
     feeds = items = 0
+    assert run.index is not None
+    kept = [o for o in run.history if id(o) not in run.index.taken_over]  # renumbered
     for i in run.ready:
         for kind, tid in sorted(pg):
             if kind != "t" or pg[(kind, tid)].deleted:
@@ -242,7 +272,7 @@ async def check_feeds(caller: Caller, run: Run, pg: dict[Entity, endstate.Row],
             if feed is None:
                 out.add("9", f"a changes feed read after healing failed: {ops[-1].brief()}")
             else:
-                endstate.check_feed(tid, feed, run.history, out)
+                endstate.check_feed(tid, feed, kept, out)
                 feeds, items = feeds + 1, items + len(feed["items"])
     print(f"changes feeds checked: {feeds} (sidecars {run.ready}), {items} entries")
 
@@ -305,4 +335,6 @@ def summary(cfg: Config, history: list[Op], run: Run) -> str:
     lines += ["what the probes saw:", *(f"  {line}" for line in
                                         probe_summary(run.prober.probes, run.events))]
     lines += ["ops:", "  " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))]
+    tiers = Counter(o.tier for o in history if o.client >= 0 and o.ok and o.kind in WRITES)
+    lines += [f"writes acknowledged by tier: {dict(tiers)}"]
     return "\n".join(lines)
