@@ -127,11 +127,17 @@ class Failover:
             if not self._through:
                 self._idle.set()
 
+    async def follow(self) -> None:
+        """At startup, before the first request: into write-through if another process
+        writes through (a sidecar restarted during a recovery must not serve Redis)."""
+        if await self._others(WRITING):
+            self._switch("another sidecar serves from postgres alone")
+
     async def run(self) -> None:
         """While down: renew the lease and probe; once Redis answers, hold new requests, let
         the ones in PostgreSQL finish, reconcile, resume write-behind. While up: follow
-        another process into write-through (first at startup)."""
-        checked = 0.0
+        another process into write-through."""
+        checked = time.monotonic()  # follow() looked at startup
         while not self._stopping.is_set():
             if self.down:
                 answers = await self._answers()

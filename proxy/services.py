@@ -100,6 +100,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
             hub = app[routes.HUB] = WebSocketHub(s, hot)
             workers.start("ws-hub", hub.run)
         if failover is not None:
+            await failover.follow()
             workers.start("failover", failover.run, failover.stop)
         if role in WORKER_ROLES:
             await _background(app, workers, client, consumers, pg_store, circuits, hot)

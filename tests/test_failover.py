@@ -269,6 +269,30 @@ async def test_while_one_sidecar_writes_through_the_others_do_too(
     assert await pg.fetchval("SELECT count(*) FROM write_through_leases") == 0
 
 
+async def test_a_starting_sidecar_follows_a_live_lease_until_it_runs_out(
+        client_for: AppClient, servers: Servers, own_redis: RedisServer,
+        pg: asyncpg.Connection) -> None:
+    """A sidecar started while another writes through (its lease in PostgreSQL) serves from
+    PostgreSQL too; a lease whose holder stopped renewing it (killed, paused) runs out and
+    does not hold anyone back; one that ran out already is not followed at all."""
+    await pg.execute("INSERT INTO write_through_leases VALUES ('old', 'down', now() - "
+                     "interval '1 second'), ('gone', 'down', now() + interval '4 seconds')")
+    a = await client_for(make_settings(servers, redis={"url": own_redis.url,
+                                                       "write_through": True}))
+
+    async def following() -> bool:
+        return bool((await body(await a.get("/v1/status"), 200))["mode"] == "write-through")
+
+    await wait_for(following, timeout_s=3)
+    resp = await a.put("/v1/state/follow-k", json={"value": 1})
+    assert (await body(resp, 201))["version"] == 1
+    assert resp.headers["X-Tier"] == "postgres"
+    await write_behind_again(a, timeout_s=15)
+    resp = await a.put("/v1/state/follow-k", json={"value": 2})
+    assert ((await body(resp, 200))["version"], resp.headers["X-Tier"]) == (2, "redis")
+    assert await pg.fetchval("SELECT count(*) FROM write_through_leases") == 0
+
+
 async def test_read_markers_go_through_postgres_while_redis_is_down(
         sidecar: Client, own_redis: RedisServer, pg: asyncpg.Connection,
         ch: ClickHouseStore) -> None:
