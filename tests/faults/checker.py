@@ -202,9 +202,10 @@ class Index:
 
     def held_to_pg(self, op: Op) -> bool:
         """Write-through mode: a read answered from PostgreSQL while Redis was down or being
-        reconciled; it is checked against what was acknowledged through PostgreSQL only."""
-        return op.tier == "postgres" and any(start < op.ended and op.started < end
-                                             for start, end in self.written_through)
+        reconciled; it is checked against what was acknowledged through PostgreSQL only. A
+        404 names no tier: one in that time may be PostgreSQL's too."""
+        return (op.tier == "postgres" or op.status == 404) and any(
+            start < op.ended and op.started < end for start, end in self.written_through)
 
     def timelines(self, op: Op) -> tuple[defaultdict[Entity, Timeline],
                                          defaultdict[Entity, Timeline],
@@ -232,7 +233,7 @@ class Index:
     def may_be_absent(self, op: Op, entity: Entity, tid: str) -> bool:
         """A 404 is right: never acknowledged before, or a delete sent before the answer
         (of the entity or its thread), or a degraded read."""
-        return (self.acked[entity].before(op.started) == 0
+        return (self.timelines(op)[0][entity].before(op.started) == 0
                 or self.maybe_deleted(entity, op.ended)
                 or bool(tid) and self.maybe_deleted(("t", tid), op.ended)
                 or self.degraded_during(op))
@@ -480,7 +481,7 @@ def may_be_absent_state(index: Index, op: Op) -> bool:
     last acknowledged write or any write (not refused) sent before the answer with a newer or
     unknown version is a delete or has a TTL that may have run out by the answer."""
     entity = ("s", op.entity)
-    top = index.acked[entity].before(op.started)
+    top = index.timelines(op)[0][entity].before(op.started)
     if top == 0 or index.degraded_during(op):
         return True
     return any(_absent_after(w, op) for w in index.writes.get(entity, [])
