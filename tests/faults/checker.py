@@ -188,9 +188,10 @@ class Index:
 
     def _add_seen(self, op: Op, entity: Entity) -> None:
         doc = op.doc
-        seen, seen_seq = ((self.seen_pg, self.seen_seq_pg) if op.tier == "postgres"
-                          else (self.seen, self.seen_seq))
-        for versions, seqs in ((self.seen, self.seen_seq), (seen, seen_seq)):
+        timelines = [(self.seen, self.seen_seq)]
+        if op.tier == "postgres":
+            timelines.append((self.seen_pg, self.seen_seq_pg))
+        for versions, seqs in timelines:
             if op.kind == "page":
                 for item in doc["items"]:
                     versions[("m", item["message_id"])].add(op.ended, int(item["version"]))
