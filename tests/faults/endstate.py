@@ -301,10 +301,10 @@ def check_clickhouse(rows: list[list[Any]], pg: dict[Entity, Row], out: Violatio
                      moved: dict[Entity, set[int]] | None = None) -> None:
     """7: one visible event per entity version (FINAL), each version of every entity, at the
     message's seq in PostgreSQL (or, `moved`, the seq a taken-over append was answered with:
-    its event keeps the seq it was logged with). An
-    erase (`erased`: acknowledged or maybe landed) deletes its message's earlier log entries
-    that ClickHouse has not taken yet (README: Erasure), so of such a message only its last
-    version must be there; of a message of an erased thread, none."""
+    its event keeps the seq it was logged with). An erase (`erased`: acknowledged or maybe
+    landed) deletes its message's earlier log entries that ClickHouse has not taken yet
+    (README: Erasure), so of such a message only its last version must be there; of a message
+    of an erased thread, none, and it may have events PostgreSQL never got (check_pg)."""
     moved = moved or {}
     expected = {f"{e[0]}:{e[1]}:{v}": (e, r) for e, r in pg.items()
                 for v in range(1, r.version + 1)}
