@@ -15,6 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from proxy.backends.postgres.sql import STAGE
 from tests.conftest import Servers
 from tests.faults.conftest import SHARDS, StartSidecar, metric
 from tests.faults.history import FAIL, HELD, INFO, OK, Load, check, first_ack_after
@@ -202,11 +203,13 @@ async def test_postgres_immediate_restart_with_a_batch_in_flight(
 
 
 async def _upsert_waiting(url: str) -> bool:
+    """A flush transaction waits on the lock: one of its statements on the staged batch
+    (the first to touch messages is MOVE_TAKEN_CSEQ's, before the upsert)."""
     conn = await asyncpg.connect(url)
     try:
         return bool(await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND query LIKE '%INSERT INTO messages%'"))
+            f" AND query LIKE '%{STAGE}%'"))
     finally:
         await conn.close()
 
