@@ -15,7 +15,9 @@ LEASE_S after a process dies or stops): "down" while Redis does not answer it, "
 does (still serving from PostgreSQL), "held" while it holds its requests to resume. A process
 in write-behind that sees another's "down" or "up" lease — at startup, then every CHECK_S —
 switches to write-through too; one whose Redis answers starts to resume only when no lease
-says "down", and resumes only when every other lease says "held".
+says "down", and resumes only when every other lease says "held". A process whose Redis
+answers while it is "up" also marks Redis (`Recovering`, keys.RECOVERING), so that one
+starting while PostgreSQL is unreachable still learns that Redis is behind it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Protocol, TypeVar
 
 from proxy import metrics
 from proxy.errors import RedisDown, Unavailable
+from proxy.keys import RECOVERING as RECOVERING_KEY
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,12 +51,36 @@ class Leases(Protocol):
     async def others(self, states: tuple[str, ...]) -> bool: ...
 
 
+class Recovering:
+    """The same in Redis, for the state "up" only: a process starting while PostgreSQL is
+    unreachable cannot read the leases, but Redis tells it that Redis is behind (keys.
+    RECOVERING: holder -> until, in ms)."""
+
+    def __init__(self, client: Any, holder: str) -> None:
+        self._r = client
+        self._holder = holder
+
+    async def mark(self, on: bool) -> None:
+        if on:
+            until = int((time.time() + LEASE_S) * 1000)
+            await self._r.hset(RECOVERING_KEY, self._holder, until)
+            await self._r.pexpire(RECOVERING_KEY, int(2 * LEASE_S * 1000))
+        else:
+            await self._r.hdel(RECOVERING_KEY, self._holder)
+
+    async def others(self) -> bool:
+        now = time.time() * 1000
+        return any(holder.decode() != self._holder and int(until) > now
+                   for holder, until in (await self._r.hgetall(RECOVERING_KEY)).items())
+
+
 WRITING = ("down", "up")  # lease states of a process that serves from PostgreSQL alone
 
 
 class Failover:
     def __init__(self, threshold: int, settle_s: float, ping: Callable[[], Awaitable[Any]],
-                 reconcile: Callable[[bool], Awaitable[int]], leases: Leases) -> None:
+                 reconcile: Callable[[bool], Awaitable[int]], leases: Leases,
+                 recovering: Recovering) -> None:
         """`reconcile(final)` drops what Redis holds behind PostgreSQL and is clean, and
         returns how many such entities still have unflushed changes; `final` also raises
         their counters to PostgreSQL's (so no seq or version is handed out twice)."""
@@ -63,6 +90,7 @@ class Failover:
         self._ping = ping
         self._reconcile = reconcile
         self._leases = leases
+        self._recovering = recovering
         self._failures = 0
         self.down = False  # serving from PostgreSQL alone
         self._resumed = asyncio.Event()
@@ -130,7 +158,7 @@ class Failover:
     async def follow(self) -> None:
         """At startup, before the first request: into write-through if another process
         writes through (a sidecar restarted during a recovery must not serve Redis)."""
-        if await self._others(WRITING):
+        if await self._others_writing():
             self._switch("another sidecar serves from postgres alone")
 
     async def run(self) -> None:
@@ -142,11 +170,13 @@ class Failover:
             if self.down:
                 answers = await self._answers()
                 await self._lease("up" if answers else "down")
+                if answers:
+                    await self._mark(True)
                 if answers and not await self._others(("down",)):
                     await self._resume()
             elif time.monotonic() >= checked + CHECK_S:
                 checked = time.monotonic()
-                if await self._others(WRITING):
+                if await self._others_writing():
                     self._switch("another sidecar serves from postgres alone")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(PROBE_S):
@@ -162,6 +192,24 @@ class Failover:
         except Exception as e:  # PostgreSQL down: nothing is written through either
             logger.debug("write-through lease not renewed: %r", e)
 
+    async def _others_writing(self) -> bool:
+        """Another process writes through: its lease in PostgreSQL says so, or (PostgreSQL
+        unreachable) its mark in Redis."""
+        if await self._others(WRITING):
+            return True
+        try:
+            async with asyncio.timeout(LEASE_S / 3):
+                return await self._recovering.others()
+        except Exception:  # Redis down: this process finds out on its own
+            return False
+
+    async def _mark(self, on: bool) -> None:
+        try:
+            async with asyncio.timeout(LEASE_S / 3):
+                await self._recovering.mark(on)
+        except Exception as e:  # it runs out by itself
+            logger.debug("recovering mark in redis not %s: %r", "set" if on else "removed", e)
+
     async def _others(self, states: tuple[str, ...]) -> bool:
         try:
             async with asyncio.timeout(LEASE_S / 3):
@@ -175,11 +223,12 @@ class Failover:
         resume is off (RuntimeError: serving from PostgreSQL again); one that does not hold
         within OTHERS_S is not waited for (logged: the race with it is FAULTS.md 30's)."""
         deadline = time.monotonic() + OTHERS_S
+        await self._mark(False)
         while True:
             await self._leases.hold("held")
             if await self._leases.others(("down",)):
                 raise RuntimeError("redis is down for another sidecar")
-            if not await self._leases.others(("up",)):
+            if not (await self._leases.others(("up",)) or await self._recovering.others()):
                 return
             if time.monotonic() > deadline:
                 logger.error("another sidecar still writes through after %.0f s: write-behind "
@@ -209,6 +258,7 @@ class Failover:
         try:
             while await self._reconcile(False) and time.monotonic() < started + DRAIN_S:
                 await self._lease("up")  # still serving from PostgreSQL
+                await self._mark(True)
                 await asyncio.sleep(PROBE_S)
             self._resumed.clear()
             await self._idle.wait()

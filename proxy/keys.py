@@ -70,6 +70,9 @@ ID_RE = re.compile(ID_PATTERN)
 EVENT_TYPE_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"  # the type of an ephemeral event
 
 EPOCH = "tp:epoch"  # a random token set once per Redis dataset; a change means Redis lost data
+# API processes whose Redis answers while they still serve from PostgreSQL after write-through
+# (proxy.failover): holder -> until (ms). Redis is behind PostgreSQL until they reconcile.
+RECOVERING = "tp:recovering"
 
 
 def shard_of(entity_id: str, shards: int) -> int:

@@ -32,7 +32,7 @@ from proxy.backends.postgres.writethrough import Leases, WriteThrough
 from proxy.backoff import Backoff
 from proxy.circuit import Circuit
 from proxy.errors import Unavailable
-from proxy.failover import LEASE_S, Failover
+from proxy.failover import LEASE_S, Failover, Recovering
 from proxy.failpoints import Failpoints
 from proxy.flusher import FlushConfig, Flusher
 from proxy.hot import HotTier
@@ -147,9 +147,10 @@ def _failover(app: web.Application, s: Settings, role: str, client: Any,
             erased.clear()
         return pending["raised"]
 
+    holder = consumer_name()
     failover = app[routes.FAILOVER] = Failover(
         s.circuit.failure_threshold, settle_s, lambda: asyncio.wait_for(client.ping(), 1.0),
-        pending_behind, Leases(pg_store, consumer_name(), LEASE_S))
+        pending_behind, Leases(pg_store, holder, LEASE_S), Recovering(client, holder))
     return failover
 
 

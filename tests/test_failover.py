@@ -13,9 +13,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from proxy import metrics
+from proxy import keys, metrics
 from proxy.app import FAILPOINTS
 from proxy.backends.clickhouse import ClickHouseStore
 from proxy.embedded import RedisServer
@@ -291,6 +292,27 @@ async def test_a_starting_sidecar_follows_a_live_lease_until_it_runs_out(
     resp = await a.put("/v1/state/follow-k", json={"value": 2})
     assert ((await body(resp, 200))["version"], resp.headers["X-Tier"]) == (2, "redis")
     assert await pg.fetchval("SELECT count(*) FROM write_through_leases") == 0
+
+
+async def test_a_starting_sidecar_follows_a_recovering_mark_in_redis(
+        client_for: AppClient, servers: Servers, own_redis: RedisServer) -> None:
+    """Another sidecar's Redis answers again while it still serves from PostgreSQL (Redis is
+    behind PostgreSQL until it reconciles): it marks Redis so. A sidecar started then — which
+    may not reach PostgreSQL to read the leases (the write-through soak, seed 7, started one
+    during a PostgreSQL stop) — follows the mark, and resumes once it runs out."""
+    r = aioredis.Redis.from_url(own_redis.url)
+    try:
+        await r.hset(keys.RECOVERING, "other", int((time.time() + 3) * 1000))
+    finally:
+        await r.aclose()
+    a = await client_for(make_settings(servers, redis={"url": own_redis.url,
+                                                       "write_through": True}))
+    assert (await body(await a.get("/v1/status"), 200))["mode"] == "write-through"
+    resp = await a.put("/v1/state/mark-k", json={"value": 1})
+    assert ((await body(resp, 201))["version"], resp.headers["X-Tier"]) == (1, "postgres")
+    await write_behind_again(a, timeout_s=15)
+    resp = await a.put("/v1/state/mark-k", json={"value": 2})
+    assert ((await body(resp, 200))["version"], resp.headers["X-Tier"]) == (2, "redis")
 
 
 async def test_read_markers_go_through_postgres_while_redis_is_down(
