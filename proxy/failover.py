@@ -185,37 +185,32 @@ class Failover:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _lease(self, state: str) -> None:
+    @staticmethod
+    async def _quietly(call: Callable[[], Awaitable[T]], failed: T) -> T:
+        """A lease or mark call that must not stall the loop: `failed` if it does not answer
+        within LEASE_S / 3 (PostgreSQL or Redis down: a lease or mark runs out by itself, and
+        a process that cannot reach them finds out on its own)."""
         try:
             async with asyncio.timeout(LEASE_S / 3):
-                await self._leases.hold(state)
-        except Exception as e:  # PostgreSQL down: nothing is written through either
-            logger.debug("write-through lease not renewed: %r", e)
+                return await call()
+        except Exception as e:
+            logger.debug("write-through lease or mark call failed: %r", e)
+            return failed
+
+    async def _lease(self, state: str) -> None:
+        await self._quietly(lambda: self._leases.hold(state), None)
+
+    async def _mark(self, on: bool) -> None:
+        await self._quietly(lambda: self._recovering.mark(on), None)
+
+    async def _others(self, states: tuple[str, ...]) -> bool:
+        return await self._quietly(lambda: self._leases.others(states), False)
 
     async def _others_writing(self) -> bool:
         """Another process writes through: its lease in PostgreSQL says so, or (PostgreSQL
         unreachable) its mark in Redis."""
-        if await self._others(WRITING):
-            return True
-        try:
-            async with asyncio.timeout(LEASE_S / 3):
-                return await self._recovering.others()
-        except Exception:  # Redis down: this process finds out on its own
-            return False
-
-    async def _mark(self, on: bool) -> None:
-        try:
-            async with asyncio.timeout(LEASE_S / 3):
-                await self._recovering.mark(on)
-        except Exception as e:  # it runs out by itself
-            logger.debug("recovering mark in redis not %s: %r", "set" if on else "removed", e)
-
-    async def _others(self, states: tuple[str, ...]) -> bool:
-        try:
-            async with asyncio.timeout(LEASE_S / 3):
-                return await self._leases.others(states)
-        except Exception:  # PostgreSQL down: nobody writes through it
-            return False
+        return (await self._others(WRITING)
+                or await self._quietly(self._recovering.others, False))
 
     async def _wait_for_others(self) -> None:
         """Requests held (they wait RESUME_WAIT_S, then 503): wait until every other process
