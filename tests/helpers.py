@@ -89,10 +89,15 @@ async def past_503(send: Callable[[], Awaitable[ClientResponse]],
 
 async def write_behind_again(client: Any, timeout_s: float = 40.0) -> None:
     """Until /v1/status says write-behind: Redis is back and reconciled with PostgreSQL."""
-    async def resumed() -> bool:
-        return bool((await body(await client.get("/v1/status"), 200))["mode"] == "write-behind")
+    await until_mode(client, "write-behind", timeout_s)
 
-    await wait_for(resumed, timeout_s=timeout_s, interval_s=0.1)
+
+async def until_mode(client: Any, mode: str, timeout_s: float) -> None:
+    """Until /v1/status says `mode` (write-behind or write-through)."""
+    async def there() -> bool:
+        return bool((await body(await client.get("/v1/status"), 200))["mode"] == mode)
+
+    await wait_for(there, timeout_s=timeout_s, interval_s=0.1)
 
 
 async def body(resp: ClientResponse, status: int) -> Any:

@@ -23,7 +23,7 @@ from proxy.embedded import RedisServer
 from tests.conftest import AppClient, Servers, make_settings
 from tests.faults.results import Outcome, recording
 from tests.faults.tcpproxy import FaultProxy
-from tests.helpers import body, past_503, wait_for, write_behind_again
+from tests.helpers import body, past_503, until_mode, wait_for, write_behind_again
 
 Client = TestClient[Any, Any]
 
@@ -253,11 +253,7 @@ async def test_while_one_sidecar_writes_through_the_others_do_too(
         proxy.set_mode("down")
         resp = await past_503(lambda: b.put(url, json={"value": 2}))
         assert ((await body(resp, 200))["version"], resp.headers["X-Tier"]) == (2, "postgres")
-
-        async def followed() -> bool:
-            return bool((await body(await a.get("/v1/status"), 200))["mode"] == "write-through")
-
-        await wait_for(followed, timeout_s=10)
+        await until_mode(a, "write-through", timeout_s=10)
         resp = await a.put(url, json={"value": 3})
         assert ((await body(resp, 200))["version"], resp.headers["X-Tier"]) == (3, "postgres")
         proxy.set_mode("pass")
@@ -280,11 +276,7 @@ async def test_a_starting_sidecar_follows_a_live_lease_until_it_runs_out(
                      "interval '1 second'), ('gone', 'down', now() + interval '4 seconds')")
     a = await client_for(make_settings(servers, redis={"url": own_redis.url,
                                                        "write_through": True}))
-
-    async def following() -> bool:
-        return bool((await body(await a.get("/v1/status"), 200))["mode"] == "write-through")
-
-    await wait_for(following, timeout_s=3)
+    await until_mode(a, "write-through", timeout_s=3)
     resp = await a.put("/v1/state/follow-k", json={"value": 1})
     assert (await body(resp, 201))["version"] == 1
     assert resp.headers["X-Tier"] == "postgres"
